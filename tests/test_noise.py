@@ -1,0 +1,115 @@
+"""Localized lesion noise and heatmaps.  python -m pytest -q tests/test_noise.py"""
+import math
+
+import pytest
+import torch
+
+from noise import (detect_lesions, diffusion_schedule, gaussian_blur, heatmap_from_boxes,
+                   heatmap_from_mask, localized_noise, smooth_heatmap)
+
+
+def images(B=2, C=3, H=16, W=16, seed=0):
+    return torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def test_schedule_values():
+    betas, abar = diffusion_schedule()
+    assert betas.shape == abar.shape == (1000,)
+    # beta_0 = sigmoid(-6) * (5e-3 - 1e-5) + 1e-5
+    assert betas[0].item() == pytest.approx(1 / (1 + math.exp(6)) * (5e-3 - 1e-5) + 1e-5, rel=1e-9)
+    assert abar[0].item() == pytest.approx(1 - betas[0].item(), rel=1e-12)
+    assert abar[2].item() == pytest.approx((1 - betas[0]) * (1 - betas[1]) * (1 - betas[2]), rel=1e-12)
+    assert abar[500].item() == pytest.approx(0.7448, abs=1e-4)
+    assert (abar[1:] < abar[:-1]).all()
+
+
+def test_zero_heatmap_returns_image_bit_for_bit():
+    x = images()
+    out = localized_noise(x, torch.zeros(2, 16, 16), k=999, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, x)
+
+
+def test_outside_heatmap_untouched_inside_changed():
+    x = images()
+    h = torch.zeros(2, 16, 16)
+    h[:, 4:8, 4:8] = 1.0
+    out = localized_noise(x, h, generator=torch.Generator().manual_seed(0))
+    outside = (h == 0).unsqueeze(1).expand_as(x)
+    assert torch.equal(out[outside], x[outside])
+    assert (out[~outside] != x[~outside]).all()
+
+
+def test_statistics_inside_heatmap_match_the_formula():
+    k = 500
+    _, abar = diffusion_schedule()
+    a = abar[k].item()
+    x = torch.full((4, 1, 256, 256), 0.6)  # 262k pixels: standard error of the mean ~0.001
+    out = localized_noise(x, torch.ones(4, 256, 256), k=k, generator=torch.Generator().manual_seed(3))
+    assert out.mean().item() == pytest.approx(math.sqrt(a) * 0.6, abs=5e-3)
+    assert out.std().item() == pytest.approx(math.sqrt(1 - a), abs=5e-3)
+    # a soft heatmap value h mixes: mean sqrt(a) x h + x (1 - h), std sqrt(1 - a) h
+    out = localized_noise(x, torch.full((4, 256, 256), 0.5), k=k, generator=torch.Generator().manual_seed(4))
+    assert out.mean().item() == pytest.approx(0.5 * math.sqrt(a) * 0.6 + 0.3, abs=5e-3)
+    assert out.std().item() == pytest.approx(0.5 * math.sqrt(1 - a), abs=5e-3)
+
+
+def test_same_seed_same_image_other_seed_other_image():
+    x, h = images(), torch.ones(2, 16, 16)
+    a = localized_noise(x, h, generator=torch.Generator().manual_seed(7))
+    b = localized_noise(x, h, generator=torch.Generator().manual_seed(7))
+    c = localized_noise(x, h, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("bad_images, bad_heatmap, k, message", [
+    (torch.rand(3, 16, 16), torch.zeros(3, 16, 16), 500, "images must be"),                  # no channel dim
+    (torch.randint(0, 255, (1, 1, 16, 16)), torch.zeros(1, 16, 16), 500, "images must be"),  # integer pixels
+    (torch.rand(0, 1, 16, 16), torch.zeros(0, 16, 16), 500, "empty batch"),
+    (torch.rand(2, 1, 16, 16), torch.zeros(2, 8, 8), 500, "heatmap must be"),                # wrong size
+    (torch.rand(2, 1, 16, 16), torch.zeros(16, 16), 500, "heatmap must be"),                  # no silent broadcast
+    (torch.rand(1, 1, 16, 16), torch.full((1, 16, 16), 1.5), 500, "\\[0, 1\\]"),
+    (torch.rand(1, 1, 16, 16), torch.zeros(1, 16, 16), 1000, "k must be"),
+    (torch.rand(1, 1, 16, 16), torch.zeros(1, 16, 16), -1, "k must be"),
+])
+def test_bad_input_is_named(bad_images, bad_heatmap, k, message):
+    with pytest.raises(ValueError, match=message):
+        localized_noise(bad_images, bad_heatmap, k=k)
+
+
+def test_mask_and_boxes():
+    mask = torch.zeros(5, 6, dtype=torch.uint8)
+    mask[1, 2] = 255
+    h = heatmap_from_mask(mask)
+    assert h.dtype == torch.float32 and h.sum() == 1 and h[1, 2] == 1
+    h = heatmap_from_boxes([(1, 2, 4, 3), (4, 4, 99, 99)], 5, 6)  # second box is clipped
+    assert h[2, 1:4].tolist() == [1, 1, 1] and h[2, 0] == 0 and h[1].sum() == 0
+    assert h[4, 4:].tolist() == [1, 1] and h.sum() == 5
+    with pytest.raises(ValueError, match="box 0"):
+        heatmap_from_boxes([(3, 3, 1, 1)], 5, 6)
+
+
+def test_blur_keeps_mass_and_smooth_heatmap_peaks_at_one():
+    x = torch.zeros(21, 21)
+    x[10, 10] = 1.0
+    b = gaussian_blur(x, 2.0)
+    assert b.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert b[10, 10] == b.max() and b[10, 12].item() == pytest.approx(b[10, 10].item() * math.exp(-0.5), rel=1e-4)
+    s = smooth_heatmap(heatmap_from_boxes([(8, 8, 13, 13)], 21, 21), 1.5)
+    assert s.max().item() == pytest.approx(1.0) and s[10, 10] == 1.0 and 0 < s[10, 14] < 1
+
+
+def test_detector_finds_a_planted_disc_and_is_unsure_on_blank():
+    g = torch.Generator().manual_seed(0)
+    H = W = 64
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    disc = ((yy - 40) ** 2 + (xx - 20) ** 2) <= 16
+    blank = 0.4 + 0.05 * torch.randn(H, W, generator=g)
+    image = blank + 0.4 * disc
+    heatmap, confidence = detect_lesions(image)
+    assert heatmap.shape == (H, W) and heatmap.min() >= 0 and heatmap.max() == 1
+    peak = divmod(int(heatmap.argmax()), W)
+    assert disc[peak], f"peak at {peak} is outside the disc"
+    _, blank_confidence = detect_lesions(blank)
+    assert 0 <= blank_confidence < confidence <= 1
+    assert confidence > 0.8 and blank_confidence < 0.5
+    assert detect_lesions(torch.full((H, W), 0.5)) [1] == 0.0
