@@ -1,0 +1,364 @@
+"""Judges, consensus, selection/injection, concurrency and the cache, against a loopback
+OpenAI-compatible server started by the tests (no network).  python -m pytest -q tests/test_score.py"""
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import score
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
+                       "official_mmedpo_vqa-rad_sample.json")
+
+
+# -----------------------------------------------------------------------------
+# a scripted OpenAI-compatible server on 127.0.0.1
+
+class Server:
+    """Replies from `script` (a list of (status, content, headers, delay) consumed in order, the last
+    one repeated), or from `reply(body)`. Records every request's body and headers."""
+
+    def __init__(self, script=None, reply=None, delay=0.0):
+        self.script, self.reply, self.delay = list(script or []), reply, delay
+        self.requests, self.lock = [], threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+                    step = outer.script.pop(0) if len(outer.script) > 1 else (outer.script[0] if outer.script else None)
+                if step is None:
+                    step = (200, outer.reply(body), {}, outer.delay)
+                status, content, headers, delay = step
+                time.sleep(delay)
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}) \
+                    if status == 200 else content
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(payload.encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and hung up
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(**kw):
+        servers.append(Server(**kw))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
+
+
+def judge(server, **kw):
+    kw = {"timeout": 2.0, "max_retries": 3, "backoff": 0.01, **kw}
+    return score.HTTPJudge("med", server.url, "med-llm", **kw)
+
+
+# -----------------------------------------------------------------------------
+# the consensus rule on scripted judges
+
+class Scripted:
+    def __init__(self, name, replies):
+        self.name, self.model, self.replies, self.seen = name, "scripted", list(replies), []
+
+    def __call__(self, messages):
+        self.seen.append(messages[-1]["content"])
+        return self.replies.pop(0)
+
+
+def run(judges, rounds=5):
+    return score.consensus(judges, "Is there a nodule?", "Yes", "No", rounds)
+
+
+def test_immediate_agreement():
+    a, b, c = (Scripted(n, r) for n, r in [("a", ['{"agree": false, "score": 7}']),
+                                            ("b", ['{"agree": true, "score": 7}']),
+                                            ("c", ['{"agree": true}'])])
+    r = run([a, b, c])
+    assert r["score"] == 7.0 and r["consensus"] and len(r["history"]) == 3
+    assert [h["judge"] for h in r["history"]] == ["a", "b", "c"]
+    assert "Previous score: 7" in b.seen[0] and "Previous score" not in a.seen[0]
+
+
+def test_disagreement_then_agreement():
+    a = Scripted("a", ['{"score": 7}', '{"agree": true, "score": 5}'])
+    b = Scripted("b", ['{"agree": false, "score": 5}'])
+    r = run([a, b])
+    # S = [7, 5, 5]: the last g = 2 agree on 5
+    assert r["score"] == 5.0 and r["consensus"]
+    assert [h["score"] for h in r["history"]] == [7, 5, 5]
+    assert [h["agreed"] for h in r["history"]] == [False, False, True]
+
+
+def test_never_agreeing_gives_the_mean_after_5_rounds():
+    a = Scripted("a", ['{"score": 2}'] * 5)
+    b = Scripted("b", ['{"score": 8}'] * 5)
+    r = run([a, b])
+    assert not r["consensus"] and len(r["history"]) == 10
+    assert r["score"] == 5.0
+
+
+def test_abstentions_are_recorded_not_counted():
+    # b's two replies are unreadable (first and the corrective retry): it abstains
+    a = Scripted("a", ['{"score": 6}'])
+    b = Scripted("b", ["I cannot say", "still cannot say"])
+    c = Scripted("c", ['{"agree": true, "score": 6}'])
+    r = run([a, b, c])
+    assert [h["abstained"] for h in r["history"]] == [False, True, False]
+    assert r["score"] == 6.0 and r["consensus"]
+    assert "could not be read" in b.seen[1]
+    everyone_abstains = run([Scripted("x", ["??"] * 10)], rounds=5)
+    assert everyone_abstains["score"] is None and len(everyone_abstains["history"]) == 5
+
+
+def test_single_judge_and_out_of_range_retry():
+    r = run([Scripted("a", ['{"score": 15}', "the score is 4"])])
+    assert r["score"] == 4.0 and r["consensus"] and len(r["history"]) == 1
+
+
+@pytest.mark.parametrize("text, previous, expected", [
+    ('{"agree": false, "score": 3}', None, (3, False)),
+    ('Sure! {"agree": true, "score": 6} done', 6, (6, True)),
+    ('{"agree": true}', 4, (4, True)),
+    ('{"score": "9"}', None, (9, False)),
+    ('{"score": 11}', None, (None, False)),
+    ("I would give it a 7 out of 10.", None, (7, False)),
+    ("Score: 42", None, (None, False)),
+    ("I agree with the previous judge.", 5, (5, True)),
+    ("I disagree.", 5, (None, False)),
+    ("", None, (None, False)),
+])
+def test_parse_score(text, previous, expected):
+    assert score.parse_score(text, previous) == expected
+
+
+# -----------------------------------------------------------------------------
+# the HTTP judge against the loopback server
+
+def test_http_request_body_and_headers(server_factory, monkeypatch):
+    monkeypatch.setenv("MMEDPO_TEST_KEY", "sk-test-secret-123")
+    srv = server_factory(reply=lambda body: '{"agree": false, "score": 8}')
+    j = judge(srv, key_env="MMEDPO_TEST_KEY")
+    r = score.consensus([j], "Where is the nodule?", "right upper zone", "left upper zone")
+    assert r["score"] == 8.0
+    req = srv.requests[0]
+    assert req["path"] == "/v1/chat/completions"
+    assert req["headers"]["Authorization"] == "Bearer sk-test-secret-123"
+    assert req["body"]["model"] == "med-llm" and req["body"]["temperature"] == 0
+    assert req["body"]["max_tokens"] > 0
+    roles = [m["role"] for m in req["body"]["messages"]]
+    assert roles == ["system", "user"] and "left upper zone" in req["body"]["messages"][1]["content"]
+
+
+def test_http_free_text_reply(server_factory):
+    srv = server_factory(reply=lambda body: "I'd rate this a 6.")
+    assert score.consensus([judge(srv)], "q?", "yes", "no")["score"] == 6.0
+
+
+def test_http_retries_500_and_429_then_succeeds(server_factory):
+    srv = server_factory(script=[(500, "boom", {}, 0), (429, "slow down", {"Retry-After": "0"}, 0),
+                                 (200, '{"score": 5}', {}, 0)])
+    assert judge(srv)([{"role": "user", "content": "x"}]) == '{"score": 5}'
+    assert len(srv.requests) == 3
+
+
+def test_http_gives_up_after_a_bounded_number_of_retries(server_factory):
+    srv = server_factory(script=[(503, "down", {}, 0)])
+    with pytest.raises(score.JudgeError, match="gave up after 3 attempts: HTTP 503"):
+        judge(srv, max_retries=2)([{"role": "user", "content": "x"}])
+    assert len(srv.requests) == 3
+
+
+def test_http_timeout_is_retried(server_factory):
+    srv = server_factory(script=[(200, '{"score": 1}', {}, 1.0), (200, '{"score": 3}', {}, 0)])
+    assert judge(srv, timeout=0.3)([{"role": "user", "content": "x"}]) == '{"score": 3}'
+
+
+def test_http_garbage_reply_abstains(server_factory):
+    srv = server_factory(reply=lambda body: "blah blah")
+    r = score.consensus([judge(srv)], "q?", "yes", "no", rounds=2)
+    assert r["score"] is None and all(h["abstained"] for h in r["history"])
+    assert len(srv.requests) == 4  # 2 rounds x (ask + one corrective retry)
+
+
+def test_connection_refused_fails_the_pair_with_a_reason(tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    j = score.HTTPJudge("dead", f"http://127.0.0.1:{port}/v1", "m", max_retries=1, backoff=0.01, timeout=1)
+    logs = []
+    out = score.score_pairs([{"prompt": "q?", "chosen": "yes", "rejected": "no"}], [j],
+                            str(tmp_path / "cache.jsonl"), log=logs.append)
+    assert out[0]["status"] == "failed" and "ConnectionError" in out[0]["reason"]
+    assert any("1 failed" in line for line in logs)
+    assert not (tmp_path / "cache.jsonl").read_text()  # failures are not cached: the next run asks again
+
+
+def test_api_key_never_written(server_factory, tmp_path, monkeypatch, capsys):
+    secret = "sk-never-write-me-987"
+    monkeypatch.setenv("MMEDPO_TEST_KEY", secret)
+    srv = server_factory(script=[(401, f"bad key {secret}", {}, 0)])
+    pairs_path, out_path = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
+    pairs_path.write_text(json.dumps({"prompt": "q?", "chosen": "yes", "rejected": "no", "source": "text"}) + "\n")
+    score.main(["--pairs", str(pairs_path), "--out", str(out_path),
+                "--judge", f"med={srv.url},model=m,key_env=MMEDPO_TEST_KEY"])
+    captured = capsys.readouterr()
+    written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
+    assert srv.requests[0]["headers"]["Authorization"] == f"Bearer {secret}"
+    assert "HTTP 401" in written  # the failure reason is recorded ...
+    assert secret not in written + captured.out + captured.err  # ... without the key
+
+
+# -----------------------------------------------------------------------------
+# many pairs: concurrency and the cache
+
+def pairs(n):
+    return [{"prompt": f"<image>\nIs there a nodule in case {i}?", "chosen": "Yes", "rejected": "No"}
+            for i in range(n)]
+
+
+def test_eight_workers_are_at_least_5x_faster_than_one(server_factory):
+    srv = server_factory(reply=lambda body: '{"score": 7}', delay=0.05)
+    j = judge(srv)
+    t0 = time.perf_counter()
+    score.score_pairs(pairs(64), [j], None, workers=1, log=lambda s: None)
+    sequential = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = score.score_pairs(pairs(64), [j], None, workers=8, log=lambda s: None)
+    concurrent = time.perf_counter() - t0
+    assert all(r["score"] == 7.0 for r in out) and len(srv.requests) == 128
+    assert sequential / concurrent >= 5, (sequential, concurrent)
+
+
+def test_judge_order_is_kept_within_a_pair_under_concurrency(server_factory):
+    srv_a = server_factory(reply=lambda body: '{"score": 6}', delay=0.01)
+    srv_b = server_factory(reply=lambda body: '{"agree": true, "score": 6}')
+    out = score.score_pairs(pairs(16), [judge(srv_a), score.HTTPJudge("b", srv_b.url, "m2", backoff=0.01)],
+                            None, workers=8, log=lambda s: None)
+    assert all([h["judge"] for h in r["history"]] == ["med", "b"] for r in out)
+
+
+def test_second_run_makes_zero_requests(server_factory, tmp_path):
+    srv = server_factory(reply=lambda body: '{"score": 7}')
+    cache = str(tmp_path / "cache.jsonl")
+    first = score.score_pairs(pairs(10), [judge(srv)], cache, workers=4, log=lambda s: None)
+    n = len(srv.requests)
+    second = score.score_pairs(pairs(10), [judge(srv)], cache, workers=4, log=lambda s: None)
+    assert n == 10 and len(srv.requests) == n
+    assert [r["score"] for r in first] == [r["score"] for r in second]
+
+
+def test_torn_last_line_resumes(server_factory, tmp_path):
+    srv = server_factory(reply=lambda body: '{"score": 7}')
+    cache = tmp_path / "cache.jsonl"
+    score.score_pairs(pairs(5), [judge(srv)], str(cache), log=lambda s: None)
+    lines = cache.read_text().splitlines(keepends=True)
+    cache.write_text("".join(lines[:4]) + lines[4][:25])  # a crash in the middle of the 5th record
+    score.score_pairs(pairs(5), [judge(srv)], str(cache), log=lambda s: None)
+    assert len(srv.requests) == 6  # only the torn pair was asked again
+    assert [json.loads(l)["status"] for l in cache.read_text().splitlines()] == ["scored"] * 5
+
+
+# -----------------------------------------------------------------------------
+# the rule judge, selection, injection, leaks
+
+def fixture_records():
+    with open(FIXTURE) as f:
+        return json.load(f)
+
+
+BAD_ANSWERS = ["", "asdkj qwrtp zxcvbnm", "The weather is sunny and the market closes at five."]
+
+
+def test_rule_judge_prefers_believable_errors_on_the_released_records():
+    records = [r for r in fixture_records() if score.clean_answer(r["conversations"][1]["value"])]
+    assert len(records) == 11
+    for r in records:
+        q = r["conversations"][0]["value"].replace("<image>", "").strip()
+        truth, rejected = r["conversations"][1]["value"], r["rejected_conversations"][1]["value"]
+        good = score.rule_score(q, truth, rejected)
+        bad = [score.rule_score(q, truth, b) for b in BAD_ANSWERS + [truth, q]]
+        assert good >= 7 and max(bad) <= 1, (r["id"], good, bad)
+
+
+@pytest.mark.parametrize("question, truth, plausible, implausible", [
+    ("Where is the nodule?", "Right upper zone", "Left upper zone", "The kidney shows hydronephrosis."),
+    ("Is there a pleural effusion?", "No", "Yes, there is a small left pleural effusion.", "Is there a pleural effusion?"),
+    ("What abnormality is seen?", "A mass in the left lower zone", "A nodule in the left lower zone", "A mass in the left lower zone"),
+    ("Is the heart enlarged?", "Yes", "No, the heart size is normal.", "Yes, the heart is enlarged."),
+    ("What modality is used?", "CT", "MRI", "xkcdqz vvbnm"),
+    ("Which side is the pneumothorax on?", "left", "right", "The spleen and the liver are fine."),
+])
+def test_rule_judge_hand_cases(question, truth, plausible, implausible):
+    assert score.rule_score(question, truth, plausible) >= 7
+    assert score.rule_score(question, truth, implausible) <= 2
+
+
+def test_rule_judge_speaks_the_prompt_protocol():
+    r = score.consensus([score.RuleJudge("r1"), score.RuleJudge("r2")], "Where is the mass?",
+                        "right lower zone", "left lower zone")
+    assert r["consensus"] and r["score"] >= 7 and [h["agreed"] for h in r["history"]] == [False, True]
+    rule = score.RuleJudge()
+    assert score.select_dispreferred(rule, "Where is the mass?", "right lower zone",
+                                     ["right lower zone", "left lower zone", "asdf"]) == 1
+    assert score.select_dispreferred(rule, "Is the heart enlarged?", "Yes", ["Yes", "yes, it is"]) is None
+
+
+@pytest.mark.parametrize("question, truth", [
+    ("Where is the nodule?", "There is a small nodule in the right upper zone."),
+    ("Is there a pleural effusion?", "No"),
+    ("What abnormality is seen?", "Pleural effusion"),
+    ("What radiographic sign is seen in the intestines", "air fluid level"),
+    ("In which lobe are the lesions?", "Bilateral frontal lobes"),
+    ("Is the heart size normal?", "The heart size is normal. No effusion."),
+])
+def test_injection_is_wrong_on_topic_and_deterministic(question, truth):
+    for seed in range(4):
+        fake = score.inject_hallucination(question, truth, seed)
+        assert score.words(fake) != score.words(truth)
+        assert fake == score.inject_hallucination(question, truth, seed)
+        assert score.rule_score(question, truth, fake) >= 5, fake  # on topic: not off-topic/wrong organ
+
+
+def test_write_hallucination_falls_back_on_a_leaked_or_identical_reply():
+    leaky = Scripted("gpt", ["Original Answer: right\nCandidate Answer1: left"])
+    text, how = score.write_hallucination(leaky, "Which side?", "right")
+    assert text == "left" and how.startswith("rule-injector")
+    same = Scripted("gpt", ["Right."])
+    assert score.write_hallucination(same, "Which side?", "right")[0] == "left"
+    good = Scripted("gpt", ["Hallucinated answer: The lesion is on the left."])
+    assert score.write_hallucination(good, "Which side?", "right") == ("The lesion is on the left.", "injected by gpt")
+
+
+def test_leaked_scaffolding_in_the_released_data_is_caught():
+    leaked = [r["id"] for r in fixture_records()
+              if score.clean_answer(r["conversations"][1]["value"]) is None
+              or score.clean_answer(r["rejected_conversations"][1]["value"]) is None]
+    assert leaked == [1055]
+    assert score.clean_answer("Answer: left lower zone") == "left lower zone"
