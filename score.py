@@ -231,6 +231,11 @@ def rule_score(question, truth, answer):
     return min(score, 10)
 
 
+def _same_case(model, text):
+    """`text` with its first letter upper-case iff `model`'s is (so style gives nothing away)."""
+    return (text[0].upper() if model[:1].isupper() else text[0].lower()) + text[1:] if text else text
+
+
 def _replace_word(text, old, new):
     def repl(m):
         w = m.group(0)
@@ -249,8 +254,8 @@ def _inject(question, truth, seed):
     negation flip; else a confusable finding in place of the answer. Never equal to `truth`."""
     rng = random.Random(seed)
     if polarity(truth):  # a closed answer: flip the leading yes/no and keep the rest
-        flipped = re.sub(r"^(yes|no)\b", lambda m: {"yes": "no", "no": "yes"}[m.group(1).lower()], truth, flags=re.I)
-        return flipped[0].upper() + flipped[1:]
+        return re.sub(r"^(yes|no)\b", lambda m: _same_case(m.group(1), {"yes": "no", "no": "yes"}[m.group(1).lower()]),
+                      truth, flags=re.I)
     options = []
     for x, y in SWAPS:
         for old, new in ((x, y), (y, x)):
@@ -262,11 +267,10 @@ def _inject(question, truth, seed):
     if re.search(r"\b(no|not|without)\b", truth, re.I):
         out = re.sub(r"\b(no|not|without)\s+", "", truth, count=1, flags=re.I).strip()
         if words(out) != words(truth) and out:
-            return out[0].upper() + out[1:]
+            return _same_case(truth, out)
     systems = sorted({SYSTEM_OF[x] for x in words(question) + words(truth) if x in SYSTEM_OF})
     choices = [f for f in FALLBACK_FINDINGS[systems[0] if systems else None] if words(f) != words(truth)]
-    out = rng.choice(choices)
-    return out[0].upper() + out[1:]
+    return _same_case(truth, rng.choice(choices))
 
 
 def clean_answer(text):

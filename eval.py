@@ -1,0 +1,217 @@
+"""Evaluation as in LLaVA-Med: open-question recall, closed-question accuracy, report BLEU-1..4 and ROUGE-L.
+
+Normalization: lower-case, punctuation to spaces, articles dropped, number words to digits.
+    open recall   = |ground-truth tokens found in the prediction| / |ground-truth tokens|
+    closed        = 1 if the ground-truth yes/no appears in the prediction
+    BLEU-n        corpus BLEU with the closest reference length (pycocoevalcap's convention)
+    ROUGE-L       LCS F-measure with beta = 1.2, averaged over sentences (pycocoevalcap)
+
+    python eval.py --model out/base                               # the tiny base on the synthetic test split
+    python eval.py --model out/base --adapter out/mmedpo/adapter  # with a trained adapter
+
+Tests:  python -m pytest -q tests/test_eval.py
+"""
+import argparse
+import json
+import math
+import re
+from collections import Counter, defaultdict
+
+NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+ARTICLES = {"a", "an", "the"}
+
+
+def normalize(text):
+    words = re.sub(r"[^\w\s]", " ", str(text).lower()).split()
+    return [NUMBERS.get(w, w) for w in words if w not in ARTICLES]
+
+
+def open_recall(prediction, truth):
+    gt = normalize(truth)
+    if not gt:
+        return 0.0
+    common = Counter(normalize(prediction)) & Counter(gt)
+    return sum(common.values()) / len(gt)
+
+
+def closed_correct(prediction, truth):
+    gt, pred = " ".join(normalize(truth)), " ".join(normalize(prediction))
+    return float(bool(gt) and re.search(rf"\b{re.escape(gt)}\b", pred) is not None)
+
+
+def bleu(predictions, references, max_n=4):
+    """Corpus BLEU-1..max_n. references: one string or a list of strings per prediction."""
+    tiny, small = 1e-15, 1e-9  # pycocoevalcap's guards against log(0)
+    match, total = [0] * max_n, [0] * max_n
+    cand_len = ref_len = 0
+    for pred, refs in zip(predictions, references):
+        refs = [refs] if isinstance(refs, str) else refs
+        c = normalize(pred)
+        rs = [normalize(r) for r in refs]
+        cand_len += len(c)
+        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]  # closest reference length
+        for n in range(1, max_n + 1):
+            grams = Counter(tuple(c[i:i + n]) for i in range(len(c) - n + 1))
+            best = Counter()
+            for r in rs:
+                best |= Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            match[n - 1] += sum((grams & best).values())
+            total[n - 1] += max(len(c) - n + 1, 0)
+    bp = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / max(cand_len, tiny))
+    scores, log_sum = [], 0.0
+    for n in range(max_n):
+        log_sum += math.log((match[n] + tiny) / (total[n] + small))
+        scores.append(bp * math.exp(log_sum / (n + 1)))
+    return scores
+
+
+def _lcs(a, b):
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(predictions, references, beta=1.2):
+    scores = []
+    for pred, refs in zip(predictions, references):
+        refs = [refs] if isinstance(refs, str) else refs
+        c = normalize(pred)
+        precs, recs = [], []
+        for r in refs:
+            r = normalize(r)
+            lcs = _lcs(c, r)
+            precs.append(lcs / len(c) if c else 0.0)
+            recs.append(lcs / len(r) if r else 0.0)
+        p, r = max(precs), max(recs)
+        scores.append((1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p > 0 and r > 0 else 0.0)
+    return sum(scores) / max(len(scores), 1)
+
+
+def vqa_metrics(items, predictions):
+    """items: [{answer, type: open|closed, qtype}], predictions: [str].
+    returns {closed, open, n_closed, n_open, per_qtype: {qtype: score}}."""
+    by_type, by_qtype = defaultdict(list), defaultdict(list)
+    for it, pred in zip(items, predictions):
+        s = closed_correct(pred, it["answer"]) if it["type"] == "closed" else open_recall(pred, it["answer"])
+        by_type[it["type"]].append(s)
+        by_qtype[it.get("qtype", it["type"])].append(s)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    return {"closed": mean(by_type["closed"]), "open": mean(by_type["open"]),
+            "n_closed": len(by_type["closed"]), "n_open": len(by_type["open"]),
+            "per_qtype": {k: mean(v) for k, v in sorted(by_qtype.items())}}
+
+
+def answer_prior(train_items):
+    """Majority answer per question text on the training split (the best a model that ignores the image
+    can do on questions it has seen); questions never seen get the majority answer of their type."""
+    per_q, per_type = defaultdict(Counter), defaultdict(Counter)
+    for it in train_items:
+        per_q[it["question"]][it["answer"]] += 1
+        per_type[it["type"]][it["answer"]] += 1
+    def predict(it):
+        c = per_q.get(it["question"]) or per_type.get(it["type"])
+        return c.most_common(1)[0][0] if c else ""
+    return predict
+
+
+def generate_answers(model, processor, rows, prompt_format="plain", batch_size=64, max_new_tokens=16,
+                     do_sample=False, temperature=1.0, num_return_sequences=1, generator_seed=None, log=None):
+    """Answers for rows of (PIL image, question): greedy by default, or `num_return_sequences` samples.
+    returns a list (one per row) of strings, or of lists of strings when sampling several."""
+    import time
+    import torch
+    from data import PROMPT_FORMATS
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right end
+    fmt = PROMPT_FORMATS.get(prompt_format, prompt_format)
+    device = next(model.parameters()).device
+    out, t0 = [], time.time()
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            enc = processor(images=[im for im, _ in chunk], text=[fmt.format(question=q) for _, q in chunk],
+                            return_tensors="pt", padding=True).to(device)
+            if "pixel_values" in enc:
+                enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
+            with torch.no_grad():
+                gen = model.generate(**enc, do_sample=do_sample, temperature=temperature if do_sample else None,
+                                     top_p=None, top_k=None, max_new_tokens=max_new_tokens,
+                                     num_return_sequences=num_return_sequences,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = [t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+            if num_return_sequences == 1:
+                out += texts
+            else:
+                out += [texts[j:j + num_return_sequences] for j in range(0, len(texts), num_return_sequences)]
+            if log and (i // batch_size) % 10 == 9:
+                done = min(i + batch_size, len(rows))
+                rate = done / (time.time() - t0)
+                log(f"  generated {done}/{len(rows)} | {rate:.0f} prompts/s | ETA {(len(rows) - done) / rate:.0f}s")
+    finally:
+        tok.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def evaluate(model, processor, items, image_of, prior=None, prompt_format="plain", batch_size=64, log=None):
+    """Greedy answers to every test item, scored; with the answer prior's score beside it if given."""
+    preds = generate_answers(model, processor, [(image_of(it), it["question"]) for it in items],
+                             prompt_format, batch_size, log=log)
+    result = vqa_metrics(items, preds)
+    if prior is not None:
+        result["prior"] = vqa_metrics(items, [prior(it) for it in items])
+    return result, preds
+
+
+def format_table(rows):
+    """rows: {name: vqa_metrics result} -> a text table with closed/open and per-question-type scores."""
+    qtypes = sorted({q for r in rows.values() for q in r["per_qtype"]})
+    head = f"{'':14s} {'closed':>7s} {'open':>7s} " + " ".join(f"{q:>9s}" for q in qtypes)
+    lines = [head]
+    for name, r in rows.items():
+        lines.append(f"{name:14s} {r['closed']:7.3f} {r['open']:7.3f} " +
+                     " ".join(f"{r['per_qtype'].get(q, float('nan')):9.3f}" for q in qtypes))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Med-VQA evaluation of a model (and adapter) on the synthetic test split")
+    ap.add_argument("--model", required=True, help="folder with a saved LLaVA model and processor")
+    ap.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
+    ap.add_argument("--data", default="synthetic", choices=["synthetic"])
+    ap.add_argument("--n-train", type=int, default=2000, help="synthetic train images (for the answer prior)")
+    ap.add_argument("--n-test", type=int, default=200, help="synthetic test images")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-format", default="plain")
+    ap.add_argument("--out", default=None, help="write predictions JSONL here")
+    args = ap.parse_args(argv)
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import data
+    import lora
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+    if args.adapter:
+        lora.load_adapter(model, args.adapter)
+    _, train_qa = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
+    images, items = data.make_synthetic(args.n_test, args.seed, args.image_size, "test")
+    pil = {im["image_id"]: data.to_pil(im["pixels"]) for im in images}
+    result, preds = evaluate(model, processor, items, lambda it: pil[it["image_id"]], answer_prior(train_qa),
+                             args.prompt_format)
+    print(format_table({"model": result, "answer prior": result["prior"]}))
+    if args.out:
+        with open(args.out, "w") as f:
+            for it, p in zip(items, preds):
+                f.write(json.dumps({**it, "prediction": p}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

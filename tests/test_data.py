@@ -1,0 +1,165 @@
+"""Synthetic radiographs, pair files, collation masks.  python -m pytest -q tests/test_data.py"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from eval import answer_prior, vqa_metrics
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return data.make_synthetic(300, seed=0, size=32)
+
+
+@pytest.fixture(scope="module")
+def processor(synthetic):
+    import train
+    images, qa = synthetic
+    corpus = [f"{q['question']}\nAnswer: {q['answer']}" for q in qa] + [im["report"] for im in images]
+    return train.build_tiny(corpus, 32)[1]
+
+
+def test_synthetic_is_deterministic_and_complete(synthetic):
+    images, qa = synthetic
+    again, qa2 = data.make_synthetic(300, seed=0, size=32)
+    assert all(np.array_equal(a["pixels"], b["pixels"]) for a, b in zip(images, again)) and qa == qa2
+    other, _ = data.make_synthetic(3, seed=1, size=32)
+    assert not np.array_equal(other[0]["pixels"], images[0]["pixels"])
+    assert {f["kind"] for im in images for f in im["findings"]} == set(data.KINDS)
+    assert {len(im["findings"]) for im in images} == {0, 1, 2}
+    for im in images:
+        assert im["pixels"].shape == (32, 32) and 0 <= im["pixels"].min() and im["pixels"].max() <= 1
+        assert (im["mask"].sum() > 0) == bool(im["findings"])
+    assert {q["type"] for q in qa} == {"open", "closed"}
+
+
+def test_answers_are_balanced_so_the_text_alone_tells_little(synthetic):
+    _, qa = synthetic
+    closed = [q for q in qa if q["type"] == "closed" and q["qtype"] != "heart"]
+    yes = sum(q["answer"] == "yes" for q in closed) / len(closed)
+    assert 0.4 < yes < 0.6
+    _, test_qa = data.make_synthetic(100, seed=0, size=32, split="test")
+    prior = vqa_metrics(test_qa, [answer_prior(qa)(q) for q in test_qa])
+    assert prior["closed"] < 0.7 and prior["per_qtype"]["side"] < 0.6
+
+
+def test_lesion_brightens_its_mask():
+    rng = np.random.default_rng(0)
+    clean, _ = data.render_radiograph([], 64, np.random.default_rng(0))
+    sick, masks = data.render_radiograph([{"kind": "mass", "side": "right", "level": "upper"}], 64,
+                                         np.random.default_rng(0))
+    m = masks[0].astype(bool)
+    assert m.sum() > 20 and m[:, :32].sum() == m.sum()  # patient's right = image left
+    assert (sick[m] - clean[m]).mean() > 0.3
+
+
+def test_collation_masks_prompt_image_and_padding(synthetic, processor):
+    images, qa = synthetic
+    pil = data.to_pil(images[0]["pixels"])
+    rows = [(pil, "Is there a nodule?", "yes"), (pil, "Where is the mass?", "right upper")]
+    b = data.encode_rows(processor, rows)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert b["pixel_values"].shape == (2, 3, 32, 32)
+    for i, answer in enumerate(["yes", "right upper"]):
+        ids, labels, att = b["input_ids"][i], b["labels"][i], b["attention_mask"][i]
+        assert (ids == image_id).sum() == 16                                   # (32 / 8)^2 patches
+        assert (labels[ids == image_id] == data.IGNORE_INDEX).all()
+        assert (labels[att == 0] == data.IGNORE_INDEX).all()                   # padding
+        labelled = labels != data.IGNORE_INDEX
+        assert torch.equal(labels[labelled], ids[labelled])
+        assert tok.decode(ids[labelled]).replace("</s>", "").strip() == answer  # exactly the response + EOS
+        assert ids[labelled][-1] == tok.eos_token_id
+        first = labelled.nonzero()[0].item()
+        assert tok.decode(ids[:first]).rstrip().endswith("Answer:")             # everything before is prompt
+    assert b["attention_mask"][0].sum() < b["attention_mask"][1].sum()        # right padding on the short row
+
+
+def test_pair_rows_put_chosen_first_with_their_own_images(synthetic, processor, tmp_path):
+    images, _ = synthetic
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        data.to_pil(images[i]["pixels"]).save(paths[-1])
+    pairs = [{"image": paths[0], "rejected_image": paths[1], "prompt": "Is there a mass?", "chosen": "no", "rejected": "no"},
+             {"image": paths[1], "rejected_image": None, "prompt": "Is there a mass?", "chosen": "yes", "rejected": "no"}]
+    rows = data.pair_rows(pairs, lambda p: data.to_pil(data.load_image(p)))
+    b = data.encode_rows(processor, rows)
+    px = b["pixel_values"]
+    # rows: chosen 0 (image 0), chosen 1 (image 1), rejected 0 (its noised image: here image 1), rejected 1 (image 1)
+    assert torch.equal(px[1], px[2]) and torch.equal(px[1], px[3])
+    assert not torch.equal(px[0], px[2])  # the visual pair's rejected row sees its own image
+    assert [r[2] for r in rows] == ["no", "yes", "no", "no"]
+
+
+def test_truncation_keeps_image_tokens_and_the_response(synthetic, processor):
+    pil = data.to_pil(synthetic[0][0]["pixels"])
+    long_q = "Is there a nodule or a mass or a pleural effusion in the left lung or the right lung?"
+    full = data.encode_rows(processor, [(pil, long_q, "yes")])
+    stats = {}
+    cut = data.encode_rows(processor, [(pil, long_q, "yes")], max_length=full["input_ids"].shape[1] - 5, stats=stats)
+    assert stats == {"truncated": 1} and cut["input_ids"].shape[1] == full["input_ids"].shape[1] - 5
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (cut["input_ids"] == image_id).sum() == 16
+    assert torch.equal(cut["labels"][cut["labels"] != -100], full["labels"][full["labels"] != -100])
+    with pytest.raises(ValueError, match="max_length"):
+        data.encode_rows(processor, [(pil, long_q, "yes")], max_length=10)
+    with pytest.raises(ValueError, match="<image>"):
+        data.encode_rows(processor, [(pil, long_q, "yes")], prompt_format="Q: {question}")
+
+
+def test_read_pairs_skips_and_names_bad_lines(tmp_path):
+    good = {"id": "a", "source": "text", "image": "x.png", "rejected_image": None, "prompt": "q?", "chosen": "yes",
+            "rejected": "no", "score": 7, "weight": 1.0}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join([json.dumps(good), "{not json", json.dumps({**good, "chosen": ""}),
+                               json.dumps({**good, "score": None}), json.dumps({**good, "image": None})]) + "\n")
+    messages = []
+    pairs, skipped = data.read_pairs(str(path), messages.append)
+    assert skipped == 3 and len(pairs) == 2 and pairs[1]["score"] is None
+    assert any(":2: skipped, not JSON" in m for m in messages)
+    assert any(":3: skipped" in m and "chosen" in m for m in messages)
+    assert any(":4: no usable score" in m for m in messages)
+
+
+def test_load_image_names_a_missing_or_corrupt_file(tmp_path):
+    with pytest.raises(ValueError, match="nope.png"):
+        data.load_image(str(tmp_path / "nope.png"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png"):
+        data.load_image(str(tmp_path / "bad.png"))
+
+
+def test_visual_pairs_noise_inside_the_mask_only(synthetic, tmp_path):
+    images, qa = synthetic
+    by_id = {im["image_id"]: im for im in images}
+    items = [q for q in qa if by_id[q["image_id"]]["findings"]][:3] + \
+            [q for q in qa if not by_id[q["image_id"]]["findings"]][:1]
+    save = lambda i: str(tmp_path / f"{i}.png")
+    for it in items:
+        data.to_pil(by_id[it["image_id"]]["pixels"]).save(save(it["image_id"]))
+    logs = []
+    pairs = data.build_visual_pairs(items, lambda i: by_id[i]["pixels"], lambda i: by_id[i]["mask"], save,
+                                    str(tmp_path), heatmap="mask", log=logs.append)
+    assert len(pairs) == 3 and "1 skipped" in logs[0]  # the image without findings has nothing to noise
+    for p, it in zip(pairs, items):
+        assert p["chosen"] == p["rejected"] == it["answer"] and p["source"] == "visual" and p["score"] == 1.0
+        clean, noised = data.load_image(p["image"]), data.load_image(p["rejected_image"])
+        mask = by_id[it["image_id"]]["mask"].astype(bool)
+        far = ~(torch.nn.functional.max_pool2d(torch.tensor(mask, dtype=torch.float32)[None, None], 7, 1, 3)[0, 0] > 0).numpy()
+        assert np.array_equal(clean[far], noised[far])                  # untouched away from the lesion
+        assert np.abs(clean[mask] - noised[mask]).mean() > 0.1          # noised on it
+
+
+def test_weights_are_normalized_per_source():
+    pairs = [{"source": "text", "score": s} for s in (2, 4, 6, None)] + [{"source": "visual", "score": s} for s in (0.1, 0.9)]
+    data.assign_weights(pairs)
+    w = [p["weight"] for p in pairs]
+    assert w[3] == 1.0                                         # unscored: neutral
+    assert w[0] == pytest.approx(0.75) and w[1] == pytest.approx(1.0) and w[2] == pytest.approx(1.25)
+    assert w[4] == pytest.approx(0.75) and w[5] == pytest.approx(1.25)  # its own scale
+    data.assign_weights(pairs, crs=False)
+    assert all(p["weight"] == 1.0 for p in pairs)

@@ -1,0 +1,134 @@
+"""The pipeline end to end on a miniature default, resume, DDP, and the reference precompute.
+python -m pytest -q tests/test_train.py      (about a minute on 2 CPU cores)"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import lora
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-train", "60", "--n-test", "6", "--sft-steps", "30", "--n-text", "12", "--n-visual", "8",
+        "--batch-size", "4", "--epochs", "1", "--workers", "2"]
+
+
+def run_script(args, out, env_extra=None, launcher=None):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train.py"), "--out", str(out)] + TINY + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """One miniature run, in process: builds base/, pairs/, mmedpo/."""
+    out = tmp_path_factory.mktemp("out")
+    train.main(["--out", str(out)] + TINY)
+    return out
+
+
+def test_end_to_end_writes_every_stage(out, capsys):
+    metrics = json.loads((out / "mmedpo" / "metrics.json").read_text())
+    for key in ("before", "after", "prior"):
+        assert 0 <= metrics[key]["closed"] <= 1 and "per_qtype" in metrics[key]
+    assert metrics["pairs"] == {"text": 12, "visual": 8} and metrics["steps"] == 5
+    pairs, skipped = data.read_pairs(str(out / "pairs" / "pairs.jsonl"))
+    assert skipped == 0 and {p["source"] for p in pairs} == {"text", "visual"}
+    assert all(os.path.exists(p["rejected_image"]) for p in pairs if p["source"] == "visual")
+    assert all(0.75 <= p["weight"] <= 1.25 for p in pairs)
+    assert all(p["rejected"] != p["chosen"] for p in pairs if p["source"] == "text")
+    for name in ("noise_grid.png", "curves.png", "log.jsonl", "checkpoint.pt", "adapter/adapter_config.json"):
+        assert (out / "mmedpo" / name).exists(), name
+    log = [json.loads(l) for l in (out / "mmedpo" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and all(r["loss"] > 0 for r in log)
+    # the saved adapter changes the model, and loads into a fresh base
+    from transformers import AutoModelForImageTextToText
+    fresh = AutoModelForImageTextToText.from_pretrained(out / "base")
+    lora.load_adapter(fresh, out / "mmedpo" / "adapter")
+    assert any(m.lora_B.weight.abs().sum() > 0 for _, m in lora.lora_layers(fresh))
+
+
+def test_a_second_run_reuses_every_stage(out, capsys):
+    train.main(["--out", str(out), "--run-name", "again"] + TINY)
+    printed = capsys.readouterr().out
+    assert "base model:" in printed and "(reused)" in printed
+    assert "preference pairs:" in printed and "building preference pairs" not in printed
+
+
+def test_precomputed_reference_equals_reference_inside_the_step(out):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor = AutoProcessor.from_pretrained(out / "base")
+    model = AutoModelForImageTextToText.from_pretrained(out / "base").eval()
+    pairs, _ = data.read_pairs(str(out / "pairs" / "pairs.jsonl"))
+    pairs = pairs[:8]
+    load = lambda p: data.to_pil(data.load_image(p))
+    with torch.no_grad():
+        base_c, base_r = train.compute_logps(model, processor, pairs, load, "plain", 3, torch.device("cpu"), torch.float32)
+    lora.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for _, m in lora.lora_layers(model):
+            m.lora_B.weight.normal_()
+    # precomputed: batches of 3, adapter disabled
+    with lora.disable_lora(model):
+        pre_c, pre_r = train.compute_logps(model, processor, pairs, load, "plain", 3, torch.device("cpu"), torch.float32)
+    # inside a step: one concatenated batch of all 8 pairs, adapter disabled
+    batch = data.encode_rows(processor, data.pair_rows(pairs, load))
+    with torch.no_grad(), lora.disable_lora(model):
+        step = train.forward_logps(model, batch)
+        policy = None
+    with torch.no_grad():
+        policy = train.forward_logps(model, batch)
+    assert torch.allclose(pre_c, step[:8], atol=1e-5) and torch.allclose(pre_r, step[8:], atol=1e-5)
+    assert torch.allclose(pre_c, base_c, atol=1e-5) and torch.allclose(pre_r, base_r, atol=1e-5)
+    assert not torch.allclose(policy[:8], step[:8], atol=1e-3)  # the adapter does change the policy
+
+
+def test_resume_reaches_the_same_adapter(out):
+    """A run killed after step 2 and resumed ends where an uninterrupted run ends (LoRA dropout on)."""
+    args = ["--ckpt-every", "1", "--epochs", "2"]
+    full = run_script(args + ["--run-name", "full"], out)
+    assert full.returncode == 0, full.stderr[-2000:]
+    halted = run_script(args + ["--run-name", "halted", "--halt-at-step", "2"], out)
+    assert halted.returncode == 3 and "halting after step 2" in halted.stdout
+    assert not (out / "halted" / "adapter").exists()
+    resumed = run_script(args + ["--run-name", "halted", "--resume"], out)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "at step 2/10" in resumed.stdout
+    from safetensors.torch import load_file
+    a = load_file(str(out / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "halted" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+def test_ddp_two_processes_equal_one_process_over_the_same_global_batch(out):
+    common = ["--lora-dropout", "0", "--epochs", "1"]
+    single = run_script(common + ["--run-name", "single", "--batch-size", "4"], out)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = run_script(common + ["--run-name", "ddp", "--batch-size", "2"], out,
+                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "global batch 4" in ddp.stdout and ddp.stdout.count("[6/6]") == 1  # rank 0 alone prints and writes
+    from safetensors.torch import load_file
+    a = load_file(str(out / "single" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "ddp" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+def test_bad_flags_are_named():
+    with pytest.raises(SystemExit):
+        train.main(["--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        train.main(["--model", "/no/such/folder"])
+
+
+def test_lr_schedule():
+    assert train.get_lr(0, 1.0, 4, 100) == pytest.approx(0.25)
+    assert train.get_lr(3, 1.0, 4, 100) == pytest.approx(1.0)
+    assert train.get_lr(52, 1.0, 4, 100) == pytest.approx(0.5)
+    assert train.get_lr(100, 1.0, 4, 100) == pytest.approx(0.0)
