@@ -342,7 +342,7 @@ def build_visual_pairs(items, image_of, mask_of, image_path, out_dir, heatmap="d
         pairs.append({"id": pid, "source": "visual", "image": image_path(it["image_id"]),
                       "rejected_image": noised_path, "prompt": it["question"], "chosen": it["answer"],
                       "rejected": it["answer"], "score": float(confidence), "weight": None,
-                      "provenance": f"{noise} noise at k={k}, heatmap {heatmap if isinstance(heatmap, str) else 'custom'}"})
+                      "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, '__name__', heatmap)}"})
     log(f"visual pairs: {len(pairs)} ({empty} skipped with an empty heatmap)")
     return pairs
 

@@ -9,8 +9,9 @@ x: images in [0, 1] pixel space (before the processor's mean/std normalization),
 the lesion heatmap, abar_k the cumulative product of (1 - beta_t) of a diffusion schedule.
 h = 1 everywhere is the global noise of the ablation; h = 0 returns x unchanged.
 
-Heatmaps: from a binary mask, from boxes, Gaussian smoothing, and a weight-free lesion
-detector (multi-scale difference of Gaussians) that also gives the visual tool's confidence.
+Heatmaps: from a binary mask, from boxes, Gaussian smoothing, a weight-free lesion detector
+(multi-scale difference of Gaussians) that also gives the visual tool's confidence, and the target
+model's own attention from the answer tokens to the image tokens.
 
 torch + numpy only; copy this file into another project and it works.
 Tests:  python -m pytest -q tests/test_noise.py
@@ -123,19 +124,34 @@ def smooth_heatmap(heatmap, sigma):
     return s / peak if peak > 0 else s
 
 
+def blob_isotropy(g):
+    """Per pixel, how round a bright structure of the smoothed image g (H, W) is, in [0, 1]: with
+    l1 <= l2 the eigenvalues of the Hessian, l2 / l1 where both are negative (a bright blob curves
+    down in every direction: ~1), 0 on a ridge (l2 ~ 0), a saddle or a dark spot."""
+    gy, gx = torch.gradient(g)
+    gyy, gyx = torch.gradient(gy)
+    gxy, gxx = torch.gradient(gx)
+    half_trace = (gxx + gyy) / 2
+    root = torch.sqrt(((gxx - gyy) / 2) ** 2 + ((gxy + gyx) / 2) ** 2)
+    l1, l2 = half_trace - root, half_trace + root
+    return torch.where(l1 < 0, (l2 / l1.clamp(max=-1e-12)).clamp(0, 1), torch.zeros_like(g))
+
+
 def detect_lesions(image, sigmas=None, ratio=1.6, threshold=0.2):
     """A lesion detector with no weights: bright blobs by multi-scale difference of Gaussians.
 
     Lesions on a radiograph (nodule, mass, consolidation) are local opacities: brighter than
     their surroundings at some scale. For each scale s the response is G_s * x - G_{ratio s} * x
-    (a band-pass that peaks on blobs of radius ~ s); the heatmap is the positive part of the
-    strongest response, divided by its peak, with values below `threshold` set to 0 so the noise
-    stays local.
+    (a band-pass that peaks on blobs of radius ~ s), times the blob's isotropy (see
+    `blob_isotropy`), so that bright ridges such as the spine or a rib edge do not count as
+    lesions; the heatmap is the positive part of the strongest response, divided by its peak,
+    with values below `threshold` set to 0 so the noise stays local.
 
     Confidence in [0, 1]: how far the peak stands above the response's own spread,
-    snr = (peak - median) / (1.4826 * median |response - median|) (a robust z-score);
-    conf = 1 - exp(-max(snr - 6, 0) / 8). Pure noise reaches snr 6-9 (the max over all pixels
-    and scales), so it scores about 0-0.3; a clear blob scores near 1.
+    snr = (peak - median) / (1.4826 * median |DoG - median|), a robust z-score against the
+    band-pass's own spread;
+    conf = 1 - exp(-max(snr - 6, 0) / 8). Pure noise and bright ridges score about 0, a faint
+    disc about 0.2-0.8, a clear blob near 1.
 
     image:  (H, W) or (1, H, W) grayscale float in [0, 1] (torch or numpy).
     sigmas: blob scales in pixels; default 2 %, 4 % and 8 % of the shorter side.
@@ -149,10 +165,12 @@ def detect_lesions(image, sigmas=None, ratio=1.6, threshold=0.2):
     H, W = x.shape
     if sigmas is None:
         sigmas = [max(0.5, f * min(H, W)) for f in (0.02, 0.04, 0.08)]
-    response = torch.stack([gaussian_blur(x, s) - gaussian_blur(x, ratio * s) for s in sigmas]).amax(0)
+    bands = [(gaussian_blur(x, s), gaussian_blur(x, ratio * s)) for s in sigmas]
+    dog = torch.stack([a - b for a, b in bands])                                   # (S, H, W)
+    response = (dog * torch.stack([blob_isotropy(a) for a, _ in bands])).amax(0)   # (H, W)
     peak = float(response.max())
-    med = response.median()
-    spread = 1.4826 * float((response - med).abs().median())
+    med = dog.amax(0).median()  # the noise level of the band-pass itself, before the roundness weighting
+    spread = 1.4826 * float((dog.amax(0) - med).abs().median())
     if peak <= 1e-6:
         return torch.zeros(H, W), 0.0
     snr = (peak - float(med)) / max(spread, 1e-6)
@@ -160,3 +178,43 @@ def detect_lesions(image, sigmas=None, ratio=1.6, threshold=0.2):
     heatmap = (response.clamp(min=0) / peak)
     heatmap = torch.where(heatmap >= threshold, heatmap, torch.zeros_like(heatmap))
     return heatmap, confidence
+
+
+def attention_heatmap(attentions, image_positions, answer_positions, image_size, sigma=None):
+    """Where the model looked: attention from the answer tokens to the image tokens, on the image.
+
+    attentions:       (L, heads, T, T) attention probabilities of the layers to use (e.g. the last
+                      few of the language model), or (heads, T, T), for one sequence.
+    image_positions:  (T,) bool, the image tokens, in row-major patch order.
+    answer_positions: (T,) bool, the query positions to read (the answer tokens).
+    image_size:       (H, W) of the heatmap to return.
+    Averaged over layers, heads and answer tokens, the mass on each image token is renormalized
+    into a share (sums to 1), laid out on the sqrt(N) x sqrt(N) patch grid, upsampled to the image
+    (each patch a block), smoothed (sigma default: half a patch) and min-max scaled to [0, 1].
+    returns (heatmap (H, W) float32 in [0, 1], confidence = the largest share, in [1/N, 1]).
+    """
+    a = attentions.float()
+    if a.dim() == 3:
+        a = a[None]
+    if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"attentions must be (L, heads, T, T), got shape {tuple(attentions.shape)}")
+    T = a.shape[-1]
+    if image_positions.shape != (T,) or answer_positions.shape != (T,):
+        raise ValueError(f"position masks must be ({T},), got {tuple(image_positions.shape)} and "
+                         f"{tuple(answer_positions.shape)}")
+    n = int(image_positions.sum())
+    side = int(round(math.sqrt(n)))
+    if n == 0 or side * side != n:
+        raise ValueError(f"need a square number of image tokens, got {n}")
+    if not answer_positions.any():
+        raise ValueError("answer_positions selects no token")
+    rows = a.mean(dim=(0, 1))[answer_positions]            # (Q, T)
+    mass = rows[:, image_positions].mean(0)                # (N,)
+    share = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1.0 / n)
+    H, W = image_size
+    grid = share.view(1, 1, side, side)
+    up = F.interpolate(grid, size=(H, W), mode="nearest")[0, 0]
+    up = gaussian_blur(up, sigma if sigma is not None else 0.5 * H / side)
+    lo, hi = up.min(), up.max()
+    heatmap = (up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)
+    return heatmap.float(), float(share.max())

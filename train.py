@@ -40,11 +40,14 @@ def get_parser():
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="weights; auto: bf16 on CUDA, fp32 on CPU")
     a("--max-length", type=int, default=None, help="prompt+response tokens (default: the model's context)")
-    # the tiny base model (only without --model)
+    # the tiny base model (only without --model): built once with the SFT warm-up, then reused
+    a("--base", default="assets/tiny-base", help="folder of the tiny base model (reused if present, else built)")
+    a("--rebuild-base", action="store_true", help="build the tiny base again even if --base exists")
+    a("--base-only", action="store_true", help="stop after building the base model")
     a("--image-size", type=int, default=32, help="synthetic image size (32 px = 16 image tokens)")
     a("--n-train", type=int, default=2000, help="synthetic training images")
     a("--n-test", type=int, default=200, help="synthetic test images")
-    a("--sft-steps", type=int, default=500, help="SFT warm-up steps of the tiny base (batch 32)")
+    a("--sft-steps", type=int, default=3000, help="SFT warm-up steps of the tiny base (batch 32)")
     a("--sft-lr", type=float, default=2e-3)
     # preference data
     a("--data", default="synthetic", choices=["synthetic"], help="dataset")
@@ -60,10 +63,11 @@ def get_parser():
     a("--no-crs", action="store_true", help="no clinical-relevance weights (all 1): plain DPO")
     a("--noise", default="local", choices=["local", "global"], help="lesion-localized or whole-image noise")
     a("--noise-step", type=int, default=500, help="diffusion step k of the noise, in [0, 1000)")
-    a("--heatmap", default="detector", choices=["detector", "mask"], help="where the lesion is")
+    a("--heatmap", default="detector", choices=["detector", "mask", "attention"],
+      help="where the lesion is: the DoG detector, ground-truth masks, or the model's own attention")
     # DPO
     a("--beta", type=float, default=0.1, help="DPO temperature (the paper's alpha)")
-    a("--lr", type=float, default=2e-3, help="peak learning rate of the LoRA weights")
+    a("--lr", type=float, default=2e-4, help="peak learning rate of the LoRA weights")
     a("--epochs", type=int, default=3)
     a("--batch-size", type=int, default=16, help="pairs per micro-batch per process")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -269,8 +273,11 @@ def build_pairs(model, processor, args, train_qa, train_images, pairs_dir, devic
         candidates = [it for it in train_qa if args.heatmap != "mask" or by_id[it["image_id"]]["findings"]]
         items = rng.sample(candidates, min(args.n_visual, len(candidates)))
         log(f"Strategy 2: {args.noise} noise at k={args.noise_step} on {len(items)} images, heatmap {args.heatmap}")
+        tool = args.heatmap
+        if tool == "attention":
+            tool = attention_tool(model, processor, args.prompt_format, lambda i: by_id[i]["pixels"], device)
         pairs += data.build_visual_pairs(items, lambda i: by_id[i]["pixels"], lambda i: by_id[i]["mask"], image_path,
-                                         pairs_dir, args.heatmap, args.noise, args.noise_step, args.seed, log)
+                                         pairs_dir, tool, args.noise, args.noise_step, args.seed, log)
     return data.assign_weights(pairs, crs=not args.no_crs)
 
 
@@ -289,8 +296,54 @@ def compute_logps(model, processor, pairs, load_image, fmt, batch_size, device, 
     return torch.cat(chosen), torch.cat(rejected)
 
 
+def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
+    """The target model as its own visual tool: item -> (heatmap, confidence) from the attention of
+    the answer tokens to the image tokens in the last `layers` language-model layers."""
+    from noise import attention_heatmap
+    image_token = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    dtype = next(model.parameters()).dtype
+
+    def model_attention(item):
+        pixels = pixels_of(item["image_id"])
+        batch = data.encode_rows(processor, [(data.to_pil(pixels), item["question"], item["answer"])], fmt)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")  # fused attention kernels do not return the weights
+        try:
+            with torch.no_grad():
+                out = model(**{k: v for k, v in to_device(batch, device, dtype).items() if k != "labels"},
+                            output_attentions=True)
+        finally:
+            model.set_attn_implementation(previous)
+        stacked = torch.stack([a[0] for a in out.attentions[-layers:]]).float().cpu()  # (layers, heads, T, T)
+        return attention_heatmap(stacked, batch["input_ids"][0] == image_token,
+                                 batch["labels"][0] != data.IGNORE_INDEX, np.asarray(pixels).shape)
+    return model_attention
+
+
 # -----------------------------------------------------------------------------
 # pictures (PIL only)
+
+def save_attention_figure(model, processor, items, pixels_of, fmt, device, path, scale=4):
+    """For a few test questions: the image, the attention overlay of the base model (adapter off)
+    and of the trained model, as in the paper's Figure 5."""
+    from PIL import Image
+    tool = attention_tool(model, processor, fmt, pixels_of, device)
+    rows = []
+    for it in items:
+        with lora.disable_lora(model):
+            before, _ = tool(it)
+        after, _ = tool(it)
+        gray = np.clip(np.asarray(pixels_of(it["image_id"])), 0, 1)
+        overlay = lambda h: np.stack([np.clip(0.6 * gray + 0.7 * h.numpy(), 0, 1), 0.6 * gray, 0.6 * gray], -1)
+        rows.append([np.stack([gray] * 3, -1), overlay(before), overlay(after)])
+    h, w = rows[0][0].shape[:2]
+    grid = Image.new("RGB", (3 * w * scale, len(rows) * h * scale))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            tile = Image.fromarray((im * 255).astype(np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+            grid.paste(tile, (c * w * scale, r * h * scale))
+    grid.save(path)
+
 
 def save_noise_grid(pairs, path, n=4, scale=4):
     """Clean image | heatmap | noised image, one row per visual pair."""
@@ -309,8 +362,8 @@ def save_noise_grid(pairs, path, n=4, scale=4):
     grid.save(path)
 
 
-def save_curves(history, path, keys=("loss", "reward_acc"), size=(640, 240)):
-    """A line plot per key (loss, reward accuracy) against the step."""
+def save_curves(history, path, keys=("loss", "reward_acc", "margin"), size=(420, 240)):
+    """A panel per key against the step: the raw values (light) and a running mean over 10 steps."""
     from PIL import Image, ImageDraw
     img = Image.new("RGB", (size[0] * len(keys), size[1]), "white")
     d = ImageDraw.Draw(img)
@@ -318,15 +371,19 @@ def save_curves(history, path, keys=("loss", "reward_acc"), size=(640, 240)):
         ys = [h[key] for h in history]
         if len(ys) < 2:
             continue
-        x0, y0, w, h = k * size[0] + 50, 20, size[0] - 70, size[1] - 50
+        smooth = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
+        left = k * size[0]
+        x0, y0, w, h = left + 50, 20, size[0] - 60, size[1] - 50
         lo, hi = min(ys), max(ys)
         hi = hi if hi > lo else lo + 1
-        pts = [(x0 + w * i / (len(ys) - 1), y0 + h * (1 - (y - lo) / (hi - lo))) for i, y in enumerate(ys)]
+        to_xy = lambda series: [(x0 + w * i / (len(series) - 1), y0 + h * (1 - (y - lo) / (hi - lo)))
+                                for i, y in enumerate(series)]
         d.rectangle([x0, y0, x0 + w, y0 + h], outline="gray")
-        d.line(pts, fill="navy", width=2)
-        d.text((x0, 4), f"{key} (step 1..{len(ys)})", fill="black")
-        d.text((4, y0), f"{hi:.3g}", fill="black")
-        d.text((4, y0 + h - 10), f"{lo:.3g}", fill="black")
+        d.line(to_xy(ys), fill=(170, 190, 230), width=1)
+        d.line(to_xy(smooth), fill="navy", width=2)
+        d.text((x0, 4), f"{key}, steps 1..{len(ys)} (mean of 10 in dark)", fill="black")
+        d.text((left + 4, y0), f"{hi:.3g}", fill="black")
+        d.text((left + 4, y0 + h - 10), f"{lo:.3g}", fill="black")
     img.save(path)
 
 
@@ -356,8 +413,9 @@ def main(argv=None):
     train_images, train_qa = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
     test_images, test_qa = data.make_synthetic(args.n_test, args.seed, args.image_size, "test")
     pil = {im["image_id"]: data.to_pil(im["pixels"]) for im in train_images + test_images}
-    base_path = args.model or os.path.join(args.out, "base")
-    if not args.model and not os.path.exists(os.path.join(base_path, "config.json")):
+    base_path = args.model or args.base
+    built = not args.model and (args.rebuild_base or not os.path.exists(os.path.join(base_path, "config.json")))
+    if built:
         if master:
             log(f"[1/6] building the tiny base model (SFT warm-up, {args.sft_steps} steps) -> {base_path}")
             corpus = [data.PROMPT_FORMATS["plain"].format(question=q["question"]).replace("<image>", "") + " " + q["answer"]
@@ -369,6 +427,8 @@ def main(argv=None):
         barrier(world)
     else:
         log(f"[1/6] base model: {base_path} (reused)")
+    if args.base_only:
+        return
     if not os.path.exists(os.path.join(base_path, "preprocessor_config.json")) and \
             not os.path.exists(os.path.join(base_path, "processor_config.json")):
         sys.exit(f"{base_path}: no processor files (preprocessor_config.json); save the processor with the model")
@@ -381,10 +441,10 @@ def main(argv=None):
     # 2.-5. preference pairs with weights ----------------------------------------------
     pairs_path = os.path.join(pairs_dir, "pairs.jsonl")
     stage_keys = ["model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge", "rounds",
-                  "no_crs", "noise", "noise_step", "heatmap", "seed", "n_train", "image_size", "sft_steps"]
+                  "no_crs", "noise", "noise_step", "heatmap", "seed", "n_train", "image_size", "base"]
     stage_cfg = {k: getattr(args, k) for k in stage_keys}
     cfg_path = os.path.join(pairs_dir, "pairs_config.json")
-    reuse = os.path.exists(pairs_path) and os.path.exists(cfg_path) and json.load(open(cfg_path)) == stage_cfg
+    reuse = not built and os.path.exists(pairs_path) and os.path.exists(cfg_path) and json.load(open(cfg_path)) == stage_cfg
     if master and not reuse:
         log(f"[2/6] building preference pairs -> {pairs_path}")
         pairs = build_pairs(model, processor, args, train_qa, train_images, pairs_dir, device, log)
@@ -550,8 +610,14 @@ def main(argv=None):
                    "seconds": time.time() - t_start, "config": vars(args)}
         with open(metrics_path, "w") as f:
             json.dump(metrics, f, indent=1)
+        data.write_jsonl(os.path.join(run_dir, "predictions.jsonl"), [{**it, "prediction": p} for it, p in zip(test_qa, preds)])
         save_noise_grid(pairs, os.path.join(run_dir, "noise_grid.png"))
         save_curves(history, os.path.join(run_dir, "curves.png"))
+        test_pixels = {im["image_id"]: im["pixels"] for im in test_images}
+        lesion_items = [it for it in test_qa if it["qtype"] == "where"][:4]
+        if lesion_items:
+            save_attention_figure(model, processor, lesion_items, test_pixels.get, args.prompt_format, device,
+                                  os.path.join(run_dir, "attention.png"))
         log("\n" + format_table({"answer prior": after["prior"], "before": before, "after": after}))
         log(f"\ndone in {time.time() - t_start:.0f}s; metrics in {metrics_path}")
     barrier(world)

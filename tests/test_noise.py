@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from noise import (detect_lesions, diffusion_schedule, gaussian_blur, heatmap_from_boxes,
+from noise import (attention_heatmap, detect_lesions, diffusion_schedule, gaussian_blur, heatmap_from_boxes,
                    heatmap_from_mask, localized_noise, smooth_heatmap)
 
 
@@ -112,4 +112,29 @@ def test_detector_finds_a_planted_disc_and_is_unsure_on_blank():
     _, blank_confidence = detect_lesions(blank)
     assert 0 <= blank_confidence < confidence <= 1
     assert confidence > 0.8 and blank_confidence < 0.5
-    assert detect_lesions(torch.full((H, W), 0.5)) [1] == 0.0
+    assert detect_lesions(torch.full((H, W), 0.5))[1] == 0.0
+    ridge = blank + 0.4 * ((xx - 32).abs() <= 1)       # a spine-like bright line is not a lesion
+    assert detect_lesions(ridge)[1] < 0.2
+    both_heatmap, _ = detect_lesions(ridge + 0.4 * disc)
+    assert disc[divmod(int(both_heatmap.argmax()), W)]
+
+
+def test_attention_heatmap_peaks_on_the_attended_patch():
+    T, n = 24, 16                                      # 4 text tokens, 16 image tokens (4 x 4), 4 answer tokens
+    image = torch.zeros(T, dtype=torch.bool)
+    image[4:20] = True
+    answer = torch.zeros(T, dtype=torch.bool)
+    answer[20:] = True
+    attn = torch.full((2, 3, T, T), 1.0 / T)           # uniform elsewhere
+    k = 6                                              # image token 6 = row 1, column 2 of the grid
+    attn[:, :, 20:, :] = 0.0
+    attn[:, :, 20:, 4 + k] = 1.0                       # every answer token looks only at it
+    h, confidence = attention_heatmap(attn, image, answer, (32, 32))
+    assert h.shape == (32, 32) and h.min() == 0.0 and h.max() == 1.0
+    y, x = divmod(int(h.argmax()), 32)
+    assert (y // 8, x // 8) == (1, 2)
+    assert confidence == pytest.approx(1.0)
+    _, flat = attention_heatmap(torch.full((1, 1, T, T), 1.0 / T), image, answer, (32, 32))
+    assert flat == pytest.approx(1 / n)
+    with pytest.raises(ValueError, match="square"):
+        attention_heatmap(attn, torch.arange(T) < 15, answer, (32, 32))

@@ -18,7 +18,8 @@ TINY = ["--n-train", "60", "--n-test", "6", "--sft-steps", "30", "--n-text", "12
 
 
 def run_script(args, out, env_extra=None, launcher=None):
-    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train.py"), "--out", str(out)] + TINY + args
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train.py"), "--out", str(out),
+                                            "--base", str(out / "base")] + TINY + args
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
@@ -27,7 +28,7 @@ def run_script(args, out, env_extra=None, launcher=None):
 def out(tmp_path_factory):
     """One miniature run, in process: builds base/, pairs/, mmedpo/."""
     out = tmp_path_factory.mktemp("out")
-    train.main(["--out", str(out)] + TINY)
+    train.main(["--out", str(out), "--base", str(out / "base")] + TINY)  # builds the base: SFT for 30 steps
     return out
 
 
@@ -53,7 +54,7 @@ def test_end_to_end_writes_every_stage(out, capsys):
 
 
 def test_a_second_run_reuses_every_stage(out, capsys):
-    train.main(["--out", str(out), "--run-name", "again"] + TINY)
+    train.main(["--out", str(out), "--base", str(out / "base"), "--run-name", "again"] + TINY)
     printed = capsys.readouterr().out
     assert "base model:" in printed and "(reused)" in printed
     assert "preference pairs:" in printed and "building preference pairs" not in printed
@@ -118,6 +119,20 @@ def test_ddp_two_processes_equal_one_process_over_the_same_global_batch(out):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+def test_a_saved_model_loads_through_model_and_attention_heatmaps_run(out, tmp_path, capsys):
+    """--model PATH loads a checkpoint as any user's would be; --heatmap attention uses its own attention."""
+    train.main(["--out", str(tmp_path), "--model", str(out / "base"), "--heatmap", "attention",
+                "--strategies", "visual"] + TINY)
+    pairs, _ = data.read_pairs(str(tmp_path / "pairs" / "pairs.jsonl"))
+    assert len(pairs) == 8 and all("heatmap model_attention" in p["provenance"] for p in pairs)
+    assert all(0 < p["score"] <= 1 for p in pairs)
+    assert (tmp_path / "mmedpo" / "attention.png").exists()
+    from transformers import AutoModelForImageTextToText
+    fresh = AutoModelForImageTextToText.from_pretrained(out / "base")
+    lora.load_adapter(fresh, tmp_path / "mmedpo" / "adapter")
+    assert "building the tiny base" not in capsys.readouterr().out
 
 
 def test_bad_flags_are_named():
