@@ -168,6 +168,18 @@ def to_pil(pixels):
     return Image.fromarray((np.clip(np.asarray(pixels, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8), "L")
 
 
+def pad_to_square(image):
+    """LLaVA's preprocessing: pad a PIL image to a square with its mean colour, centred."""
+    from PIL import Image, ImageStat
+    w, h = image.size
+    if w == h:
+        return image
+    fill = tuple(int(v) for v in ImageStat.Stat(image).mean)
+    square = Image.new(image.mode, (max(w, h), max(w, h)), fill if len(fill) > 1 else fill[0])
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
 def load_image(path):
     """A grayscale image as (H, W) float32 in [0, 1]; a missing or corrupt file raises ValueError naming it."""
     from PIL import Image, UnidentifiedImageError
@@ -176,6 +188,239 @@ def load_image(path):
             return np.asarray(im.convert("L"), np.float32) / 255.0
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# images behind one interface: synthetic arrays in memory, or files of a real dataset
+
+class SyntheticStore:
+    """Synthetic images by image_id; `path` writes the PNG under `folder` the first time it is asked."""
+
+    def __init__(self, images, folder):
+        self.by_id, self.folder = {im["image_id"]: im for im in images}, folder
+
+    def pixels(self, image_id):
+        return self.by_id[image_id]["pixels"]
+
+    def pil(self, image_id):
+        return to_pil(self.pixels(image_id))
+
+    def mask(self, image_id):
+        return self.by_id[image_id]["mask"]
+
+    def has_lesion(self, image_id):
+        return bool(self.by_id[image_id]["findings"])
+
+    def path(self, image_id):
+        path = os.path.join(self.folder, image_id + ".png")
+        if not os.path.exists(path):
+            os.makedirs(self.folder, exist_ok=True)
+            to_pil(self.pixels(image_id)).save(path)
+        return path
+
+
+class FileStore:
+    """Images of a dataset on disk; image_id is the path relative to `root`. Medical images are
+    handled as grayscale. `masks` maps image_id -> (mask.png path or None, detection.json path or
+    None), the lesion/organ annotations used by `--heatmap mask` (SLAKE has both)."""
+
+    def __init__(self, root, masks=None):
+        self.root, self.masks, self._cache = root, masks or {}, {}
+
+    def path(self, image_id):
+        return os.path.join(self.root, image_id)
+
+    def pixels(self, image_id):
+        if image_id not in self._cache:
+            if len(self._cache) > 512:  # a bounded cache: real datasets do not fit in memory
+                self._cache.clear()
+            self._cache[image_id] = load_image(self.path(image_id))
+        return self._cache[image_id]
+
+    def pil(self, image_id):
+        return to_pil(self.pixels(image_id))
+
+    def has_lesion(self, image_id):
+        return any(self.masks.get(image_id, (None, None)))
+
+    def mask(self, image_id):
+        """(H, W) uint8 from mask.png (any non-zero pixel), else from detection.json boxes, else None.
+        A mask whose size differs from the image raises ValueError naming both files."""
+        mask_path, det_path = self.masks.get(image_id, (None, None))
+        H, W = self.pixels(image_id).shape
+        if mask_path:
+            from PIL import Image
+            with Image.open(mask_path) as im:
+                m = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+            if m.shape != (H, W):
+                raise ValueError(f"{mask_path}: mask is {m.shape[1]}x{m.shape[0]}, image {self.path(image_id)} is {W}x{H}")
+            return m
+        if det_path:
+            from noise import heatmap_from_boxes
+            return heatmap_from_boxes(slake_boxes(det_path), H, W).numpy().astype(np.uint8)
+        return None
+
+
+def slake_boxes(path):
+    """SLAKE detection.json, [{"Liver": [x, y, w, h]}, ...] -> [(x0, y0, x1, y1), ...]."""
+    with open(path) as f:
+        records = json.load(f)
+    boxes = []
+    for rec in records:
+        for name, (x, y, w, h) in rec.items():
+            boxes.append((x, y, x + w, y + h))
+    return boxes
+
+
+# -----------------------------------------------------------------------------
+# real datasets: SLAKE, VQA-RAD, IU-Xray; items as the synthetic ones, image_id = path under root
+
+DOWNLOAD_HINTS = {
+    "slake": "SLAKE (https://www.med-vqa.com/slake/): the folder holding train.json, test.json and imgs/",
+    "vqa-rad": "VQA-RAD (https://osf.io/89kps/): the folder holding 'VQA_RAD Dataset Public.json' and "
+               "'VQA_RAD Image Folder/'",
+    "iu-xray": "IU-Xray as prepared by R2Gen: the folder holding annotation.json and images/",
+}
+REPORT_PROMPTS = ["Describe the following image in detail.", "Please describe this chest X-ray in detail.",
+                  "Write the findings of this radiograph.", "What does this chest X-ray show? Describe it in detail."]
+
+
+def _need(path, name):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found. Download {DOWNLOAD_HINTS[name]}, and pass it with --data-dir")
+    return path
+
+
+def _report(name, n_kept, skipped, log):
+    if skipped:
+        log(f"{name}: kept {n_kept} records, skipped " + ", ".join(f"{v} ({k})" for k, v in sorted(skipped.items())))
+
+
+def load_slake(root, split="train", log=print):
+    """SLAKE English records of `split` (train, validation, test). returns (items, FileStore)."""
+    from collections import Counter
+    with open(_need(os.path.join(root, f"{split}.json"), "slake")) as f:
+        records = json.load(f)
+    items, skipped, masks = [], Counter(), {}
+    for n, r in enumerate(records):
+        if r.get("q_lang", "en") != "en":
+            skipped["not English"] += 1
+            continue
+        answer = str(r.get("answer", "")).strip()
+        image_id = os.path.join("imgs", str(r.get("img_name", "")))
+        if not answer:
+            skipped["no answer"] += 1
+            continue
+        if not os.path.isfile(os.path.join(root, image_id)):
+            skipped["missing image"] += 1
+            log(f"{root}/{split}.json record {n}: image {image_id} not found, skipped")
+            continue
+        folder = os.path.join(root, os.path.dirname(image_id))
+        masks[image_id] = tuple(p if os.path.isfile(p) else None for p in
+                                (os.path.join(folder, "mask.png"), os.path.join(folder, "detection.json")))
+        items.append({"id": f"slake-{r.get('qid', n)}", "image_id": image_id, "question": r["question"].strip(),
+                      "answer": answer, "type": "closed" if str(r.get("answer_type")).upper() == "CLOSED" else "open",
+                      "qtype": str(r.get("answer_type", "open")).lower()})
+    _report(f"SLAKE {split}", len(items), skipped, log)
+    return items, FileStore(root, masks)
+
+
+def load_vqa_rad(root, split="train", log=print):
+    """VQA-RAD; the test split is the records whose phrase_type starts with 'test'. returns (items, FileStore)."""
+    from collections import Counter
+    with open(_need(os.path.join(root, "VQA_RAD Dataset Public.json"), "vqa-rad")) as f:
+        records = json.load(f)
+    image_dir = "VQA_RAD Image Folder"
+    items, skipped = [], Counter()
+    for n, r in enumerate(records):
+        if str(r.get("phrase_type", "")).startswith("test") != (split == "test"):
+            continue
+        answer = str(r.get("answer", "")).strip()
+        image_id = os.path.join(image_dir, str(r.get("image_name", "")))
+        if not answer:
+            skipped["no answer"] += 1
+            continue
+        if not os.path.isfile(os.path.join(root, image_id)):
+            skipped["missing image"] += 1
+            log(f"VQA-RAD record {n}: image {image_id} not found, skipped")
+            continue
+        items.append({"id": f"vqarad-{r.get('qid', n)}", "image_id": image_id, "question": str(r["question"]).strip(),
+                      "answer": answer, "type": "closed" if str(r.get("answer_type")).upper() == "CLOSED" else "open",
+                      "qtype": str(r.get("question_type", "open")).lower()})
+    _report(f"VQA-RAD {split}", len(items), skipped, log)
+    return items, FileStore(root)
+
+
+def load_iu_xray(root, split="train", log=print):
+    """IU-Xray report generation (R2Gen's annotation.json): one item per study, first image, the report
+    as the answer, a prompt paraphrasing 'Describe the following image in detail.'"""
+    from collections import Counter
+    with open(_need(os.path.join(root, "annotation.json"), "iu-xray")) as f:
+        records = json.load(f).get(split, [])
+    items, skipped = [], Counter()
+    for n, r in enumerate(records):
+        report = str(r.get("report", "")).strip()
+        paths = r.get("image_path") or []
+        if not report:
+            skipped["no report"] += 1
+            continue
+        if not paths or not os.path.isfile(os.path.join(root, "images", paths[0])):
+            skipped["missing image"] += 1
+            continue
+        items.append({"id": f"iu-{r.get('id', n)}", "image_id": os.path.join("images", paths[0]),
+                      "question": REPORT_PROMPTS[n % len(REPORT_PROMPTS)], "answer": report, "type": "report",
+                      "qtype": "report"})
+    _report(f"IU-Xray {split}", len(items), skipped, log)
+    return items, FileStore(root)
+
+
+LOADERS = {"slake": load_slake, "vqa-rad": load_vqa_rad, "iu-xray": load_iu_xray}
+
+
+def read_released_pairs(path, images_dir, log=print):
+    """The released MMedPO preference files ({id, image, conversations, rejected_conversations,
+    weighted_score[, rejected_image]}) as this project's pairs; weighted_score becomes the raw score.
+    Records with leaked prompt scaffolding, a missing image or an empty answer are reported and skipped.
+    returns (pairs, skipped count)."""
+    from score import clean_answer
+    with open(path) as f:
+        records = json.load(f)
+    pairs, skipped = [], 0
+    for n, r in enumerate(records):
+        try:
+            prompt = r["conversations"][0]["value"].replace("<image>", "").strip()
+            chosen, rejected = r["conversations"][1]["value"].strip(), r["rejected_conversations"][1]["value"].strip()
+        except (KeyError, IndexError, TypeError, AttributeError):
+            log(f"{path} record {n}: no conversations/rejected_conversations, skipped")
+            skipped += 1
+            continue
+        if clean_answer(chosen) is None or clean_answer(rejected) is None:
+            log(f"{path} record {n} (id {r.get('id')}): leaked prompt scaffolding in an answer, skipped")
+            skipped += 1
+            continue
+        image = os.path.join(images_dir, str(r.get("image", "")))
+        rejected_image = os.path.join(images_dir, r["rejected_image"]) if r.get("rejected_image") else None
+        missing = [p for p in (image, rejected_image) if p and not os.path.isfile(p)]
+        if missing or not prompt or not chosen or not rejected:
+            log(f"{path} record {n} (id {r.get('id')}): " + (f"image {missing[0]} not found" if missing else "empty text")
+                + ", skipped")
+            skipped += 1
+            continue
+        score = r.get("weighted_score")
+        pairs.append({"id": f"released-{r.get('id', n)}", "source": "visual" if rejected_image else "text",
+                      "image": image, "rejected_image": rejected_image, "prompt": prompt, "chosen": chosen,
+                      "rejected": rejected, "score": float(score) if isinstance(score, (int, float)) else None,
+                      "weight": None, "provenance": f"released file {os.path.basename(path)}"})
+    log(f"{path}: {len(pairs)} pairs, {skipped} skipped")
+    return pairs, skipped
+
+
+def export_pairs(pairs, path):
+    """Our pairs in the layout other DPO tools read: {prompt, chosen, rejected, images} per line
+    (prompt with the <image> placeholder), plus rejected_images and weight for tools that use them."""
+    write_jsonl(path, [{"prompt": "<image>\n" + p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+                        "images": [p["image"]], "rejected_images": [p["rejected_image"] or p["image"]],
+                        "weight": p.get("weight")} for p in pairs])
 
 
 # -----------------------------------------------------------------------------
@@ -234,7 +479,8 @@ def encode_rows(processor, rows, prompt_format="plain", max_length=None, stats=N
     response is tokenized alone, followed by EOS, and concatenated. Labels are the response
     tokens; prompt, image and padding positions are IGNORE_INDEX. Right padding.
     If prompt + response exceed `max_length`, question tokens are dropped from the middle of the
-    prompt (never image tokens, never the response); `stats["truncated"]` counts it.
+    prompt (never image tokens) and counted in `stats["truncated"]`; if that is not enough, the
+    response is cut at its end and counted in `stats["response_truncated"]`.
     returns {input_ids, attention_mask, labels: (N, T) long, pixel_values: (N, 3, H, W)}."""
     tok = processor.tokenizer
     fmt = PROMPT_FORMATS.get(prompt_format, prompt_format)
@@ -250,12 +496,17 @@ def encode_rows(processor, rows, prompt_format="plain", max_length=None, stats=N
         if max_length and len(prompt_ids) + len(response_ids) > max_length:
             excess = len(prompt_ids) + len(response_ids) - max_length
             droppable = [j for j in range(1, len(prompt_ids) - 4) if prompt_ids[j] != image_token_id]
-            if len(droppable) < excess:
-                raise ValueError(f"row {i}: the image tokens and response alone exceed max_length={max_length}")
-            drop = set(droppable[len(droppable) - excess:])
+            drop = set(droppable[max(0, len(droppable) - excess):])
             prompt_ids = [t for j, t in enumerate(prompt_ids) if j not in drop]
             if stats is not None:
                 stats["truncated"] = stats.get("truncated", 0) + 1
+            room = max_length - len(prompt_ids)
+            if room < 1:
+                raise ValueError(f"row {i}: the image tokens alone exceed max_length={max_length}")
+            if len(response_ids) > room:  # the response is cut at the end, as the prompt could not give more
+                response_ids = response_ids[:room]
+                if stats is not None:
+                    stats["response_truncated"] = stats.get("response_truncated", 0) + 1
         seqs.append(prompt_ids + response_ids)
         labels.append([IGNORE_INDEX] * len(prompt_ids) + response_ids)
     T = max(len(s) for s in seqs)
@@ -305,24 +556,34 @@ def build_text_pairs(items, samples, judge, image_path, seed=0, log=print):
     return pairs
 
 
-def build_visual_pairs(items, image_of, mask_of, image_path, out_dir, heatmap="detector", noise="local",
-                       k=500, seed=0, log=print):
+def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local", k=500, seed=0, log=print):
     """Strategy 2 (visual dispreference D_v): the same answer given to an image whose lesion is noised.
-    heatmap: detector (noise.detect_lesions; its confidence is the score), mask (ground truth, score 1),
-    or a callable item -> (heatmap (H, W) in [0, 1], confidence). noise: local, or global (h = 1).
-    Items whose heatmap is empty (nothing to noise) are skipped and counted. Noised images and
-    heatmaps are written as PNG under out_dir. returns pairs."""
+    store: SyntheticStore or FileStore (pixels, mask, path). heatmap: detector (noise.detect_lesions;
+    its confidence is the score), mask (ground-truth masks or boxes, score 1), or a callable
+    item -> (heatmap (H, W) in [0, 1], confidence). noise: local, or global (h = 1).
+    Items with an empty heatmap (nothing to noise), no mask, or a mask that does not fit their image
+    are skipped and counted. Noised images and heatmaps are written as PNG under out_dir."""
+    from collections import Counter
     from noise import detect_lesions, heatmap_from_mask, localized_noise, smooth_heatmap
     os.makedirs(os.path.join(out_dir, "noised"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "heatmaps"), exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    pairs, empty = [], 0
+    pairs, skipped = [], Counter()
     for it in items:
-        x = torch.as_tensor(image_of(it["image_id"]))                     # (H, W) in [0, 1]
+        x = torch.as_tensor(store.pixels(it["image_id"]))                   # (H, W) in [0, 1]
         if callable(heatmap):
             h, confidence = heatmap(it)
         elif heatmap == "mask":
-            h, confidence = heatmap_from_mask(mask_of(it["image_id"])), 1.0
+            try:
+                m = store.mask(it["image_id"])
+            except ValueError as e:
+                log(f"  {e}; skipped")
+                skipped["mask does not fit"] += 1
+                continue
+            if m is None:
+                skipped["no mask"] += 1
+                continue
+            h, confidence = heatmap_from_mask(m), 1.0
             if h.sum() > 0:  # 1 inside the mask, a soft margin outside it
                 h = torch.maximum(h, smooth_heatmap(h, sigma=max(0.5, 0.02 * h.shape[0])))
         elif heatmap == "detector":
@@ -332,18 +593,19 @@ def build_visual_pairs(items, image_of, mask_of, image_path, out_dir, heatmap="d
         if noise == "global":
             h = torch.ones_like(x)
         if float(h.sum()) == 0:
-            empty += 1
+            skipped["empty heatmap"] += 1
             continue
         noised = localized_noise(x[None, None], h[None].float(), k=k, generator=gen)[0, 0]
         pid = f"visual-{it['id']}"
         noised_path = os.path.join(out_dir, "noised", pid + ".png")
         to_pil(noised).save(noised_path)
         to_pil(h).save(os.path.join(out_dir, "heatmaps", pid + ".png"))
-        pairs.append({"id": pid, "source": "visual", "image": image_path(it["image_id"]),
+        pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
                       "rejected_image": noised_path, "prompt": it["question"], "chosen": it["answer"],
                       "rejected": it["answer"], "score": float(confidence), "weight": None,
                       "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, '__name__', heatmap)}"})
-    log(f"visual pairs: {len(pairs)} ({empty} skipped with an empty heatmap)")
+    log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
+                                         if skipped else ""))
     return pairs
 
 

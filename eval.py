@@ -91,17 +91,26 @@ def rouge_l(predictions, references, beta=1.2):
 
 
 def vqa_metrics(items, predictions):
-    """items: [{answer, type: open|closed, qtype}], predictions: [str].
-    returns {closed, open, n_closed, n_open, per_qtype: {qtype: score}}."""
+    """items: [{answer, type: open|closed|report, qtype}], predictions: [str].
+    returns {closed, open, n_closed, n_open, per_qtype: {qtype: score}} and, when there are report
+    items, {bleu: [BLEU-1..4], bleu_mean, rouge_l, n_report}."""
     by_type, by_qtype = defaultdict(list), defaultdict(list)
+    reports = [(pred, it["answer"]) for it, pred in zip(items, predictions) if it["type"] == "report"]
     for it, pred in zip(items, predictions):
+        if it["type"] == "report":
+            continue
         s = closed_correct(pred, it["answer"]) if it["type"] == "closed" else open_recall(pred, it["answer"])
         by_type[it["type"]].append(s)
         by_qtype[it.get("qtype", it["type"])].append(s)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-    return {"closed": mean(by_type["closed"]), "open": mean(by_type["open"]),
-            "n_closed": len(by_type["closed"]), "n_open": len(by_type["open"]),
-            "per_qtype": {k: mean(v) for k, v in sorted(by_qtype.items())}}
+    result = {"closed": mean(by_type["closed"]), "open": mean(by_type["open"]),
+              "n_closed": len(by_type["closed"]), "n_open": len(by_type["open"]),
+              "per_qtype": {k: mean(v) for k, v in sorted(by_qtype.items())}}
+    if reports:
+        b = bleu([p for p, _ in reports], [r for _, r in reports])
+        result.update({"bleu": b, "bleu_mean": sum(b) / 4, "rouge_l": rouge_l([p for p, _ in reports], [r for _, r in reports]),
+                       "n_report": len(reports)})
+    return result
 
 
 def answer_prior(train_items):
@@ -171,9 +180,16 @@ def evaluate(model, processor, items, image_of, prior=None, prompt_format="plain
 
 
 def format_table(rows):
-    """rows: {name: vqa_metrics result} -> a text table with closed/open and per-question-type scores."""
+    """rows: {name: vqa_metrics result} -> a text table: closed/open and per-question-type scores, or
+    for report generation the mean of BLEU-1..4 and ROUGE-L (the paper's Table 1 columns)."""
+    if any("bleu_mean" in r for r in rows.values()):
+        lines = [f"{'':14s} {'BLEU':>7s} {'ROUGE-L':>8s} " + " ".join(f"{'BLEU-' + str(n):>7s}" for n in range(1, 5))]
+        for name, r in rows.items():
+            lines.append(f"{name:14s} {100 * r['bleu_mean']:7.2f} {100 * r['rouge_l']:8.2f} " +
+                         " ".join(f"{100 * b:7.2f}" for b in r["bleu"]))
+        return "\n".join(lines)
     qtypes = sorted({q for r in rows.values() for q in r["per_qtype"]})
-    head = f"{'':14s} {'closed':>7s} {'open':>7s} " + " ".join(f"{q:>9s}" for q in qtypes)
+    head = f"{'':14s} {'closed':>7s} {'open':>7s} " + " ".join(f"{q[:9]:>9s}" for q in qtypes)
     lines = [head]
     for name, r in rows.items():
         lines.append(f"{name:14s} {r['closed']:7.3f} {r['open']:7.3f} " +
@@ -182,35 +198,49 @@ def format_table(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Med-VQA evaluation of a model (and adapter) on the synthetic test split")
+    ap = argparse.ArgumentParser(description="Med-VQA / report evaluation of a model (and adapter), Table 1 columns")
     ap.add_argument("--model", required=True, help="folder with a saved LLaVA model and processor")
     ap.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
-    ap.add_argument("--data", default="synthetic", choices=["synthetic"])
+    ap.add_argument("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray"])
+    ap.add_argument("--data-dir", default=None, help="folder of the downloaded dataset")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--max-items", type=int, default=None, help="evaluate the first N items only")
     ap.add_argument("--n-train", type=int, default=2000, help="synthetic train images (for the answer prior)")
     ap.add_argument("--n-test", type=int, default=200, help="synthetic test images")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompt-format", default="plain")
-    ap.add_argument("--out", default=None, help="write predictions JSONL here")
+    ap.add_argument("--prompt-format", default="plain", help="plain, mistral (LLaVA-Med v1.5) or a template")
+    ap.add_argument("--pad-to-square", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default=None, help="write the predictions as JSONL here (to re-score them later)")
     args = ap.parse_args(argv)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     import data
     import lora
+    if args.data != "synthetic" and not args.data_dir:
+        ap.error(f"--data {args.data} needs --data-dir: {data.DOWNLOAD_HINTS[args.data]}")
     processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(args.device)
     if args.adapter:
         lora.load_adapter(model, args.adapter)
-    _, train_qa = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
-    images, items = data.make_synthetic(args.n_test, args.seed, args.image_size, "test")
-    pil = {im["image_id"]: data.to_pil(im["pixels"]) for im in images}
-    result, preds = evaluate(model, processor, items, lambda it: pil[it["image_id"]], answer_prior(train_qa),
-                             args.prompt_format)
+    if args.data == "synthetic":
+        _, train_items = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
+        images, items = data.make_synthetic(args.n_test, args.seed, args.image_size, args.split)
+        store = data.SyntheticStore(images, None)
+    else:
+        train_items, _ = data.LOADERS[args.data](args.data_dir, "train")
+        items, store = data.LOADERS[args.data](args.data_dir, args.split)
+    items = items[:args.max_items] if args.max_items else items
+    image_of = lambda it: data.pad_to_square(store.pil(it["image_id"])) if args.pad_to_square else store.pil(it["image_id"])
+    result, preds = evaluate(model, processor, items, image_of, answer_prior(train_items), args.prompt_format,
+                             args.batch_size, log=print)
     print(format_table({"model": result, "answer prior": result["prior"]}))
     if args.out:
-        with open(args.out, "w") as f:
-            for it, p in zip(items, preds):
-                f.write(json.dumps({**it, "prediction": p}) + "\n")
+        data.write_jsonl(args.out, [{**it, "prediction": p} for it, p in zip(items, preds)])
+        print(f"predictions written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -451,6 +451,8 @@ def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
     todo = [i for i, k in enumerate(keys) if k not in cache]
     results = {i: cache[k] for i, k in enumerate(keys) if k in cache}
     lock, t0, done, failed = threading.Lock(), time.time(), 0, 0
+    if cache_path:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     out = open(cache_path, "a") if cache_path else None
 
     def work(i):

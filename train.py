@@ -37,6 +37,9 @@ def get_parser():
     # model
     a("--model", default=None, help="a transformers LLaVA checkpoint folder; default: the tiny built-in model")
     a("--prompt-format", default="plain", help="'plain', 'mistral' (LLaVA-Med v1.5) or a string with <image> and {question}")
+    a("--pad-to-square", action="store_true", help="pad images to a square (LLaVA's preprocessing) before the processor")
+    a("--trust-remote-code", action="store_true", help="allow a checkpoint's own code (off unless asked)")
+    a("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="gradient checkpointing of the policy; auto: on CUDA")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="weights; auto: bf16 on CUDA, fp32 on CPU")
     a("--max-length", type=int, default=None, help="prompt+response tokens (default: the model's context)")
@@ -50,14 +53,21 @@ def get_parser():
     a("--sft-steps", type=int, default=3000, help="SFT warm-up steps of the tiny base (batch 32)")
     a("--sft-lr", type=float, default=2e-3)
     # preference data
-    a("--data", default="synthetic", choices=["synthetic"], help="dataset")
+    a("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray"], help="dataset")
+    a("--data-dir", default=None, help="folder of a downloaded dataset (slake, vqa-rad, iu-xray)")
+    a("--max-test", type=int, default=None, help="evaluate on at most this many test items")
+    a("--pairs", default=None, help="train on a released MMedPO preference file (JSON) instead of building pairs")
+    a("--images", default=None, help="image folder of --pairs")
+    a("--export-pairs", default=None, help="also write the pairs as {prompt, chosen, rejected, images} JSONL here")
     a("--strategies", default="text,visual", help="text (D_t), visual (D_v), or both")
     a("--n-text", type=int, default=512, help="questions turned into text pairs")
     a("--n-visual", type=int, default=256, help="questions turned into visual pairs")
     a("--samples", type=int, default=3, help="answers sampled per question for Strategy 1")
     a("--temperature", type=float, default=1.0, help="sampling temperature for Strategy 1")
     a("--judge", "--judges", action="append", default=[], metavar="NAME=URL,model=M[,key_env=VAR]",
-      help="OpenAI-compatible judge (repeat, in order); the first also selects/injects; default: the rule judge")
+      help="OpenAI-compatible scoring judge (repeat, in order); default: the rule judge")
+    a("--selector", default=None, metavar="NAME=URL,model=M[,key_env=VAR]",
+      help="the strong LLM that selects or writes the hallucination (the paper's GPT-4o); default: the first judge")
     a("--workers", type=int, default=4, help="pairs scored concurrently")
     a("--rounds", type=int, default=5, help="consensus rounds")
     a("--no-crs", action="store_true", help="no clinical-relevance weights (all 1): plain DPO")
@@ -97,6 +107,14 @@ def check_args(ap, args):
         ap.error("; ".join(f"{f} {msg}" for f, msg in bad))
     if args.model and not os.path.isdir(args.model):
         ap.error(f"--model {args.model}: no such folder (download the checkpoint and pass its local path)")
+    if args.data != "synthetic" and not args.data_dir:
+        ap.error(f"--data {args.data} needs --data-dir: {data.DOWNLOAD_HINTS[args.data]}")
+    if args.data != "synthetic" and not args.model:
+        ap.error(f"--data {args.data} needs --model: the tiny built-in model only knows the synthetic vocabulary")
+    if bool(args.pairs) != bool(args.images):
+        ap.error("--pairs and --images go together (the released file names its images relative to --images)")
+    if args.pairs and not os.path.isfile(args.pairs):
+        ap.error(f"--pairs {args.pairs}: no such file")
 
 
 # -----------------------------------------------------------------------------
@@ -233,34 +251,25 @@ def sft(model, processor, items, pil_of, steps, lr, seed, batch_size=32, log=pri
 # -----------------------------------------------------------------------------
 # preference pairs
 
-def build_pairs(model, processor, args, train_qa, train_images, pairs_dir, device, log=print):
+def build_pairs(model, processor, args, train_qa, store, pairs_dir, device, log=print):
     """Both strategies, scores, weights; pairs.jsonl + PNGs under pairs_dir."""
     import score
     rng = random.Random(args.seed)
-    by_id = {im["image_id"]: im for im in train_images}
-    img_dir = os.path.join(pairs_dir, "images")
-    os.makedirs(img_dir, exist_ok=True)
-
-    def image_path(image_id):
-        path = os.path.join(img_dir, image_id + ".png")
-        if not os.path.exists(path):
-            data.to_pil(by_id[image_id]["pixels"]).save(path)
-        return path
-
     judges = [score.parse_judge(j) for j in args.judge] or [score.RuleJudge()]
+    selector = score.parse_judge(args.selector) if args.selector else judges[0]
     strategies = args.strategies.split(",")
     pairs = []
     if "text" in strategies:
         items = rng.sample(train_qa, min(args.n_text, len(train_qa)))
         log(f"Strategy 1: sampling {args.samples} answers for {len(items)} questions (temperature {args.temperature})")
         from eval import generate_answers
-        samples = generate_answers(model, processor, [(data.to_pil(by_id[it["image_id"]]["pixels"]), it["question"])
+        samples = generate_answers(model, processor, [(image_for_model(store.pil(it["image_id"]), args), it["question"])
                                                       for it in items], args.prompt_format, batch_size=128,
                                    do_sample=True, temperature=args.temperature, num_return_sequences=args.samples,
                                    generator_seed=args.seed, max_new_tokens=12, log=log)
         if args.samples == 1:
             samples = [[s] for s in samples]
-        text = data.build_text_pairs(items, samples, judges[0], image_path, args.seed, log)
+        text = data.build_text_pairs(items, samples, selector, store.path, args.seed, log)
         if not args.no_crs:
             results = score.score_pairs(text, judges, os.path.join(pairs_dir, "judge_cache.jsonl"), args.workers,
                                         args.rounds, log)
@@ -270,15 +279,19 @@ def build_pairs(model, processor, args, train_qa, train_images, pairs_dir, devic
                                    f"{[h['judge'] for h in r['history']]}"
         pairs += text
     if "visual" in strategies:
-        candidates = [it for it in train_qa if args.heatmap != "mask" or by_id[it["image_id"]]["findings"]]
+        candidates = [it for it in train_qa if args.heatmap != "mask" or store.has_lesion(it["image_id"])]
         items = rng.sample(candidates, min(args.n_visual, len(candidates)))
         log(f"Strategy 2: {args.noise} noise at k={args.noise_step} on {len(items)} images, heatmap {args.heatmap}")
         tool = args.heatmap
         if tool == "attention":
-            tool = attention_tool(model, processor, args.prompt_format, lambda i: by_id[i]["pixels"], device)
-        pairs += data.build_visual_pairs(items, lambda i: by_id[i]["pixels"], lambda i: by_id[i]["mask"], image_path,
-                                         pairs_dir, tool, args.noise, args.noise_step, args.seed, log)
+            tool = attention_tool(model, processor, args.prompt_format, store.pixels, device)
+        pairs += data.build_visual_pairs(items, store, pairs_dir, tool, args.noise, args.noise_step, args.seed, log)
     return data.assign_weights(pairs, crs=not args.no_crs)
+
+
+def image_for_model(image, args):
+    """The PIL image as the model sees it: LLaVA pads to a square with the mean colour when asked."""
+    return data.pad_to_square(image) if args.pad_to_square else image
 
 
 def compute_logps(model, processor, pairs, load_image, fmt, batch_size, device, dtype, max_length=None, stats=None):
@@ -406,13 +419,20 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     run_dir, pairs_dir = os.path.join(args.out, args.run_name), os.path.join(args.out, "pairs")
     os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(pairs_dir, exist_ok=True)
     t_start = time.time()
 
     # 1. base model ------------------------------------------------------------------
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    train_images, train_qa = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
-    test_images, test_qa = data.make_synthetic(args.n_test, args.seed, args.image_size, "test")
-    pil = {im["image_id"]: data.to_pil(im["pixels"]) for im in train_images + test_images}
+    if args.data == "synthetic":
+        train_images, train_qa = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
+        test_images, test_qa = data.make_synthetic(args.n_test, args.seed, args.image_size, "test")
+        store = data.SyntheticStore(train_images + test_images, os.path.join(pairs_dir, "images"))
+    else:
+        train_qa, store = data.LOADERS[args.data](args.data_dir, "train", log)
+        test_qa, test_store = data.LOADERS[args.data](args.data_dir, "test", log)
+        store.masks.update(test_store.masks)
+    test_qa = test_qa[:args.max_test] if args.max_test else test_qa
     base_path = args.model or args.base
     built = not args.model and (args.rebuild_base or not os.path.exists(os.path.join(base_path, "config.json")))
     if built:
@@ -421,7 +441,7 @@ def main(argv=None):
             corpus = [data.PROMPT_FORMATS["plain"].format(question=q["question"]).replace("<image>", "") + " " + q["answer"]
                       for q in train_qa] + [im["report"] for im in train_images]
             model, processor = build_tiny(corpus, args.image_size)
-            sft(model, processor, train_qa, pil.get, args.sft_steps, args.sft_lr, args.seed, log=log)
+            sft(model, processor, train_qa, store.pil, args.sft_steps, args.sft_lr, args.seed, log=log)
             model.save_pretrained(base_path)
             processor.save_pretrained(base_path)
         barrier(world)
@@ -432,29 +452,40 @@ def main(argv=None):
     if not os.path.exists(os.path.join(base_path, "preprocessor_config.json")) and \
             not os.path.exists(os.path.join(base_path, "processor_config.json")):
         sys.exit(f"{base_path}: no processor files (preprocessor_config.json); save the processor with the model")
-    processor = AutoProcessor.from_pretrained(base_path)
-    model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(base_path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = model.to(device).eval()
     max_length = args.max_length or getattr(model.config.get_text_config(), "max_position_embeddings", None)
     from eval import answer_prior, evaluate, format_table
     prior = answer_prior(train_qa)
 
     # 2.-5. preference pairs with weights ----------------------------------------------
     pairs_path = os.path.join(pairs_dir, "pairs.jsonl")
-    stage_keys = ["model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge", "rounds",
+    stage_keys = ["model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge", "selector", "rounds",
                   "no_crs", "noise", "noise_step", "heatmap", "seed", "n_train", "image_size", "base"]
     stage_cfg = {k: getattr(args, k) for k in stage_keys}
     cfg_path = os.path.join(pairs_dir, "pairs_config.json")
     reuse = not built and os.path.exists(pairs_path) and os.path.exists(cfg_path) and json.load(open(cfg_path)) == stage_cfg
-    if master and not reuse:
+    if master and args.pairs:
+        log(f"[2/6] released preference pairs: {args.pairs}")
+        released, n_bad = data.read_released_pairs(args.pairs, args.images, log)
+        pairs_path = os.path.join(run_dir, "pairs.jsonl")
+        data.write_jsonl(pairs_path, data.assign_weights(released, crs=not args.no_crs))
+    elif master and not reuse:
         log(f"[2/6] building preference pairs -> {pairs_path}")
-        pairs = build_pairs(model, processor, args, train_qa, train_images, pairs_dir, device, log)
+        pairs = build_pairs(model, processor, args, train_qa, store, pairs_dir, device, log)
         data.write_jsonl(pairs_path, pairs)
         with open(cfg_path, "w") as f:
             json.dump(stage_cfg, f, indent=1)
     elif reuse:
         log(f"[2/6] preference pairs: {pairs_path} (reused)")
     barrier(world)
+    if args.pairs:
+        pairs_path = os.path.join(run_dir, "pairs.jsonl")
     pairs, skipped = data.read_pairs(pairs_path, log)
+    if master and args.export_pairs:
+        data.export_pairs(pairs, args.export_pairs)
+        log(f"      exported {len(pairs)} pairs to {args.export_pairs}")
     if not pairs:
         sys.exit(f"{pairs_path}: no usable pairs")
     for source in ("text", "visual"):
@@ -464,7 +495,7 @@ def main(argv=None):
 
     # 3. evaluation before (the base, no adapter) ---------------------------------------
     metrics_path = os.path.join(run_dir, "metrics.json")
-    image_of = lambda it: pil[it["image_id"]]
+    image_of = lambda it: image_for_model(store.pil(it["image_id"]), args)
     before_path = os.path.join(run_dir, "eval_before.json")
     if master and not os.path.exists(before_path):
         log(f"[3/6] evaluating the base model on {len(test_qa)} test questions")
@@ -477,6 +508,9 @@ def main(argv=None):
     # 4. LoRA and the reference log-probs (adapter off, once) -------------------------------
     names = lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and device.type == "cuda"):
+        # recompute activations in the backward pass; only in train mode, so the no-grad reference pass is unaffected
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log(f"[4/6] LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} layers ({n_train_params:,} trainable parameters)")
     image_cache = {}
 
@@ -485,7 +519,7 @@ def main(argv=None):
             data.load_image(path)  # a missing/corrupt file raises here with its name
             from PIL import Image
             with Image.open(path) as im:
-                image_cache[path] = im.convert("L").copy()
+                image_cache[path] = image_for_model(im.convert("L").copy(), args)
         return image_cache[path]
 
     ref_path = os.path.join(run_dir, "ref_logps.pt")
@@ -596,7 +630,8 @@ def main(argv=None):
     if log_file:
         log_file.close()
     if trunc.get("truncated"):
-        log(f"      {trunc['truncated']} rows had their prompt truncated to fit {max_length} tokens")
+        log(f"      {trunc['truncated']} rows had their prompt truncated to fit {max_length} tokens, "
+            f"{trunc.get('response_truncated', 0)} of them their response too")
     model.eval()
 
     # 6. adapter, evaluation after, metrics, pictures ---------------------------------------
@@ -613,11 +648,9 @@ def main(argv=None):
         data.write_jsonl(os.path.join(run_dir, "predictions.jsonl"), [{**it, "prediction": p} for it, p in zip(test_qa, preds)])
         save_noise_grid(pairs, os.path.join(run_dir, "noise_grid.png"))
         save_curves(history, os.path.join(run_dir, "curves.png"))
-        test_pixels = {im["image_id"]: im["pixels"] for im in test_images}
-        lesion_items = [it for it in test_qa if it["qtype"] == "where"][:4]
-        if lesion_items:
-            save_attention_figure(model, processor, lesion_items, test_pixels.get, args.prompt_format, device,
-                                  os.path.join(run_dir, "attention.png"))
+        lesion_items = ([it for it in test_qa if it["qtype"] == "where"] or test_qa)[:4]
+        save_attention_figure(model, processor, lesion_items, store.pixels, args.prompt_format, device,
+                              os.path.join(run_dir, "attention.png"))
         log("\n" + format_table({"answer prior": after["prior"], "before": before, "after": after}))
         log(f"\ndone in {time.time() - t_start:.0f}s; metrics in {metrics_path}")
     barrier(world)

@@ -105,7 +105,13 @@ def test_truncation_keeps_image_tokens_and_the_response(synthetic, processor):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert (cut["input_ids"] == image_id).sum() == 16
     assert torch.equal(cut["labels"][cut["labels"] != -100], full["labels"][full["labels"] != -100])
-    with pytest.raises(ValueError, match="max_length"):
+    # a response that cannot fit even with the whole question gone is cut at its end, and counted
+    long_answer = "there is a small nodule in the right upper zone and a pleural effusion in the left lower zone"
+    stats = {}
+    cut = data.encode_rows(processor, [(pil, "Where?", long_answer)], max_length=30, stats=stats)
+    assert cut["input_ids"].shape[1] == 30 and stats["response_truncated"] == 1
+    assert (cut["input_ids"] == image_id).sum() == 16
+    with pytest.raises(ValueError, match="image tokens alone"):
         data.encode_rows(processor, [(pil, long_q, "yes")], max_length=10)
     with pytest.raises(ValueError, match="<image>"):
         data.encode_rows(processor, [(pil, long_q, "yes")], prompt_format="Q: {question}")
@@ -138,13 +144,10 @@ def test_visual_pairs_noise_inside_the_mask_only(synthetic, tmp_path):
     by_id = {im["image_id"]: im for im in images}
     items = [q for q in qa if by_id[q["image_id"]]["findings"]][:3] + \
             [q for q in qa if not by_id[q["image_id"]]["findings"]][:1]
-    save = lambda i: str(tmp_path / f"{i}.png")
-    for it in items:
-        data.to_pil(by_id[it["image_id"]]["pixels"]).save(save(it["image_id"]))
+    store = data.SyntheticStore(images, str(tmp_path / "images"))
     logs = []
-    pairs = data.build_visual_pairs(items, lambda i: by_id[i]["pixels"], lambda i: by_id[i]["mask"], save,
-                                    str(tmp_path), heatmap="mask", log=logs.append)
-    assert len(pairs) == 3 and "1 skipped" in logs[0]  # the image without findings has nothing to noise
+    pairs = data.build_visual_pairs(items, store, str(tmp_path), heatmap="mask", log=logs.append)
+    assert len(pairs) == 3 and "1 empty heatmap" in logs[0]  # the image without findings has nothing to noise
     for p, it in zip(pairs, items):
         assert p["chosen"] == p["rejected"] == it["answer"] and p["source"] == "visual" and p["score"] == 1.0
         clean, noised = data.load_image(p["image"]), data.load_image(p["rejected_image"])

@@ -1,0 +1,182 @@
+"""Real-dataset loaders on tiny fixture folders made by the tests; the released preference file;
+train.py on real-layout data through --model.  python -m pytest -q tests/test_datasets.py"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "official_mmedpo_vqa-rad_sample.json")
+TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
+
+
+def write_image(path, size=(40, 40), seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((size[1], size[0])) * 255).astype(np.uint8)).convert("RGB").save(path)
+
+
+@pytest.fixture
+def slake(tmp_path):
+    root = tmp_path / "slake"
+    for i in range(3):
+        write_image(str(root / "imgs" / f"xmlab{i}" / "source.jpg"), seed=i)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:20, 12:24] = 255
+    Image.fromarray(mask).save(root / "imgs" / "xmlab0" / "mask.png")
+    (root / "imgs" / "xmlab1" / "detection.json").write_text(json.dumps([{"Liver": [5, 6, 10, 8]}]))
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(root / "imgs" / "xmlab2" / "mask.png")  # wrong size
+    rec = lambda i, img, q, a, t, lang="en": {"img_id": i, "img_name": f"{img}/source.jpg", "question": q, "answer": a,
+                                              "q_lang": lang, "answer_type": t, "modality": "CT", "location": "Abdomen",
+                                              "qid": i}
+    records = [rec(0, "xmlab0", "Where is the liver?", "Left", "OPEN"),
+               rec(1, "xmlab1", "Is the liver healthy?", "Yes", "CLOSED"),
+               rec(2, "xmlab2", "Does the picture contain a kidney?", "No", "CLOSED"),
+               rec(3, "xmlab0", "肝脏在哪里？", "左边", "OPEN", lang="zh"),
+               rec(4, "xmlab9", "Where is the lesion?", "Right", "OPEN"),       # missing image
+               rec(5, "xmlab1", "What modality is this?", "", "OPEN")]          # no answer
+    (root / "train.json").write_text(json.dumps(records))
+    (root / "test.json").write_text(json.dumps(records[:2]))
+    return root
+
+
+def test_slake_loader_keeps_english_and_counts_what_it_skips(slake):
+    logs = []
+    items, store = data.load_slake(str(slake), "train", logs.append)
+    assert [it["answer"] for it in items] == ["Left", "Yes", "No"]
+    assert [it["type"] for it in items] == ["open", "closed", "closed"]
+    assert any("1 (missing image)" in l and "1 (no answer)" in l and "1 (not English)" in l for l in logs)
+    assert store.pixels(items[0]["image_id"]).shape == (40, 40)
+    m = store.mask(items[0]["image_id"])                      # from mask.png
+    assert m.sum() == 10 * 12 and m[15, 15] == 1
+    m = store.mask(items[1]["image_id"])                      # from detection.json [x, y, w, h]
+    assert m.sum() == 10 * 8 and m[6, 5] == 1 and m[14, 15] == 0
+    with pytest.raises(ValueError, match="mask is 30x30.*40x40"):
+        store.mask(items[2]["image_id"])
+
+
+def test_visual_pairs_on_slake_skip_a_mask_of_the_wrong_size(slake, tmp_path):
+    items, store = data.load_slake(str(slake), "train", lambda s: None)
+    logs = []
+    pairs = data.build_visual_pairs(items, store, str(tmp_path / "pairs"), heatmap="mask", log=logs.append)
+    assert len(pairs) == 2 and "1 mask does not fit" in logs[-1]
+    assert all(os.path.isfile(p["image"]) and os.path.isfile(p["rejected_image"]) for p in pairs)
+
+
+def test_missing_dataset_says_what_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Download SLAKE"):
+        data.load_slake(str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match="VQA_RAD Dataset Public.json"):
+        data.load_vqa_rad(str(tmp_path), "train")
+
+
+def test_vqa_rad_test_split_is_the_test_phrase_types(tmp_path):
+    root = tmp_path / "vqarad"
+    for name in ("synpic1.jpg", "synpic2.jpg"):
+        write_image(str(root / "VQA_RAD Image Folder" / name))
+    rec = lambda q, a, t, pt, img="synpic1.jpg": {"image_name": img, "question": q, "answer": a, "answer_type": t,
+                                                  "phrase_type": pt, "question_type": "PRES", "qid": q}
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps([
+        rec("Is there a mass?", "yes", "CLOSED", "freeform"), rec("Is there a mass", "Yes", "CLOSED", "para"),
+        rec("Where is the mass?", "left lobe", "OPEN", "test_freeform", "synpic2.jpg"),
+        rec("What is wrong?", "effusion", "OPEN", "test_para", "missing.jpg")]))
+    train_items, _ = data.load_vqa_rad(str(root), "train", lambda s: None)
+    test_items, store = data.load_vqa_rad(str(root), "test", lambda s: None)
+    assert len(train_items) == 2 and [it["answer"] for it in test_items] == ["left lobe"]
+    assert test_items[0]["type"] == "open" and os.path.isfile(store.path(test_items[0]["image_id"]))
+
+
+def test_iu_xray_reports(tmp_path):
+    root = tmp_path / "iu"
+    write_image(str(root / "images" / "CXR1_1_IM-0001" / "0.png"))
+    write_image(str(root / "images" / "CXR2_1_IM-0002" / "0.png"))
+    ann = {"train": [{"id": "CXR1_1_IM-0001", "report": "The heart is normal. No effusion.",
+                      "image_path": ["CXR1_1_IM-0001/0.png", "CXR1_1_IM-0001/1.png"], "split": "train"},
+                     {"id": "CXR3", "report": "Clear lungs.", "image_path": ["CXR3/0.png"], "split": "train"}],
+           "test": [{"id": "CXR2_1_IM-0002", "report": "Mild cardiomegaly.", "image_path": ["CXR2_1_IM-0002/0.png"],
+                     "split": "test"}]}
+    (root / "annotation.json").write_text(json.dumps(ann))
+    items, store = data.load_iu_xray(str(root), "train", lambda s: None)
+    assert len(items) == 1 and items[0]["type"] == "report" and "describe" in items[0]["question"].lower()
+    assert items[0]["answer"] == "The heart is normal. No effusion."
+    from eval import format_table, vqa_metrics
+    m = vqa_metrics(items, ["The heart is normal. No effusion."])
+    assert m["bleu_mean"] == pytest.approx(1.0, abs=1e-6) and m["rouge_l"] == pytest.approx(1.0)
+    assert "ROUGE-L" in format_table({"x": m})
+
+
+@pytest.fixture
+def released(tmp_path):
+    images = tmp_path / "images"
+    records = json.load(open(FIXTURE))
+    for r in records[:-1]:                                     # the last record's image is missing
+        write_image(str(images / r["image"]))
+    return FIXTURE, str(images), records
+
+
+def test_released_file_reads_and_skips_leaks_and_missing_images(released):
+    path, images, records = released
+    logs = []
+    pairs, skipped = data.read_released_pairs(path, images, logs.append)
+    assert skipped == 2 and len(pairs) == 10
+    assert any("1055" in l and "leaked" in l for l in logs) and any("not found" in l for l in logs)
+    first = pairs[0]
+    assert first["prompt"] == "Are there other abnormalities besides the mass in the temporal horn?"
+    assert first["chosen"] == "Yes" and first["rejected"].startswith("No,") and first["score"] == 0.2
+    assert first["source"] == "text" and first["rejected_image"] is None
+
+
+def test_export_to_the_common_preference_layout(released, tmp_path):
+    path, images, _ = released
+    pairs, _ = data.read_released_pairs(path, images, lambda s: None)
+    data.export_pairs(data.assign_weights(pairs), str(tmp_path / "export.jsonl"))
+    rows = [json.loads(l) for l in (tmp_path / "export.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and set(rows[0]) >= {"prompt", "chosen", "rejected", "images"}
+    assert rows[0]["prompt"].startswith("<image>\n") and os.path.isfile(rows[0]["images"][0])
+
+
+def test_train_on_the_released_file_through_model(released, tmp_path):
+    path, images, _ = released
+    out = tmp_path / "out"
+    train.main(["--model", TINY_BASE, "--pairs", path, "--images", images, "--out", str(out), "--batch-size", "2",
+                "--epochs", "1", "--n-test", "4", "--export-pairs", str(tmp_path / "export.jsonl")])
+    metrics = json.loads((out / "mmedpo" / "metrics.json").read_text())
+    assert metrics["steps"] == 5 and metrics["pairs"]["text"] == 10
+    pairs, _ = data.read_pairs(str(out / "mmedpo" / "pairs.jsonl"))
+    assert all(0.75 <= p["weight"] <= 1.25 for p in pairs)      # released scores normalized like ours
+    assert (tmp_path / "export.jsonl").exists()
+    import lora
+    from transformers import AutoModelForImageTextToText
+    lora.load_adapter(AutoModelForImageTextToText.from_pretrained(TINY_BASE), out / "mmedpo" / "adapter")
+
+
+def test_train_on_slake_layout_with_masks(slake, tmp_path):
+    out = tmp_path / "out"
+    train.main(["--model", TINY_BASE, "--data", "slake", "--data-dir", str(slake), "--out", str(out),
+                "--heatmap", "mask", "--batch-size", "2", "--epochs", "1", "--pad-to-square"])
+    pairs, _ = data.read_pairs(str(out / "pairs" / "pairs.jsonl"))
+    assert {p["source"] for p in pairs} == {"text", "visual"}
+    assert sum(p["source"] == "visual" for p in pairs) == 2      # the wrong-size mask was skipped
+    assert json.loads((out / "mmedpo" / "metrics.json").read_text())["after"]["n_closed"] == 1
+
+
+def test_bad_paths_and_checkpoints_get_clear_messages(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--data", "slake"])                                   # no --data-dir
+    assert "--data-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--data", "slake", "--data-dir", str(tmp_path)])      # no --model
+    assert "--model" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(TINY_BASE, bare)
+    for name in os.listdir(bare):
+        if name.startswith(("processor", "preprocessor", "tokenizer")):
+            os.remove(bare / name)
+    with pytest.raises(SystemExit, match="no processor files"):
+        train.main(["--model", str(bare), "--out", str(tmp_path / "o")])
