@@ -12,7 +12,7 @@ import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "official_mmedpo_vqa-rad_sample.json")
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_mmedpo_vqa-rad_sample.json")
 TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
 
 

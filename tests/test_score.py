@@ -10,8 +10,8 @@ import pytest
 
 import score
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
-                       "official_mmedpo_vqa-rad_sample.json")
+# 12 records of the authors' released VQA-RAD preference file (aiming-lab/MMedPO, data/)
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_mmedpo_vqa-rad_sample.json")
 
 
 # -----------------------------------------------------------------------------
