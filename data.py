@@ -291,6 +291,24 @@ def _need(path, name):
     return path
 
 
+def _usable(root, image_id, answer, skipped, log, where):
+    """False (and counted, and for a missing image reported) for a record without answer or image."""
+    if not answer:
+        skipped["no answer"] += 1
+        return False
+    if not os.path.isfile(os.path.join(root, image_id)):
+        skipped["missing image"] += 1
+        log(f"{where}: image {image_id} not found, skipped")
+        return False
+    return True
+
+
+def _vqa_item(item_id, image_id, record, answer, qtype):
+    closed = str(record.get("answer_type")).upper() == "CLOSED"
+    return {"id": item_id, "image_id": image_id, "question": str(record["question"]).strip(), "answer": answer,
+            "type": "closed" if closed else "open", "qtype": qtype}
+
+
 def _report(name, n_kept, skipped, log):
     if skipped:
         log(f"{name}: kept {n_kept} records, skipped " + ", ".join(f"{v} ({k})" for k, v in sorted(skipped.items())))
@@ -308,19 +326,12 @@ def load_slake(root, split="train", log=print):
             continue
         answer = str(r.get("answer", "")).strip()
         image_id = os.path.join("imgs", str(r.get("img_name", "")))
-        if not answer:
-            skipped["no answer"] += 1
-            continue
-        if not os.path.isfile(os.path.join(root, image_id)):
-            skipped["missing image"] += 1
-            log(f"{root}/{split}.json record {n}: image {image_id} not found, skipped")
+        if not _usable(root, image_id, answer, skipped, log, f"{root}/{split}.json record {n}"):
             continue
         folder = os.path.join(root, os.path.dirname(image_id))
         masks[image_id] = tuple(p if os.path.isfile(p) else None for p in
                                 (os.path.join(folder, "mask.png"), os.path.join(folder, "detection.json")))
-        items.append({"id": f"slake-{r.get('qid', n)}", "image_id": image_id, "question": r["question"].strip(),
-                      "answer": answer, "type": "closed" if str(r.get("answer_type")).upper() == "CLOSED" else "open",
-                      "qtype": str(r.get("answer_type", "open")).lower()})
+        items.append(_vqa_item(f"slake-{r.get('qid', n)}", image_id, r, answer, str(r.get("answer_type", "open")).lower()))
     _report(f"SLAKE {split}", len(items), skipped, log)
     return items, FileStore(root, masks)
 
@@ -337,16 +348,9 @@ def load_vqa_rad(root, split="train", log=print):
             continue
         answer = str(r.get("answer", "")).strip()
         image_id = os.path.join(image_dir, str(r.get("image_name", "")))
-        if not answer:
-            skipped["no answer"] += 1
+        if not _usable(root, image_id, answer, skipped, log, f"VQA-RAD record {n}"):
             continue
-        if not os.path.isfile(os.path.join(root, image_id)):
-            skipped["missing image"] += 1
-            log(f"VQA-RAD record {n}: image {image_id} not found, skipped")
-            continue
-        items.append({"id": f"vqarad-{r.get('qid', n)}", "image_id": image_id, "question": str(r["question"]).strip(),
-                      "answer": answer, "type": "closed" if str(r.get("answer_type")).upper() == "CLOSED" else "open",
-                      "qtype": str(r.get("question_type", "open")).lower()})
+        items.append(_vqa_item(f"vqarad-{r.get('qid', n)}", image_id, r, answer, str(r.get("question_type", "open")).lower()))
     _report(f"VQA-RAD {split}", len(items), skipped, log)
     return items, FileStore(root)
 

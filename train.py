@@ -162,6 +162,12 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def weights_stamp(path):
+    """Names, sizes and modification times of a checkpoint's weight files: a change means new weights."""
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+    return [(f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))) for f in files]
+
+
 def atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -497,13 +503,19 @@ def main(argv=None):
     metrics_path = os.path.join(run_dir, "metrics.json")
     image_of = lambda it: image_for_model(store.pil(it["image_id"]), args)
     before_path = os.path.join(run_dir, "eval_before.json")
-    if master and not os.path.exists(before_path):
+    before_key = {"model": os.path.abspath(base_path), "weights": weights_stamp(base_path), "data": args.data,
+                  "test": [it["id"] for it in test_qa], "prompt_format": args.prompt_format, "pad": args.pad_to_square}
+    before_key = json.loads(json.dumps(before_key))  # as it reads back from the file (tuples become lists)
+    cached = json.load(open(before_path)) if os.path.exists(before_path) else None
+    if master and (not cached or cached.get("key") != before_key):
         log(f"[3/6] evaluating the base model on {len(test_qa)} test questions")
         before, _ = evaluate(model, processor, test_qa, image_of, prior, args.prompt_format, log=log)
         with open(before_path, "w") as f:
-            json.dump(before, f)
+            json.dump({"key": before_key, "metrics": before}, f)
+    elif master:
+        log(f"[3/6] evaluation of the base model: {before_path} (reused)")
     barrier(world)
-    before = json.load(open(before_path))
+    before = json.load(open(before_path))["metrics"]
 
     # 4. LoRA and the reference log-probs (adapter off, once) -------------------------------
     names = lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
@@ -524,9 +536,12 @@ def main(argv=None):
 
     ref_path = os.path.join(run_dir, "ref_logps.pt")
     trunc = {}
-    ids = [p["id"] for p in pairs]
-    ref = torch.load(ref_path) if os.path.exists(ref_path) else None
-    if ref is None or ref["ids"] != ids:
+    ref_key = {"model": os.path.abspath(base_path), "weights": weights_stamp(base_path),
+               "pairs": [(p["id"], p["chosen"], p["rejected"], p["image"], p["rejected_image"]) for p in pairs],
+               "prompt_format": args.prompt_format, "pad": args.pad_to_square, "max_length": max_length,
+               "dtype": str(dtype)}
+    ref = torch.load(ref_path, weights_only=False) if os.path.exists(ref_path) else None
+    if ref is None or ref.get("key") != ref_key:
         log(f"      reference log-probs for {len(pairs)} pairs (adapter disabled, no grad)")
         shard = pairs[rank::world]
         with lora.disable_lora(model):
@@ -538,7 +553,7 @@ def main(argv=None):
             rc, rr = torch.zeros(len(pairs)), torch.zeros(len(pairs))
             for r, (c, j) in enumerate(parts):
                 rc[r::world], rr[r::world] = c, j
-        ref = {"ids": ids, "chosen": rc, "rejected": rr}
+        ref = {"key": ref_key, "chosen": rc, "rejected": rr}
         if master:
             atomic_save(ref, ref_path)
     ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
@@ -556,12 +571,21 @@ def main(argv=None):
     ckpt_path, history, start = os.path.join(run_dir, "checkpoint.pt"), [], 0
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
+        must_match = ["lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r", "lora_alpha",
+                      "lora_dropout", "lora_targets", "seed", "no_crs", "strategies"]
+        changed = [f"--{k.replace('_', '-')} {ck['config'].get(k)} -> {getattr(args, k)}" for k in must_match
+                   if ck["config"].get(k) != getattr(args, k)]
+        if ck["config"].get("world", world) != world:
+            changed.append(f"processes {ck['config'].get('world')} -> {world}")
+        if changed:
+            sys.exit(f"--resume: {ckpt_path} was written with other settings: {'; '.join(changed)}. "
+                     f"Resume with the same flags, or start a new --run-name.")
         with torch.no_grad():
             for name, m in lora.lora_layers(model):
                 m.lora_A.weight.copy_(ck["lora"][f"{name}.lora_A.weight"])
                 m.lora_B.weight.copy_(ck["lora"][f"{name}.lora_B.weight"])
         opt.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        set_rng_state(ck["rng"][rank])
         start, history = ck["step"], ck["history"]
         log(f"      resumed from {ckpt_path} at step {start}/{total}")
     elif args.resume:
@@ -617,10 +641,14 @@ def main(argv=None):
             log(f"step {step + 1:4d}/{total} | loss {rec['loss']:.4f} | acc {rec['reward_acc']:.2f} | margin "
                 f"{rec['margin']:+.3f} | lr {lr:.2e} | {rec['ms']:.0f} ms | {global_batch / dt:.0f} pairs/s | ETA {eta:.0f}s")
         if (step + 1) % args.ckpt_every == 0 or step + 1 == total or step + 1 == args.halt_at_step:
+            rng_states = [rng_state()]
+            if world > 1:  # each process's own generators (dropout masks differ between ranks)
+                rng_states = [None] * world
+                torch.distributed.all_gather_object(rng_states, rng_state())
             if master:
                 atomic_save({"lora": {k: v.cpu() for k, v in lora.lora_state_dict(model).items()},
                              "optimizer": opt.state_dict(), "step": step + 1, "history": history,
-                             "rng": [rng_state()] * world, "config": vars(args),
+                             "rng": rng_states, "config": {**vars(args), "world": world},
                              "schedule": {"max_lr": args.lr, "warmup": warmup, "total": total}}, ckpt_path)
             barrier(world)
         if args.halt_at_step is not None and step + 1 == args.halt_at_step:

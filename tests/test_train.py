@@ -60,6 +60,19 @@ def test_a_second_run_reuses_every_stage(out, capsys):
     assert "preference pairs:" in printed and "building preference pairs" not in printed
 
 
+def test_cached_reference_and_before_eval_follow_the_model(out, capsys):
+    args = ["--out", str(out), "--base", str(out / "base"), "--run-name", "cache"] + TINY
+    train.main(args)
+    capsys.readouterr()
+    train.main(args)
+    printed = capsys.readouterr().out
+    assert "reference log-probs" not in printed and "evaluation of the base model" in printed  # reused
+    os.utime(out / "base" / "model.safetensors")  # the same path with new weights must not reuse them
+    train.main(args)
+    printed = capsys.readouterr().out
+    assert "reference log-probs for" in printed and "evaluating the base model" in printed
+
+
 def test_precomputed_reference_equals_reference_inside_the_step(out):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     processor = AutoProcessor.from_pretrained(out / "base")
@@ -103,6 +116,8 @@ def test_resume_reaches_the_same_adapter(out):
     b = load_file(str(out / "halted" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    other = run_script(args + ["--run-name", "halted", "--resume", "--lr", "1e-3"], out)
+    assert other.returncode != 0 and "--lr 0.0002 -> 0.001" in other.stderr
 
 
 def test_ddp_two_processes_equal_one_process_over_the_same_global_batch(out):
