@@ -444,10 +444,26 @@ def write_jsonl(path, records):
     os.replace(tmp, path)
 
 
+_READABLE = {}  # path -> bool, so each image file is opened once per process
+
+
+def readable_image(path):
+    """True if `path` is an image file PIL can read."""
+    if path not in _READABLE:
+        from PIL import Image
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            _READABLE[path] = True
+        except Exception:
+            _READABLE[path] = False
+    return _READABLE[path]
+
+
 def read_pairs(path, log=print):
-    """Pairs from JSONL. A line that does not parse, a pair without prompt/chosen/rejected text or an
-    image is reported with file:line, skipped and counted; a missing score becomes None (it gets the
-    neutral weight). returns (pairs, n_skipped)."""
+    """Pairs from JSONL. A line that does not parse, a pair without prompt/chosen/rejected text, or one
+    whose image or rejected image is missing or unreadable, is reported with file:line, skipped and
+    counted; a missing score becomes None (it gets the neutral weight). returns (pairs, n_skipped)."""
     pairs, skipped = [], 0
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -462,6 +478,11 @@ def read_pairs(path, log=print):
             missing = [k for k in ("prompt", "chosen", "rejected", "image") if not isinstance(p.get(k), str) or not p[k].strip()]
             if missing:
                 log(f"{path}:{n}: skipped, empty or missing {missing}")
+                skipped += 1
+                continue
+            bad = [im for im in (p["image"], p.get("rejected_image")) if im and not readable_image(im)]
+            if bad:
+                log(f"{path}:{n}: skipped, image {bad[0]} is missing or unreadable")
                 skipped += 1
                 continue
             if not isinstance(p.get("score"), (int, float)) or p["score"] != p["score"]:

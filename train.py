@@ -111,6 +111,9 @@ def check_args(ap, args):
         ap.error(f"--data {args.data} needs --data-dir: {data.DOWNLOAD_HINTS[args.data]}")
     if args.data != "synthetic" and not args.model:
         ap.error(f"--data {args.data} needs --model: the tiny built-in model only knows the synthetic vocabulary")
+    fmt = data.PROMPT_FORMATS.get(args.prompt_format, args.prompt_format)
+    if "<image>" not in fmt or "{question}" not in fmt:
+        ap.error(f"--prompt-format {args.prompt_format!r} needs both '<image>' and '{{question}}' (or: plain, mistral)")
     if bool(args.pairs) != bool(args.images):
         ap.error("--pairs and --images go together (the released file names its images relative to --images)")
     if args.pairs and not os.path.isfile(args.pairs):
@@ -469,12 +472,12 @@ def main(argv=None):
     pairs_path = os.path.join(pairs_dir, "pairs.jsonl")
     stage_keys = ["model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge", "selector", "rounds",
                   "no_crs", "noise", "noise_step", "heatmap", "seed", "n_train", "image_size", "base"]
-    stage_cfg = {k: getattr(args, k) for k in stage_keys}
+    stage_cfg = json.loads(json.dumps({**{k: getattr(args, k) for k in stage_keys}, "weights": weights_stamp(base_path)}))
     cfg_path = os.path.join(pairs_dir, "pairs_config.json")
     reuse = not built and os.path.exists(pairs_path) and os.path.exists(cfg_path) and json.load(open(cfg_path)) == stage_cfg
     if master and args.pairs:
         log(f"[2/6] released preference pairs: {args.pairs}")
-        released, n_bad = data.read_released_pairs(args.pairs, args.images, log)
+        released, _ = data.read_released_pairs(args.pairs, args.images, log)
         pairs_path = os.path.join(run_dir, "pairs.jsonl")
         data.write_jsonl(pairs_path, data.assign_weights(released, crs=not args.no_crs))
     elif master and not reuse:
@@ -527,11 +530,10 @@ def main(argv=None):
     image_cache = {}
 
     def load_image(path):
-        if path not in image_cache:
-            data.load_image(path)  # a missing/corrupt file raises here with its name
-            from PIL import Image
-            with Image.open(path) as im:
-                image_cache[path] = image_for_model(im.convert("L").copy(), args)
+        if path not in image_cache:  # 8-bit grayscale survives the float round trip exactly
+            if len(image_cache) > 4096:  # bounded: a real dataset's images do not all fit in memory
+                image_cache.clear()
+            image_cache[path] = image_for_model(data.to_pil(data.load_image(path)), args)
         return image_cache[path]
 
     ref_path = os.path.join(run_dir, "ref_logps.pt")

@@ -118,17 +118,24 @@ def test_truncation_keeps_image_tokens_and_the_response(synthetic, processor):
 
 
 def test_read_pairs_skips_and_names_bad_lines(tmp_path):
-    good = {"id": "a", "source": "text", "image": "x.png", "rejected_image": None, "prompt": "q?", "chosen": "yes",
+    image = str(tmp_path / "x.png")
+    data.to_pil(np.zeros((8, 8))).save(image)
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    good = {"id": "a", "source": "text", "image": image, "rejected_image": None, "prompt": "q?", "chosen": "yes",
             "rejected": "no", "score": 7, "weight": 1.0}
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join([json.dumps(good), "{not json", json.dumps({**good, "chosen": ""}),
-                               json.dumps({**good, "score": None}), json.dumps({**good, "image": None})]) + "\n")
+                               json.dumps({**good, "score": None}), json.dumps({**good, "image": None}),
+                               json.dumps({**good, "image": str(tmp_path / "gone.png")}),
+                               json.dumps({**good, "rejected_image": str(tmp_path / "corrupt.png")})]) + "\n")
     messages = []
     pairs, skipped = data.read_pairs(str(path), messages.append)
-    assert skipped == 3 and len(pairs) == 2 and pairs[1]["score"] is None
+    assert skipped == 5 and len(pairs) == 2 and pairs[1]["score"] is None
     assert any(":2: skipped, not JSON" in m for m in messages)
     assert any(":3: skipped" in m and "chosen" in m for m in messages)
     assert any(":4: no usable score" in m for m in messages)
+    assert any(":6: skipped" in m and "gone.png" in m for m in messages)
+    assert any(":7: skipped" in m and "corrupt.png" in m for m in messages)
 
 
 def test_load_image_names_a_missing_or_corrupt_file(tmp_path):

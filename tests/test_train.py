@@ -155,6 +155,8 @@ def test_bad_flags_are_named():
         train.main(["--batch-size", "0"])
     with pytest.raises(SystemExit):
         train.main(["--model", "/no/such/folder"])
+    with pytest.raises(SystemExit):
+        train.main(["--prompt-format", "Question: {question}"])  # no <image>
 
 
 def test_lr_schedule():
