@@ -28,7 +28,27 @@ ZONE_Y = {"upper": 0.30, "middle": 0.46, "lower": 0.62}
 PROMPT_FORMATS = {  # {question} is the user's question; the image placeholder comes first
     "plain": "<image>\n{question}\nAnswer:",
     "mistral": "[INST] <image>\n{question} [/INST]",  # LLaVA-Med v1.5 (Mistral-7B)
-}
+}  # and "chat": the processor's own chat template, one user turn with an image and the question
+
+
+def check_prompt_format(prompt_format, processor=None):
+    """ValueError unless the format is 'chat' (with a processor that has a chat template) or a template
+    holding both '<image>' and '{question}'."""
+    if prompt_format == "chat":
+        if processor is not None and not getattr(processor, "chat_template", None):
+            raise ValueError("--prompt-format chat: the processor has no chat template; use plain, mistral or a template")
+        return
+    fmt = PROMPT_FORMATS.get(prompt_format, prompt_format)
+    if "<image>" not in fmt or "{question}" not in fmt:
+        raise ValueError(f"prompt format {fmt!r} needs both '<image>' and '{{question}}' (or: plain, mistral, chat)")
+
+
+def format_prompt(processor, prompt_format, question):
+    """The prompt text for one question, with the image placeholder where the model expects it."""
+    if prompt_format == "chat":
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return PROMPT_FORMATS.get(prompt_format, prompt_format).format(question=question)
 
 
 # -----------------------------------------------------------------------------
@@ -508,10 +528,8 @@ def encode_rows(processor, rows, prompt_format="plain", max_length=None, stats=N
     response is cut at its end and counted in `stats["response_truncated"]`.
     returns {input_ids, attention_mask, labels: (N, T) long, pixel_values: (N, 3, H, W)}."""
     tok = processor.tokenizer
-    fmt = PROMPT_FORMATS.get(prompt_format, prompt_format)
-    if "<image>" not in fmt or "{question}" not in fmt:
-        raise ValueError(f"prompt format {fmt!r} needs both '<image>' and '{{question}}'")
-    prompts = [fmt.format(question=q) for _, q, _ in rows]
+    check_prompt_format(prompt_format, processor)
+    prompts = [format_prompt(processor, prompt_format, q) for _, q, _ in rows]
     enc = processor(images=[im for im, _, _ in rows], text=prompts, return_tensors="pt", padding=True)
     image_token_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
     seqs, labels = [], []

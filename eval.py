@@ -132,10 +132,10 @@ def generate_answers(model, processor, rows, prompt_format="plain", batch_size=6
     returns a list (one per row) of strings, or of lists of strings when sampling several."""
     import time
     import torch
-    from data import PROMPT_FORMATS
+    from data import check_prompt_format, format_prompt
+    check_prompt_format(prompt_format, processor)
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right end
-    fmt = PROMPT_FORMATS.get(prompt_format, prompt_format)
     device = next(model.parameters()).device
     out, t0 = [], time.time()
     if generator_seed is not None:
@@ -145,7 +145,7 @@ def generate_answers(model, processor, rows, prompt_format="plain", batch_size=6
     try:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
-            enc = processor(images=[im for im, _ in chunk], text=[fmt.format(question=q) for _, q in chunk],
+            enc = processor(images=[im for im, _ in chunk], text=[format_prompt(processor, prompt_format, q) for _, q in chunk],
                             return_tensors="pt", padding=True).to(device)
             if "pixel_values" in enc:
                 enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
@@ -209,7 +209,8 @@ def main(argv=None):
     ap.add_argument("--n-test", type=int, default=200, help="synthetic test images")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompt-format", default="plain", help="plain, mistral (LLaVA-Med v1.5) or a template")
+    ap.add_argument("--prompt-format", default="plain", help="plain, mistral (LLaVA-Med v1.5), chat (the processor's "
+                    "chat template) or a template with <image> and {question}")
     ap.add_argument("--pad-to-square", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)

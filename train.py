@@ -36,7 +36,9 @@ def get_parser():
     a("--resume", action="store_true", help="continue from RUN_NAME/checkpoint.pt")
     # model
     a("--model", default=None, help="a transformers LLaVA checkpoint folder; default: the tiny built-in model")
-    a("--prompt-format", default="plain", help="'plain', 'mistral' (LLaVA-Med v1.5) or a string with <image> and {question}")
+    a("--prompt-format", default="plain",
+      help="plain, mistral (LLaVA-Med v1.5: [INST] <image>\\n{question} [/INST]), chat (the processor's chat template), "
+           "or a string with <image> and {question}")
     a("--pad-to-square", action="store_true", help="pad images to a square (LLaVA's preprocessing) before the processor")
     a("--trust-remote-code", action="store_true", help="allow a checkpoint's own code (off unless asked)")
     a("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="gradient checkpointing of the policy; auto: on CUDA")
@@ -111,9 +113,10 @@ def check_args(ap, args):
         ap.error(f"--data {args.data} needs --data-dir: {data.DOWNLOAD_HINTS[args.data]}")
     if args.data != "synthetic" and not args.model:
         ap.error(f"--data {args.data} needs --model: the tiny built-in model only knows the synthetic vocabulary")
-    fmt = data.PROMPT_FORMATS.get(args.prompt_format, args.prompt_format)
-    if "<image>" not in fmt or "{question}" not in fmt:
-        ap.error(f"--prompt-format {args.prompt_format!r} needs both '<image>' and '{{question}}' (or: plain, mistral)")
+    try:
+        data.check_prompt_format(args.prompt_format)
+    except ValueError as e:
+        ap.error(f"--prompt-format: {e}")
     if bool(args.pairs) != bool(args.images):
         ap.error("--pairs and --images go together (the released file names its images relative to --images)")
     if args.pairs and not os.path.isfile(args.pairs):
@@ -464,6 +467,10 @@ def main(argv=None):
     processor = AutoProcessor.from_pretrained(base_path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model = model.to(device).eval()
+    try:
+        data.check_prompt_format(args.prompt_format, processor)
+    except ValueError as e:
+        sys.exit(f"{base_path}: {e}")
     max_length = args.max_length or getattr(model.config.get_text_config(), "max_position_embeddings", None)
     from eval import answer_prior, evaluate, format_table
     prior = answer_prior(train_qa)

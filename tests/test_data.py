@@ -78,6 +78,20 @@ def test_collation_masks_prompt_image_and_padding(synthetic, processor):
     assert b["attention_mask"][0].sum() < b["attention_mask"][1].sum()        # right padding on the short row
 
 
+def test_chat_template_prompts(synthetic, processor):
+    pil = data.to_pil(synthetic[0][0]["pixels"])
+    with pytest.raises(ValueError, match="no chat template"):
+        data.encode_rows(processor, [(pil, "Is there a mass?", "yes")], prompt_format="chat")
+    processor.chat_template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+                               "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{{ '\\n' }}Answer:")
+    try:
+        chat = data.encode_rows(processor, [(pil, "Is there a mass?", "yes")], prompt_format="chat")
+        plain = data.encode_rows(processor, [(pil, "Is there a mass?", "yes")], prompt_format="plain")
+    finally:
+        processor.chat_template = None
+    assert torch.equal(chat["input_ids"], plain["input_ids"]) and torch.equal(chat["labels"], plain["labels"])
+
+
 def test_pair_rows_put_chosen_first_with_their_own_images(synthetic, processor, tmp_path):
     images, _ = synthetic
     paths = []
