@@ -450,9 +450,6 @@ def export_pairs(pairs, path):
 # -----------------------------------------------------------------------------
 # preference pairs as JSONL
 
-PAIR_FIELDS = ["id", "source", "image", "rejected_image", "prompt", "chosen", "rejected", "score", "weight",
-               "provenance"]
-
 
 def write_jsonl(path, records):
     """Write records atomically (temporary file, then rename)."""

@@ -6,13 +6,15 @@ Normalization: lower-case, punctuation to spaces, articles dropped, number words
     BLEU-n        corpus BLEU with the closest reference length (pycocoevalcap's convention)
     ROUGE-L       LCS F-measure with beta = 1.2, averaged over sentences (pycocoevalcap)
 
+Also the pictures a run leaves behind (noised pairs, training curves, attention before/after, as in
+the paper's Figure 5) and `attention_tool`, the target model's own attention as a lesion heatmap.
+
     python eval.py --model out/base                               # the tiny base on the synthetic test split
     python eval.py --model out/base --adapter out/mmedpo/adapter  # with a trained adapter
 
 Tests:  python -m pytest -q tests/test_eval.py
 """
 import argparse
-import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -195,6 +197,104 @@ def format_table(rows):
         lines.append(f"{name:14s} {r['closed']:7.3f} {r['open']:7.3f} " +
                      " ".join(f"{r['per_qtype'].get(q, float('nan')):9.3f}" for q in qtypes))
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# pictures (PIL only) and the model's attention as a visual tool
+
+def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
+    """The target model as its own visual tool: item -> (heatmap, confidence) from the attention of
+    the answer tokens to the image tokens in the last `layers` language-model layers."""
+    import numpy as np
+    import torch
+    import data
+    from noise import attention_heatmap
+    image_token = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    dtype = next(model.parameters()).dtype
+
+    def model_attention(item):
+        pixels = pixels_of(item["image_id"])
+        batch = data.encode_rows(processor, [(data.to_pil(pixels), item["question"], item["answer"])], fmt)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")  # fused attention kernels do not return the weights
+        try:
+            with torch.no_grad():
+                inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else None)
+                          for k, v in batch.items() if k != "labels"}
+                out = model(**inputs, output_attentions=True)
+        finally:
+            model.set_attn_implementation(previous)
+        stacked = torch.stack([a[0] for a in out.attentions[-layers:]]).float().cpu()  # (layers, heads, T, T)
+        return attention_heatmap(stacked, batch["input_ids"][0] == image_token,
+                                 batch["labels"][0] != data.IGNORE_INDEX, np.asarray(pixels).shape)
+    return model_attention
+
+
+def save_attention_figure(model, processor, items, pixels_of, fmt, device, path, scale=4):
+    """For a few test questions: the image, the attention overlay of the base model (adapter off)
+    and of the trained model, as in the paper's Figure 5."""
+    import numpy as np
+    from PIL import Image
+    import lora
+    tool = attention_tool(model, processor, fmt, pixels_of, device)
+    rows = []
+    for it in items:
+        with lora.disable_lora(model):
+            before, _ = tool(it)
+        after, _ = tool(it)
+        gray = np.clip(np.asarray(pixels_of(it["image_id"])), 0, 1)
+        overlay = lambda h: np.stack([np.clip(0.6 * gray + 0.7 * h.numpy(), 0, 1), 0.6 * gray, 0.6 * gray], -1)
+        rows.append([np.stack([gray] * 3, -1), overlay(before), overlay(after)])
+    h, w = rows[0][0].shape[:2]
+    grid = Image.new("RGB", (3 * w * scale, len(rows) * h * scale))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            tile = Image.fromarray((im * 255).astype(np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+            grid.paste(tile, (c * w * scale, r * h * scale))
+    grid.save(path)
+
+
+def save_noise_grid(pairs, path, n=4, scale=4):
+    """Clean image | heatmap | noised image, one row per visual pair."""
+    import os
+    from PIL import Image
+    rows = [p for p in pairs if p["source"] == "visual"][:n]
+    if not rows:
+        return
+    ims = [[Image.open(p["image"]), Image.open(os.path.join(os.path.dirname(os.path.dirname(p["rejected_image"])),
+                                                            "heatmaps", p["id"] + ".png")), Image.open(p["rejected_image"])]
+           for p in rows]
+    w, h = ims[0][0].size
+    grid = Image.new("L", (3 * w * scale, len(rows) * h * scale))
+    for r, row in enumerate(ims):
+        for c, im in enumerate(row):
+            grid.paste(im.convert("L").resize((w * scale, h * scale), Image.NEAREST), (c * w * scale, r * h * scale))
+    grid.save(path)
+
+
+def save_curves(history, path, keys=("loss", "reward_acc", "margin"), size=(420, 240)):
+    """A panel per key against the step: the raw values (light) and a running mean over 10 steps."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (size[0] * len(keys), size[1]), "white")
+    d = ImageDraw.Draw(img)
+    for k, key in enumerate(keys):
+        ys = [h[key] for h in history]
+        if len(ys) < 2:
+            continue
+        smooth = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
+        left = k * size[0]
+        x0, y0, w, h = left + 50, 20, size[0] - 60, size[1] - 50
+        lo, hi = min(ys), max(ys)
+        hi = hi if hi > lo else lo + 1
+        to_xy = lambda series: [(x0 + w * i / (len(series) - 1), y0 + h * (1 - (y - lo) / (hi - lo)))
+                                for i, y in enumerate(series)]
+        d.rectangle([x0, y0, x0 + w, y0 + h], outline="gray")
+        d.line(to_xy(ys), fill=(170, 190, 230), width=1)
+        d.line(to_xy(smooth), fill="navy", width=2)
+        d.text((x0, 4), f"{key}, steps 1..{len(ys)} (mean of 10 in dark)", fill="black")
+        d.text((left + 4, y0), f"{hi:.3g}", fill="black")
+        d.text((left + 4, y0 + h - 10), f"{lo:.3g}", fill="black")
+    img.save(path)
 
 
 def main(argv=None):
