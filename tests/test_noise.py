@@ -18,7 +18,7 @@ def test_schedule_values():
     # beta_0 = sigmoid(-6) * (5e-3 - 1e-5) + 1e-5
     assert betas[0].item() == pytest.approx(1 / (1 + math.exp(6)) * (5e-3 - 1e-5) + 1e-5, rel=1e-9)
     assert abar[0].item() == pytest.approx(1 - betas[0].item(), rel=1e-12)
-    assert abar[2].item() == pytest.approx((1 - betas[0]) * (1 - betas[1]) * (1 - betas[2]), rel=1e-12)
+    assert abar[2].item() == pytest.approx(((1 - betas[0]) * (1 - betas[1]) * (1 - betas[2])).item(), rel=1e-12)
     assert abar[500].item() == pytest.approx(0.7448, abs=1e-4)
     assert (abar[1:] < abar[:-1]).all()
 
