@@ -15,6 +15,7 @@ import json
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -27,8 +28,15 @@ ZONE_X = {"right": 0.31, "left": 0.69}        # image x of each lung (radiologic
 ZONE_Y = {"upper": 0.30, "middle": 0.46, "lower": 0.62}
 PROMPT_FORMATS = {  # {question} is the user's question; the image placeholder comes first
     "plain": "<image>\n{question}\nAnswer:",
-    "mistral": "[INST] <image>\n{question} [/INST]",  # LLaVA-Med v1.5 (Mistral-7B)
+    "mistral": "[INST] <image>\n{question} [/INST]",  # LLaVA-Med v1.5 (Mistral-7B), llava-hf chat layout
+    # the Vicuna v1 conversation of the LLaVA codebase, which the MMedPO authors trained LLaVA-Med v1.5 with
+    "vicuna": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the user's questions. USER: <image>\n{question} ASSISTANT:",
 }  # and "chat": the processor's own chat template, one user turn with an image and the question
+# generation caps (Strategy 1 sampling, evaluation) per dataset, in new tokens: released rejected answers
+# have a median of 11 words on SLAKE / VQA-RAD and 45 on IU-Xray, whose reference reports have 51
+MAX_NEW_TOKENS = {"synthetic": (12, 16), "slake": (64, 64), "vqa-rad": (64, 64), "iu-xray": (256, 256),
+                  "mimic-cxr": (256, 256)}
 
 
 def check_prompt_format(prompt_format, processor=None):
@@ -36,11 +44,12 @@ def check_prompt_format(prompt_format, processor=None):
     holding both '<image>' and '{question}'."""
     if prompt_format == "chat":
         if processor is not None and not getattr(processor, "chat_template", None):
-            raise ValueError("--prompt-format chat: the processor has no chat template; use plain, mistral or a template")
+            raise ValueError("--prompt-format chat: the processor has no chat template; use plain, mistral, vicuna "
+                             "or a template")
         return
     fmt = PROMPT_FORMATS.get(prompt_format, prompt_format)
     if "<image>" not in fmt or "{question}" not in fmt:
-        raise ValueError(f"prompt format {fmt!r} needs both '<image>' and '{{question}}' (or: plain, mistral, chat)")
+        raise ValueError(f"prompt format {fmt!r} needs both '<image>' and '{{question}}' (or: plain, mistral, vicuna, chat)")
 
 
 def format_prompt(processor, prompt_format, question):
@@ -293,13 +302,15 @@ def slake_boxes(path):
 
 
 # -----------------------------------------------------------------------------
-# real datasets: SLAKE, VQA-RAD, IU-Xray; items as the synthetic ones, image_id = path under root
+# real datasets: SLAKE, VQA-RAD, IU-Xray, MIMIC-CXR; items as the synthetic ones, image_id = path under root
 
 DOWNLOAD_HINTS = {
     "slake": "SLAKE (https://www.med-vqa.com/slake/): the folder holding train.json, test.json and imgs/",
     "vqa-rad": "VQA-RAD (https://osf.io/89kps/): the folder holding 'VQA_RAD Dataset Public.json' and "
                "'VQA_RAD Image Folder/'",
     "iu-xray": "IU-Xray as prepared by R2Gen: the folder holding annotation.json and images/",
+    "mimic-cxr": "MIMIC-CXR as prepared by R2Gen (credentialed access on PhysioNet): the folder holding "
+                 "annotation.json and images/",
 }
 REPORT_PROMPTS = ["Describe the following image in detail.", "Please describe this chest X-ray in detail.",
                   "Write the findings of this radiograph.", "What does this chest X-ray show? Describe it in detail."]
@@ -375,11 +386,14 @@ def load_vqa_rad(root, split="train", log=print):
     return items, FileStore(root)
 
 
-def load_iu_xray(root, split="train", log=print):
-    """IU-Xray report generation (R2Gen's annotation.json): one item per study, first image, the report
-    as the answer, a prompt paraphrasing 'Describe the following image in detail.'"""
+def load_r2gen(root, split="train", log=print, name="iu-xray"):
+    """A report-generation set in R2Gen's layout (annotation.json {train|val|test: [{id, report,
+    image_path: [...]}]} and images/): IU-Xray, or MIMIC-CXR, whose R2Gen annotation has the same
+    layout. One item per study, its first image, the report as the answer, and a prompt paraphrasing
+    'Describe the following image in detail.'"""
     from collections import Counter
-    with open(_need(os.path.join(root, "annotation.json"), "iu-xray")) as f:
+    title, prefix = {"iu-xray": ("IU-Xray", "iu"), "mimic-cxr": ("MIMIC-CXR", "mimic")}[name]
+    with open(_need(os.path.join(root, "annotation.json"), name)) as f:
         records = json.load(f).get(split, [])
     items, skipped = [], Counter()
     for n, r in enumerate(records):
@@ -391,25 +405,54 @@ def load_iu_xray(root, split="train", log=print):
         if not paths or not os.path.isfile(os.path.join(root, "images", paths[0])):
             skipped["missing image"] += 1
             continue
-        items.append({"id": f"iu-{r.get('id', n)}", "image_id": os.path.join("images", paths[0]),
+        items.append({"id": f"{prefix}-{r.get('id', n)}", "image_id": os.path.join("images", paths[0]),
                       "question": REPORT_PROMPTS[n % len(REPORT_PROMPTS)], "answer": report, "type": "report",
                       "qtype": "report"})
-    _report(f"IU-Xray {split}", len(items), skipped, log)
+    _report(f"{title} {split}", len(items), skipped, log)
     return items, FileStore(root)
 
 
-LOADERS = {"slake": load_slake, "vqa-rad": load_vqa_rad, "iu-xray": load_iu_xray}
+def load_iu_xray(root, split="train", log=print):
+    return load_r2gen(root, split, log, "iu-xray")
+
+
+def load_mimic_cxr(root, split="train", log=print):
+    return load_r2gen(root, split, log, "mimic-cxr")
+
+
+LOADERS = {"slake": load_slake, "vqa-rad": load_vqa_rad, "iu-xray": load_iu_xray, "mimic-cxr": load_mimic_cxr}
+
+
+def recover_chosen(text):
+    """The true answer inside a released *chosen* answer that carries leaked curation scaffolding, or
+    None when it cannot be told for sure. Two shapes are recovered: 'Question: ...\n Yes' (the answer
+    is the last line) and '...-Original Answer: X\n-Candidate Answer1: ...\n\n X' (the last line,
+    only when it equals the Original Answer value)."""
+    import re
+    from score import clean_answer, words
+    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
+    if len(lines) < 2 or clean_answer(lines[-1]) is None:
+        return None
+    last = clean_answer(lines[-1])
+    original = re.search(r"original answer\s*:\s*(.+)", text, re.I)
+    if original:
+        return last if words(original.group(1)) == words(last) else None
+    if len(lines) == 2 and re.match(r"question\s*:", lines[0], re.I):
+        return last
+    return None
 
 
 def read_released_pairs(path, images_dir, log=print):
     """The released MMedPO preference files ({id, image, conversations, rejected_conversations,
     weighted_score[, rejected_image]}) as this project's pairs; weighted_score becomes the raw score.
-    Records with leaked prompt scaffolding, a missing image or an empty answer are reported and skipped.
+    A chosen answer with leaked scaffolding is recovered when its true answer is unambiguous
+    (`recover_chosen`) and counted; records whose rejected answer leaks, whose chosen answer cannot be
+    recovered, whose image is missing or whose text is empty are reported with the reason and skipped.
     returns (pairs, skipped count)."""
     from score import clean_answer
     with open(path) as f:
         records = json.load(f)
-    pairs, skipped = [], 0
+    pairs, skipped, recovered = [], 0, 0
     for n, r in enumerate(records):
         try:
             prompt = r["conversations"][0]["value"].replace("<image>", "").strip()
@@ -418,16 +461,22 @@ def read_released_pairs(path, images_dir, log=print):
             log(f"{path} record {n}: no conversations/rejected_conversations, skipped")
             skipped += 1
             continue
-        if clean_answer(chosen) is None or clean_answer(rejected) is None:
-            log(f"{path} record {n} (id {r.get('id')}): leaked prompt scaffolding in an answer, skipped")
+        where = f"{path} record {n} (id {r.get('id')})"
+        if clean_answer(rejected) is None:
+            log(f"{where}: leaked prompt scaffolding in the rejected answer, skipped")
             skipped += 1
             continue
+        if clean_answer(chosen) is None:
+            if recover_chosen(chosen) is None:
+                log(f"{where}: leaked prompt scaffolding in the chosen answer, no unambiguous answer in it, skipped")
+                skipped += 1
+                continue
+            chosen, recovered = recover_chosen(chosen), recovered + 1
         image = os.path.join(images_dir, str(r.get("image", "")))
         rejected_image = os.path.join(images_dir, r["rejected_image"]) if r.get("rejected_image") else None
         missing = [p for p in (image, rejected_image) if p and not os.path.isfile(p)]
         if missing or not prompt or not chosen or not rejected:
-            log(f"{path} record {n} (id {r.get('id')}): " + (f"image {missing[0]} not found" if missing else "empty text")
-                + ", skipped")
+            log(f"{where}: " + (f"image {missing[0]} not found" if missing else "empty text") + ", skipped")
             skipped += 1
             continue
         score = r.get("weighted_score")
@@ -435,7 +484,7 @@ def read_released_pairs(path, images_dir, log=print):
                       "image": image, "rejected_image": rejected_image, "prompt": prompt, "chosen": chosen,
                       "rejected": rejected, "score": float(score) if isinstance(score, (int, float)) else None,
                       "weight": None, "provenance": f"released file {os.path.basename(path)}"})
-    log(f"{path}: {len(pairs)} pairs, {skipped} skipped")
+    log(f"{path}: {len(pairs)} pairs ({recovered} chosen answers recovered from leaked scaffolding), {skipped} skipped")
     return pairs, skipped
 
 
@@ -560,14 +609,6 @@ def encode_rows(processor, rows, prompt_format="plain", max_length=None, stats=N
             "pixel_values": enc["pixel_values"]}
 
 
-def pair_rows(pairs, image_loader):
-    """Chosen rows then rejected rows of a list of pairs: [(image, prompt, chosen)...] + [(image*, prompt,
-    rejected)...], so that one forward gives both halves (chosen = first B, rejected = last B)."""
-    chosen = [(image_loader(p["image"]), p["prompt"], p["chosen"]) for p in pairs]
-    rejected = [(image_loader(p["rejected_image"] or p["image"]), p["prompt"], p["rejected"]) for p in pairs]
-    return chosen + rejected
-
-
 # -----------------------------------------------------------------------------
 # building the two kinds of preference pairs
 
@@ -599,12 +640,13 @@ def build_text_pairs(items, samples, judge, image_path, seed=0, log=print):
 def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local", k=500, seed=0, log=print):
     """Strategy 2 (visual dispreference D_v): the same answer given to an image whose lesion is noised.
     store: SyntheticStore or FileStore (pixels, mask, path). heatmap: detector (noise.detect_lesions;
-    its confidence is the score), mask (ground-truth masks or boxes, score 1), or a callable
+    its confidence is the score), mask (ground-truth masks or boxes; the score is the lesion's contrast
+    with its surroundings, noise.mask_confidence), or a callable
     item -> (heatmap (H, W) in [0, 1], confidence). noise: local, or global (h = 1).
     Items with an empty heatmap (nothing to noise), no mask, or a mask that does not fit their image
     are skipped and counted. Noised images and heatmaps are written as PNG under out_dir."""
     from collections import Counter
-    from noise import detect_lesions, heatmap_from_mask, localized_noise, smooth_heatmap
+    from noise import detect_lesions, heatmap_from_mask, localized_noise, mask_confidence, smooth_heatmap
     os.makedirs(os.path.join(out_dir, "noised"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "heatmaps"), exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -623,7 +665,7 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
             if m is None:
                 skipped["no mask"] += 1
                 continue
-            h, confidence = heatmap_from_mask(m), 1.0
+            h, confidence = heatmap_from_mask(m), mask_confidence(x, m)
             if h.sum() > 0:  # 1 inside the mask, a soft margin outside it
                 h = torch.maximum(h, smooth_heatmap(h, sigma=max(0.5, 0.02 * h.shape[0])))
         elif heatmap == "detector":
@@ -639,9 +681,10 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
         pid = f"visual-{it['id']}"
         noised_path = os.path.join(out_dir, "noised", pid + ".png")
         to_pil(noised).save(noised_path)
-        to_pil(h).save(os.path.join(out_dir, "heatmaps", pid + ".png"))
+        heatmap_path = os.path.join(out_dir, "heatmaps", pid + ".png")
+        to_pil(h).save(heatmap_path)
         pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
-                      "rejected_image": noised_path, "prompt": it["question"], "chosen": it["answer"],
+                      "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
                       "rejected": it["answer"], "score": float(confidence), "weight": None,
                       "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, '__name__', heatmap)}"})
     log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
@@ -649,18 +692,354 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
     return pairs
 
 
-def assign_weights(pairs, crs=True):
-    """Z(.) per source on the pairs that have a score; unscored pairs and --no-crs get weight 1 (mu)."""
+# -----------------------------------------------------------------------------
+# the target model at work for pair building: generation, its own attention, HSCR's contrastive decoding
+
+def generate_answers(model, processor, rows, prompt_format="plain", batch_size=64, max_new_tokens=16,
+                     do_sample=False, temperature=1.0, num_return_sequences=1, generator_seed=None, log=None):
+    """Answers for rows of (PIL image, question): greedy by default, or `num_return_sequences` samples.
+    Generation stops at EOS or after `max_new_tokens`; how many hit that cap is printed (a capped
+    answer is a fragment: raise the cap if it is more than a few).
+    returns a list (one per row) of strings, or of lists of strings when sampling several."""
+    check_prompt_format(prompt_format, processor)
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right end
+    device = next(model.parameters()).device
+    out, t0, capped = [], time.time(), 0
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            enc = processor(images=[im for im, _ in chunk], text=[format_prompt(processor, prompt_format, q) for _, q in chunk],
+                            return_tensors="pt", padding=True).to(device)
+            if "pixel_values" in enc:
+                enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
+            with torch.no_grad():
+                gen = model.generate(**enc, do_sample=do_sample, temperature=temperature if do_sample else None,
+                                     top_p=None, top_k=None, max_new_tokens=max_new_tokens,
+                                     num_return_sequences=num_return_sequences,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new_tokens = gen[:, enc["input_ids"].shape[1]:]
+            capped += int(((new_tokens == tok.eos_token_id).sum(1) == 0).sum()) if new_tokens.shape[1] >= max_new_tokens else 0
+            texts = [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+            if num_return_sequences == 1:
+                out += texts
+            else:
+                out += [texts[j:j + num_return_sequences] for j in range(0, len(texts), num_return_sequences)]
+            if log and (i // batch_size) % 10 == 9:
+                done = min(i + batch_size, len(rows))
+                rate = done / (time.time() - t0)
+                log(f"  generated {done}/{len(rows)} | {rate:.0f} prompts/s | ETA {(len(rows) - done) / rate:.0f}s")
+    finally:
+        tok.padding_side = side
+        model.train(was_training)
+    if log:
+        n = len(rows) * num_return_sequences
+        log(f"  {capped} of {n} generations hit the cap of {max_new_tokens} new tokens" +
+            (" (raise --max-new-tokens if that is more than a few)" if capped else ""))
+    return out
+
+def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
+    """The target model as its own visual tool: item -> (heatmap, confidence) from the attention of
+    the answer tokens to the image tokens in the last `layers` language-model layers."""
+    from noise import attention_heatmap
+    image_token = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    dtype = next(model.parameters()).dtype
+
+    def model_attention(item):
+        pixels = pixels_of(item["image_id"])
+        batch = encode_rows(processor, [(to_pil(pixels), item["question"], item["answer"])], fmt)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")  # fused attention kernels do not return the weights
+        try:
+            with torch.no_grad():
+                inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else None)
+                          for k, v in batch.items() if k != "labels"}
+                out = model(**inputs, output_attentions=True)
+        finally:
+            model.set_attn_implementation(previous)
+        stacked = torch.stack([a[0] for a in out.attentions[-layers:]]).float().cpu()  # (layers, heads, T, T)
+        return attention_heatmap(stacked, batch["input_ids"][0] == image_token,
+                                 batch["labels"][0] != IGNORE_INDEX, np.asarray(pixels).shape)
+    return model_attention
+
+def prompt_batch(processor, rows, prompt_format):
+    """Encoded prompts (no response) of (PIL image, question) rows: input_ids as lists without padding,
+    and pixel_values (N, 3, H, W)."""
+    enc = processor(images=[im for im, _ in rows], text=[format_prompt(processor, prompt_format, q) for _, q in rows],
+                    return_tensors="pt", padding=True)
+    ids = [enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist() for i in range(len(rows))]
+    return ids, enc["pixel_values"]
+
+
+def visual_token_dropout(attention_mask, image_positions, p, generator=None):
+    """D_p(v) of HSCR: hide a fraction p of each row's image-token positions from attention.
+
+    attention_mask: (N, T) 0/1; image_positions: (N, T) bool. Exactly round(p * n_image) positions of
+    each row, drawn with `generator`, are set to 0; text and padding positions are left as they are.
+    returns a new (N, T) mask."""
+    out = attention_mask.clone()
+    for i in range(out.shape[0]):
+        where = image_positions[i].nonzero().flatten()
+        k = int(round(p * len(where)))
+        if k:
+            out[i, where[torch.randperm(len(where), generator=generator)[:k]]] = 0
+    return out
+
+
+def decode_with_replacement(next_logits, n_rows, coupled, max_new_tokens, eos_id):
+    """Greedy decoding of `n_rows` answers with the full image, except at the steps in coupled[i]
+    (0-based step indices of row i), where the image-blind argmax is emitted instead when it differs.
+
+    next_logits(rows, prefixes) -> (full (len(rows), V), dropped (len(rows), V)): next-token logits of
+    the given rows' answer prefixes (lists of token ids) with the full and the dropped image.
+    returns (answers: token-id lists without EOS, shifts: per row the KL shift of every step taken,
+    the EOS step included)."""
+    from mmedpo import hscr_step_scores
+    answers, shifts, active = [[] for _ in range(n_rows)], [[] for _ in range(n_rows)], list(range(n_rows))
+    for t in range(max_new_tokens):
+        if not active:
+            break
+        full, dropped = next_logits(active, [answers[i] for i in active])
+        greedy, blind = full.argmax(-1), dropped.argmax(-1)
+        shift, _ = hscr_step_scores(full, dropped, greedy)
+        still = []
+        for j, i in enumerate(active):
+            token = int(blind[j]) if t in coupled[i] else int(greedy[j])
+            shifts[i].append(float(shift[j]))
+            if token == eos_id:
+                continue
+            answers[i].append(token)
+            still.append(i)
+        active = still
+    return answers, shifts
+
+
+def hscr_levels(shifts, n):
+    """The coupled steps of the two dispreference levels (our reading): the n2 = min(n, steps) steps
+    of largest shift for y_l2, the top n1 = n2 // 2 of them for y_l1 (none when n2 < 2)."""
+    order = sorted(range(len(shifts)), key=lambda t: -shifts[t])
+    n2 = min(n, len(shifts))
+    n1 = n2 // 2
+    return set(order[:n1]), set(order[:n2])
+
+
+def build_hscr_triplets(model, processor, items, image_of, image_path, prompt_format="plain", p=0.7, n=10,
+                        max_new_tokens=12, seed=0, batch_size=64, log=print):
+    """HSCR's dispreferred answers (our reading of arXiv 2506.00805): the model's greedy answer with
+    the full image gives the per-step shift KL(pi(.|v) || pi(.|D_p(v))); decoding again while the
+    top-n1 (y_l1) or top-n2 (y_l2) most image-coupled steps take the image-blind argmax gives two
+    levels of worse answers. y_w is the ground truth. A triplet is dropped (and counted) when y_w
+    coincides with y_l1 or y_l2: it holds no preference. One where y_l1 = y_l2 is kept and counted: on a
+    one-word answer ("yes") there is no second, worse level, the implicit term is then a constant and
+    the triplet trains as one DPO pair counted twice.
+    returns records {id, source: hscr, image, prompt, chosen, rejected, rejected2, ...}."""
+    from score import words
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    tok = processor.tokenizer
+    image_token_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    gen = torch.Generator().manual_seed(seed)
+    triplets, same, one_level, t0 = [], 0, 0, time.time()
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        prompts, pixels = prompt_batch(processor, [(image_of(it), it["question"]) for it in chunk], prompt_format)
+        blind_keep = []  # per row: the attention mask of its prompt under D_p(v), fixed for all its steps
+        for ids in prompts:
+            t = torch.tensor([ids])
+            blind_keep.append(visual_token_dropout(torch.ones_like(t), t == image_token_id, p, gen)[0])
+
+        def next_logits(rows, prefixes):
+            seqs = [prompts[i] + prefix for i, prefix in zip(rows, prefixes)]
+            T = max(len(s) for s in seqs)
+            ids = torch.full((2 * len(rows), T), tok.pad_token_id, dtype=torch.long)
+            att = torch.zeros((2 * len(rows), T), dtype=torch.long)
+            for j, (i, s) in enumerate(zip(rows, seqs)):
+                for r in (j, j + len(rows)):  # full image rows, then dropped-image rows
+                    ids[r, :len(s)], att[r, :len(s)] = torch.tensor(s), 1
+                att[j + len(rows), :len(prompts[i])] = blind_keep[i]
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=att.to(device),
+                               pixel_values=pixels[rows + rows].to(device, dtype)).logits
+            last = torch.tensor([len(s) - 1 for s in seqs] * 2, device=device)
+            out = logits[torch.arange(len(last), device=device), last].float().cpu()
+            return out[:len(rows)], out[len(rows):]
+
+        none = [set() for _ in chunk]
+        answers, shifts = decode_with_replacement(next_logits, len(chunk), none, max_new_tokens, tok.eos_token_id)
+        levels = [hscr_levels(s, n) for s in shifts]
+        l1, _ = decode_with_replacement(next_logits, len(chunk), [a for a, _ in levels], max_new_tokens, tok.eos_token_id)
+        l2, _ = decode_with_replacement(next_logits, len(chunk), [b for _, b in levels], max_new_tokens, tok.eos_token_id)
+        for it, y, y1, y2 in zip(chunk, answers, l1, l2):
+            y, y1, y2 = (tok.decode(a, skip_special_tokens=True).strip() for a in (y, y1, y2))
+            chosen = y if words(y) == words(it["answer"]) else it["answer"]
+            if words(chosen) in (words(y1), words(y2)):
+                same += 1
+                continue
+            one_level += words(y1) == words(y2)
+            triplets.append({"id": f"hscr-{it['id']}", "source": "hscr", "image": image_path(it["image_id"]),
+                             "rejected_image": None, "prompt": it["question"], "chosen": chosen, "rejected": y1,
+                             "rejected2": y2, "score": None, "weight": None,
+                             "provenance": f"HSCR decoding, greedy answer {y!r}, p={p}, n={n}"})
+        if log and (start // batch_size) % 4 == 3:
+            done = start + len(chunk)
+            log(f"  HSCR {done}/{len(items)} | {done / (time.time() - t0):.0f} questions/s")
+    model.train(was_training)
+    log(f"HSCR triplets: {len(triplets)} of {len(items)} questions ({same} dropped: y_w equals a dispreferred answer; "
+        f"{one_level} kept with y_l1 = y_l2)")
+    return triplets
+
+
+# -----------------------------------------------------------------------------
+# pair building for each objective, in one place
+
+def heatmap_tool(name, model=None, processor=None, prompt_format="plain", store=None, device=None):
+    """Where the lesion is, for Strategy 2: 'detector' (noise.detect_lesions), 'mask' (ground-truth
+    masks or boxes), or 'attention' (the target model's own attention, as a callable)."""
+    if name == "attention":
+        return attention_tool(model, processor, prompt_format, store.pixels, device)
+    return name
+
+
+def build_mmedpo_pairs(model, processor, cfg, train_qa, store, pairs_dir, device, log=print):
+    """Strategy 1 (text) and Strategy 2 (visual) pairs with their clinical-relevance scores.
+    cfg holds the pair settings (train.py's flags). returns (pairs, complete): complete is False when
+    a judge failed on some pair, so that the stage is not marked done with neutral weights."""
+    import score
+    rng = random.Random(cfg.seed)
+    judges = [score.parse_judge(j) for j in cfg.judge] or [score.RuleJudge()]
+    selector = score.parse_judge(cfg.selector) if cfg.selector else judges[0]
+    strategies, pairs, complete = cfg.strategies.split(","), [], True
+    image_of = lambda it: image_for_model(store.pil(it["image_id"]), cfg.pad_to_square)
+    if "text" in strategies:
+        items = rng.sample(train_qa, min(cfg.n_text, len(train_qa)))
+        log(f"Strategy 1: sampling {cfg.samples} answers for {len(items)} questions (temperature {cfg.temperature})")
+        samples = generate_answers(model, processor, [(image_of(it), it["question"]) for it in items], cfg.prompt_format,
+                                   batch_size=128, do_sample=True, temperature=cfg.temperature,
+                                   num_return_sequences=cfg.samples, generator_seed=cfg.seed,
+                                   max_new_tokens=cfg.sample_max_new_tokens, log=log)
+        samples = [[s] for s in samples] if cfg.samples == 1 else samples
+        text = build_text_pairs(items, samples, selector, store.path, cfg.seed, log)
+        if cfg.weighting != "none":
+            results = score.score_pairs(text, judges, os.path.join(pairs_dir, "judge_cache.jsonl"), cfg.workers,
+                                        cfg.rounds, log)
+            for p, r in zip(text, results):
+                p["score"] = r["score"]
+                p["provenance"] += f"; score {r['status']} by {'consensus' if r['consensus'] else 'mean'} of " \
+                                   f"{[h['judge'] for h in r['history']]}"
+            complete = not any(r["status"] == "failed" for r in results)
+        pairs += text
+    if "visual" in strategies:
+        candidates = [it for it in train_qa if cfg.heatmap != "mask" or store.has_lesion(it["image_id"])]
+        items = rng.sample(candidates, min(cfg.n_visual, len(candidates)))
+        log(f"Strategy 2: {cfg.noise} noise at k={cfg.noise_step} on {len(items)} images, heatmap {cfg.heatmap}")
+        tool = heatmap_tool(cfg.heatmap, model, processor, cfg.prompt_format, store, device)
+        pairs += build_visual_pairs(items, store, pairs_dir, tool, cfg.noise, cfg.noise_step, cfg.seed, log)
+    return assign_weights(pairs, cfg.weighting, log), complete
+
+
+def build_hscr_pairs(model, processor, cfg, train_qa, store, pairs_dir, device, log=print):
+    """HSCR triplets for --n-text training questions (weights 1). returns (triplets, True)."""
+    items = random.Random(cfg.seed).sample(train_qa, min(cfg.n_text, len(train_qa)))
+    log(f"HSCR: contrastive decoding on {len(items)} questions (p={cfg.hscr_p}, n={cfg.hscr_n})")
+    image_of = lambda it: image_for_model(store.pil(it["image_id"]), cfg.pad_to_square)
+    triplets = build_hscr_triplets(model, processor, items, image_of, store.path, cfg.prompt_format, cfg.hscr_p,
+                                   cfg.hscr_n, cfg.sample_max_new_tokens, cfg.seed, log=log)
+    return assign_weights(triplets, "none"), True
+
+
+def image_for_model(image, pad):
+    """The PIL image as the model sees it: LLaVA pads to a square with the mean colour when asked."""
+    return pad_to_square(image) if pad else image
+
+
+# -----------------------------------------------------------------------------
+# training batches: every record tokenised once, k responses per record
+
+def record_rows(record):
+    """The (image path, response) rows of one record, in the objective's order: chosen, rejected
+    (on the noised image for a visual pair), and for HSCR the second rejected answer."""
+    rows = [(record["image"], record["chosen"]), (record.get("rejected_image") or record["image"], record["rejected"])]
+    if record.get("rejected2") is not None:
+        rows.append((record["image"], record["rejected2"]))
+    return rows
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Records (pairs or triplets) as encoded rows. Each record is tokenised on first use and kept,
+    so that a step is model compute only; pixel values are kept too when `cache_pixels` (the tiny
+    default), else computed again each time (real datasets; DataLoader workers prefetch them).
+    item i -> list of k row dicts {input_ids (T,), labels (T,), pixel_values (3, H, W)}."""
+
+    def __init__(self, records, processor, load_image, prompt_format="plain", max_length=None, stats=None,
+                 cache_pixels=True):
+        self.records, self.processor, self.load_image = records, processor, load_image
+        self.prompt_format, self.max_length, self.stats, self.cache_pixels = prompt_format, max_length, stats, cache_pixels
+        self.cache = {}
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        if i in self.cache:
+            return self.cache[i]
+        rows = []
+        for path, response in record_rows(self.records[i]):
+            enc = encode_rows(self.processor, [(self.load_image(path), self.records[i]["prompt"], response)],
+                              self.prompt_format, self.max_length, self.stats)
+            rows.append({k: v[0] for k, v in enc.items()})
+        if self.cache_pixels:
+            self.cache[i] = rows
+        return rows
+
+
+def collate_records(batch, pad_id):
+    """A list of B records of k rows each -> one batch of k*B rows, response-major (every chosen row,
+    then every rejected row, ...), right-padded: {input_ids, attention_mask, labels (kB, T), pixel_values}."""
+    rows = [rec[j] for j in range(len(batch[0])) for rec in batch]
+    T = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention[i, :n] = r["input_ids"], r["labels"], 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+            "pixel_values": torch.stack([r["pixel_values"] for r in rows])}
+
+
+WEIGHTINGS = ("z", "raw", "none")
+
+
+def assign_weights(pairs, weighting="z", log=None):
+    """Each pair's loss weight from its clinical-relevance score.
+    z     the paper's Z(.) per source (text and visual scores live on different scales)
+    raw   the score as it is (the authors' trainer on their released weighted_score, 0..1)
+    none  every weight 1 (plain DPO)
+    Unscored pairs get 1 (the neutral weight) under every choice. A source whose scores are all
+    equal gets uniform weights under z; that is said out loud, since it switches CRS off for it."""
     from mmedpo import normalize_scores
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}: {', '.join(WEIGHTINGS)}")
     for p in pairs:
         p["weight"] = 1.0
-    if not crs:
+    if weighting == "none":
         return pairs
     for source in sorted({p["source"] for p in pairs}):
         scored = [p for p in pairs if p["source"] == source and p["score"] is not None]
-        if scored:
-            for p, w in zip(scored, normalize_scores([p["score"] for p in scored]).tolist()):
-                p["weight"] = w
+        if not scored:
+            continue
+        scores = [p["score"] for p in scored]
+        weights = scores if weighting == "raw" else normalize_scores(scores).tolist()
+        for p, w in zip(scored, weights):
+            p["weight"] = float(w)
+        if log and weighting == "z" and len(set(scores)) == 1 and len(scores) > 1:
+            log(f"      WARNING: every {source} pair has the score {scores[0]}: their weights are all 1, "
+                f"so clinical-relevance weighting does nothing for {source} pairs")
     return pairs
 
 

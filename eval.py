@@ -1,16 +1,24 @@
-"""Evaluation as in LLaVA-Med: open-question recall, closed-question accuracy, report BLEU-1..4 and ROUGE-L.
+"""Evaluation: Med-VQA open recall and closed accuracy (LLaVA-Med), report BLEU-1..4 and ROUGE-L
+(pycocoevalcap, as R2Gen and MMedPO's Table 1).
 
-Normalization: lower-case, punctuation to spaces, articles dropped, number words to digits.
-    open recall   = |ground-truth tokens found in the prediction| / |ground-truth tokens|
-    closed        = 1 if the ground-truth yes/no appears in the prediction
-    BLEU-n        corpus BLEU with the closest reference length (pycocoevalcap's convention)
-    ROUGE-L       LCS F-measure with beta = 1.2, averaged over sentences (pycocoevalcap)
+VQA answers are normalized as LLaVA-Med does: lower-case, punctuation to spaces, articles dropped,
+number words to digits. Two rule sets score them (`--vqa-scoring`):
+    ours (default)  open   = |ground-truth tokens found in the prediction| / |ground-truth tokens|
+                    closed = 1 if the ground-truth answer occurs in the prediction as whole words
+    llava-med       LLaVA-Med's llava/eval/run_eval.py, for comparing with published tables:
+                    closed = 0 unless "yes" or "no" occurs in the prediction as a substring, then 1 iff
+                             the ground truth is a substring of it ("a nodule" contains "no")
+                    open   = tp / (tp + fn): tp counts the prediction's occurrences of shared words,
+                             fn the ground-truth words the prediction lacks
+Reports are tokenized the PTB way (lower-case, punctuation removed, articles kept):
+    BLEU-n    corpus BLEU with the closest reference length (pycocoevalcap's convention)
+    ROUGE-L   LCS F-measure with beta = 1.2, averaged over reports (pycocoevalcap)
 
 Also the pictures a run leaves behind (noised pairs, training curves, attention before/after, as in
-the paper's Figure 5) and `attention_tool`, the target model's own attention as a lesion heatmap.
+the paper's Figure 5).
 
-    python eval.py --model out/base                               # the tiny base on the synthetic test split
-    python eval.py --model out/base --adapter out/mmedpo/adapter  # with a trained adapter
+    python eval.py --model assets/tiny-base                                 # the tiny base, synthetic test split
+    python eval.py --model assets/tiny-base --adapter out/mmedpo/adapter    # with a trained adapter
 
 Tests:  python -m pytest -q tests/test_eval.py
 """
@@ -21,11 +29,19 @@ from collections import Counter, defaultdict
 
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
+VQA_SCORING = ("ours", "llava-med")
 
 
 def normalize(text):
+    """VQA answer tokens: lower-case, punctuation to spaces, articles dropped, number words to digits."""
     words = re.sub(r"[^\w\s]", " ", str(text).lower()).split()
     return [NUMBERS.get(w, w) for w in words if w not in ARTICLES]
+
+
+def report_tokens(text):
+    """Report tokens as pycocoevalcap's PTB tokenizer leaves them: lower-case, punctuation tokens removed,
+    articles and numbers kept; a word with an inner hyphen or apostrophe stays one token ("x-ray")."""
+    return re.findall(r"[^\W_]+(?:['-][^\W_]+)*", str(text).lower())
 
 
 def open_recall(prediction, truth):
@@ -41,15 +57,31 @@ def closed_correct(prediction, truth):
     return float(bool(gt) and re.search(rf"\b{re.escape(gt)}\b", pred) is not None)
 
 
-def bleu(predictions, references, max_n=4):
+def llava_med_closed(prediction, truth):
+    """LLaVA-Med's closed rule: a miss unless 'yes' or 'no' is a substring of the prediction, then a hit
+    iff the ground truth is a substring of it."""
+    gt, pred = " ".join(normalize(truth)), " ".join(normalize(prediction))
+    return float(("yes" in pred or "no" in pred) and gt in pred)
+
+
+def llava_med_open(prediction, truth):
+    """LLaVA-Med's open recall tp / (tp + fn): tp counts the prediction's occurrences of every word it
+    shares with the ground truth, fn the ground-truth occurrences of words the prediction lacks."""
+    pred, gt = Counter(normalize(prediction)), Counter(normalize(truth))
+    tp = sum(n for w, n in pred.items() if w in gt)
+    fn = sum(n for w, n in gt.items() if w not in pred)
+    return tp / (tp + fn) if tp + fn else 0.0
+
+
+def bleu(predictions, references, max_n=4, tokenize=report_tokens):
     """Corpus BLEU-1..max_n. references: one string or a list of strings per prediction."""
     tiny, small = 1e-15, 1e-9  # pycocoevalcap's guards against log(0)
     match, total = [0] * max_n, [0] * max_n
     cand_len = ref_len = 0
     for pred, refs in zip(predictions, references):
         refs = [refs] if isinstance(refs, str) else refs
-        c = normalize(pred)
-        rs = [normalize(r) for r in refs]
+        c = tokenize(pred)
+        rs = [tokenize(r) for r in refs]
         cand_len += len(c)
         ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]  # closest reference length
         for n in range(1, max_n + 1):
@@ -76,14 +108,15 @@ def _lcs(a, b):
     return row[-1]
 
 
-def rouge_l(predictions, references, beta=1.2):
+def rouge_l(predictions, references, beta=1.2, tokenize=report_tokens):
+    """Mean over predictions of the LCS F-measure against the best-matching references."""
     scores = []
     for pred, refs in zip(predictions, references):
         refs = [refs] if isinstance(refs, str) else refs
-        c = normalize(pred)
+        c = tokenize(pred)
         precs, recs = [], []
         for r in refs:
-            r = normalize(r)
+            r = tokenize(r)
             lcs = _lcs(c, r)
             precs.append(lcs / len(c) if c else 0.0)
             recs.append(lcs / len(r) if r else 0.0)
@@ -92,22 +125,25 @@ def rouge_l(predictions, references, beta=1.2):
     return sum(scores) / max(len(scores), 1)
 
 
-def vqa_metrics(items, predictions):
-    """items: [{answer, type: open|closed|report, qtype}], predictions: [str].
-    returns {closed, open, n_closed, n_open, per_qtype: {qtype: score}} and, when there are report
-    items, {bleu: [BLEU-1..4], bleu_mean, rouge_l, n_report}."""
+def vqa_metrics(items, predictions, scoring="ours"):
+    """items: [{answer, type: open|closed|report, qtype}], predictions: [str]; scoring: ours | llava-med.
+    returns {closed, open, n_closed, n_open, per_qtype: {qtype: score}, scoring} and, when there are
+    report items, {bleu: [BLEU-1..4], bleu_mean, rouge_l, n_report}."""
+    if scoring not in VQA_SCORING:
+        raise ValueError(f"unknown VQA scoring {scoring!r}: {' or '.join(VQA_SCORING)}")
+    closed_fn, open_fn = (closed_correct, open_recall) if scoring == "ours" else (llava_med_closed, llava_med_open)
     by_type, by_qtype = defaultdict(list), defaultdict(list)
     reports = [(pred, it["answer"]) for it, pred in zip(items, predictions) if it["type"] == "report"]
     for it, pred in zip(items, predictions):
         if it["type"] == "report":
             continue
-        s = closed_correct(pred, it["answer"]) if it["type"] == "closed" else open_recall(pred, it["answer"])
+        s = closed_fn(pred, it["answer"]) if it["type"] == "closed" else open_fn(pred, it["answer"])
         by_type[it["type"]].append(s)
         by_qtype[it.get("qtype", it["type"])].append(s)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     result = {"closed": mean(by_type["closed"]), "open": mean(by_type["open"]),
               "n_closed": len(by_type["closed"]), "n_open": len(by_type["open"]),
-              "per_qtype": {k: mean(v) for k, v in sorted(by_qtype.items())}}
+              "per_qtype": {k: mean(v) for k, v in sorted(by_qtype.items())}, "scoring": scoring}
     if reports:
         b = bleu([p for p, _ in reports], [r for _, r in reports])
         result.update({"bleu": b, "bleu_mean": sum(b) / 4, "rouge_l": rouge_l([p for p, _ in reports], [r for _, r in reports]),
@@ -128,56 +164,15 @@ def answer_prior(train_items):
     return predict
 
 
-def generate_answers(model, processor, rows, prompt_format="plain", batch_size=64, max_new_tokens=16,
-                     do_sample=False, temperature=1.0, num_return_sequences=1, generator_seed=None, log=None):
-    """Answers for rows of (PIL image, question): greedy by default, or `num_return_sequences` samples.
-    returns a list (one per row) of strings, or of lists of strings when sampling several."""
-    import time
-    import torch
-    from data import check_prompt_format, format_prompt
-    check_prompt_format(prompt_format, processor)
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right end
-    device = next(model.parameters()).device
-    out, t0 = [], time.time()
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            enc = processor(images=[im for im, _ in chunk], text=[format_prompt(processor, prompt_format, q) for _, q in chunk],
-                            return_tensors="pt", padding=True).to(device)
-            if "pixel_values" in enc:
-                enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
-            with torch.no_grad():
-                gen = model.generate(**enc, do_sample=do_sample, temperature=temperature if do_sample else None,
-                                     top_p=None, top_k=None, max_new_tokens=max_new_tokens,
-                                     num_return_sequences=num_return_sequences,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            texts = [t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-            if num_return_sequences == 1:
-                out += texts
-            else:
-                out += [texts[j:j + num_return_sequences] for j in range(0, len(texts), num_return_sequences)]
-            if log and (i // batch_size) % 10 == 9:
-                done = min(i + batch_size, len(rows))
-                rate = done / (time.time() - t0)
-                log(f"  generated {done}/{len(rows)} | {rate:.0f} prompts/s | ETA {(len(rows) - done) / rate:.0f}s")
-    finally:
-        tok.padding_side = side
-        model.train(was_training)
-    return out
-
-
-def evaluate(model, processor, items, image_of, prior=None, prompt_format="plain", batch_size=64, log=None):
+def evaluate(model, processor, items, image_of, prior=None, prompt_format="plain", batch_size=64, log=None,
+             max_new_tokens=16, scoring="ours"):
     """Greedy answers to every test item, scored; with the answer prior's score beside it if given."""
+    from data import generate_answers
     preds = generate_answers(model, processor, [(image_of(it), it["question"]) for it in items],
-                             prompt_format, batch_size, log=log)
-    result = vqa_metrics(items, preds)
+                             prompt_format, batch_size, max_new_tokens=max_new_tokens, log=log)
+    result = vqa_metrics(items, preds, scoring)
     if prior is not None:
-        result["prior"] = vqa_metrics(items, [prior(it) for it in items])
+        result["prior"] = vqa_metrics(items, [prior(it) for it in items], scoring)
     return result, preds
 
 
@@ -189,6 +184,7 @@ def format_table(rows):
         for name, r in rows.items():
             lines.append(f"{name:14s} {100 * r['bleu_mean']:7.2f} {100 * r['rouge_l']:8.2f} " +
                          " ".join(f"{100 * b:7.2f}" for b in r["bleu"]))
+        lines.append("BLEU is the mean of BLEU-1..4; reports tokenized as pycocoevalcap (articles kept)")
         return "\n".join(lines)
     qtypes = sorted({q for r in rows.values() for q in r["per_qtype"]})
     head = f"{'':14s} {'closed':>7s} {'open':>7s} " + " ".join(f"{q[:9]:>9s}" for q in qtypes)
@@ -196,39 +192,15 @@ def format_table(rows):
     for name, r in rows.items():
         lines.append(f"{name:14s} {r['closed']:7.3f} {r['open']:7.3f} " +
                      " ".join(f"{r['per_qtype'].get(q, float('nan')):9.3f}" for q in qtypes))
+    scoring = {r.get("scoring", "ours") for r in rows.values()}
+    lines.append(f"VQA scoring: {', '.join(sorted(scoring))}" +
+                 (" (whole-word matches)" if scoring == {"ours"} else " (LLaVA-Med's run_eval.py rules)"
+                  if scoring == {"llava-med"} else ""))
     return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
-# pictures (PIL only) and the model's attention as a visual tool
-
-def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
-    """The target model as its own visual tool: item -> (heatmap, confidence) from the attention of
-    the answer tokens to the image tokens in the last `layers` language-model layers."""
-    import numpy as np
-    import torch
-    import data
-    from noise import attention_heatmap
-    image_token = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
-    dtype = next(model.parameters()).dtype
-
-    def model_attention(item):
-        pixels = pixels_of(item["image_id"])
-        batch = data.encode_rows(processor, [(data.to_pil(pixels), item["question"], item["answer"])], fmt)
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")  # fused attention kernels do not return the weights
-        try:
-            with torch.no_grad():
-                inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else None)
-                          for k, v in batch.items() if k != "labels"}
-                out = model(**inputs, output_attentions=True)
-        finally:
-            model.set_attn_implementation(previous)
-        stacked = torch.stack([a[0] for a in out.attentions[-layers:]]).float().cpu()  # (layers, heads, T, T)
-        return attention_heatmap(stacked, batch["input_ids"][0] == image_token,
-                                 batch["labels"][0] != data.IGNORE_INDEX, np.asarray(pixels).shape)
-    return model_attention
-
+# pictures (PIL only)
 
 def save_attention_figure(model, processor, items, pixels_of, fmt, device, path, scale=4):
     """For a few test questions: the image, the attention overlay of the base model (adapter off)
@@ -236,6 +208,7 @@ def save_attention_figure(model, processor, items, pixels_of, fmt, device, path,
     import numpy as np
     from PIL import Image
     import lora
+    from data import attention_tool
     tool = attention_tool(model, processor, fmt, pixels_of, device)
     rows = []
     for it in items:
@@ -255,15 +228,12 @@ def save_attention_figure(model, processor, items, pixels_of, fmt, device, path,
 
 
 def save_noise_grid(pairs, path, n=4, scale=4):
-    """Clean image | heatmap | noised image, one row per visual pair."""
-    import os
+    """Clean image | heatmap | noised image, one row per visual pair that names its heatmap file."""
     from PIL import Image
-    rows = [p for p in pairs if p["source"] == "visual"][:n]
+    rows = [p for p in pairs if p["source"] == "visual" and p.get("heatmap")][:n]
     if not rows:
         return
-    ims = [[Image.open(p["image"]), Image.open(os.path.join(os.path.dirname(os.path.dirname(p["rejected_image"])),
-                                                            "heatmaps", p["id"] + ".png")), Image.open(p["rejected_image"])]
-           for p in rows]
+    ims = [[Image.open(p["image"]), Image.open(p["heatmap"]), Image.open(p["rejected_image"])] for p in rows]
     w, h = ims[0][0].size
     grid = Image.new("L", (3 * w * scale, len(rows) * h * scale))
     for r, row in enumerate(ims):
@@ -301,7 +271,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Med-VQA / report evaluation of a model (and adapter), Table 1 columns")
     ap.add_argument("--model", required=True, help="folder with a saved LLaVA model and processor")
     ap.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
-    ap.add_argument("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray"])
+    ap.add_argument("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray", "mimic-cxr"])
     ap.add_argument("--data-dir", default=None, help="folder of the downloaded dataset")
     ap.add_argument("--split", default="test")
     ap.add_argument("--max-items", type=int, default=None, help="evaluate the first N items only")
@@ -314,6 +284,10 @@ def main(argv=None):
     ap.add_argument("--pad-to-square", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="generation cap; default per task: 16 synthetic, 64 Med-VQA, 256 reports")
+    ap.add_argument("--vqa-scoring", default="ours", choices=VQA_SCORING,
+                    help="ours (whole words) or llava-med (LLaVA-Med run_eval.py's rules, to compare with published tables)")
     ap.add_argument("--out", default=None, help="write the predictions as JSONL here (to re-score them later)")
     args = ap.parse_args(argv)
     import torch
@@ -336,8 +310,9 @@ def main(argv=None):
         items, store = data.LOADERS[args.data](args.data_dir, args.split)
     items = items[:args.max_items] if args.max_items else items
     image_of = lambda it: data.pad_to_square(store.pil(it["image_id"])) if args.pad_to_square else store.pil(it["image_id"])
+    max_new_tokens = args.max_new_tokens or data.MAX_NEW_TOKENS[args.data][1]
     result, preds = evaluate(model, processor, items, image_of, answer_prior(train_items), args.prompt_format,
-                             args.batch_size, log=print)
+                             args.batch_size, log=print, max_new_tokens=max_new_tokens, scoring=args.vqa_scoring)
     print(format_table({"model": result, "answer prior": result["prior"]}))
     if args.out:
         data.write_jsonl(args.out, [{**it, "prediction": p} for it, p in zip(items, preds)])

@@ -1,10 +1,15 @@
-"""The math of MMedPO: sequence log-probs, clinical-score normalization and the weighted DPO loss.
+"""The math of the objectives: token and sequence log-probs, clinical-score normalization, and one
+loss per objective (MMedPO's weighted DPO, HSCR's multi-level loss).
 
-Pure tensor functions, torch only: copy this file into another project and it works.
+Pure tensor functions, torch only: copy this file into another project and it works. Every loss
+returns per-example losses (the caller reduces, e.g. with .mean()) and the detached rewards it logs.
 
-    sequence_logps(logits, labels)          sum_t log pi(y_t | y_<t, x) over response tokens
+    token_logps(logits, labels)             log pi(y_t | y_<t, x) per response token, and its mask
+    sequence_logps(logits, labels)          their sum over the response
     normalize_scores(scores)                Z(.) of the paper (Sec. 3.3, App. B)
     mmedpo_loss(...)                        weighted DPO, paper Eq. 3
+    hscr_step_scores(full, dropped, tokens) HSCR's logit shift and implicit reward per step (our reading)
+    hscr_loss(...)                          HSCR's multi-level preference loss (our reading)
 
 Run its tests with:  python -m pytest -q tests/test_mmedpo.py
 """
@@ -16,16 +21,16 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # label value of prompt, image and padding positions
 
 
-def sequence_logps(logits, labels):
-    """Summed log-probability of the response tokens of each sequence.
+def token_logps(logits, labels):
+    """Log-probability of every response token, and which positions are response tokens.
 
     logits: (B, T, V) any float dtype; upcast to float32 before log_softmax, because bf16
             log-probs summed over a long answer drift by whole nats.
     labels: (B, T) long; IGNORE_INDEX (-100) at prompt, image and padding positions.
-    returns (B,) float32: sum over t of log p(labels[:, t+1] | logits[:, t]).
+    returns (logps (B, T-1) float32, mask (B, T-1) bool): logps[:, t] = log p(labels[:, t+1] | logits[:, t]),
+    0 where mask is False.
 
-    Position t predicts token t+1 (the one-token shift of causal LMs). The sum is not
-    length-normalized, as in DPO (Rafailov et al. 2023) and TRL's `sigmoid` loss.
+    Position t predicts token t+1 (the one-token shift of causal LMs).
     """
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} "
@@ -36,8 +41,18 @@ def sequence_logps(logits, labels):
     targets = labels[:, 1:]                      # (B, T-1)
     mask = targets != IGNORE_INDEX
     safe_targets = targets.masked_fill(~mask, 0)  # any valid index; masked out below
-    token_logps = torch.gather(logits.log_softmax(-1), 2, safe_targets.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1)
+    logps = torch.gather(logits.log_softmax(-1), 2, safe_targets.unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask
+
+
+def sequence_logps(logits, labels):
+    """Summed log-probability of the response tokens of each sequence: (B,) float32.
+
+    The masked sum of `token_logps`; not length-normalized, as in DPO (Rafailov et al. 2023) and
+    TRL's `sigmoid` loss. Shapes and conventions as in `token_logps`.
+    """
+    logps, _ = token_logps(logits, labels)
+    return logps.sum(-1)
 
 
 def normalize_scores(scores, mu=1.0, var=0.1, lo=0.75, hi=1.25):
@@ -68,32 +83,88 @@ def normalize_scores(scores, mu=1.0, var=0.1, lo=0.75, hi=1.25):
     return (mu + math.sqrt(var) * z).clamp(lo, hi).float()
 
 
+def _check_same_shape(name, tensors):
+    shapes = [tuple(t.shape) for t in tensors]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] == 0:
+        raise ValueError(f"{name}: expected {len(tensors)} non-empty (B,) tensors of one shape, got {shapes}")
+
+
+def _weights_like(weights, like):
+    """Per-example weights as a detached tensor like `like`; None means all 1."""
+    if weights is None:
+        return torch.ones_like(like)
+    return torch.as_tensor(weights, dtype=like.dtype, device=like.device).detach()
+
+
 def mmedpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 weights, beta=0.1):
-    """Weighted DPO loss of MMedPO (paper Eq. 3).
+    """Weighted DPO loss of MMedPO (paper Eq. 3), per pair.
 
         L = mean_i [ -w_i * log sigmoid( beta * (log pi(y_w|x) - log ref(y_w|x))
                                         - beta * (log pi(y_l|x*) - log ref(y_l|x*)) ) ]
 
     x* is the noised image for visual pairs and x itself for text pairs; the caller puts the
     right log-probs in. The weight multiplies the whole per-pair loss (outside the log-sigmoid)
-    and the mean is a plain mean over the batch, not divided by sum(w). Weights carry no
-    gradient. With all weights 1 this is plain DPO.
+    and the paper's mean is a plain mean over the batch (the caller's .mean()), not divided by
+    sum(w). Weights carry no gradient. With all weights 1 this is plain DPO.
 
     all inputs: (B,) float tensors. beta is the paper's alpha (0.1 by default).
-    returns (loss scalar, chosen_rewards (B,), rejected_rewards (B,)); rewards are
+    returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); rewards are
     beta * (log pi - log ref), detached, for logging.
     """
     tensors = [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps]
-    weights = torch.as_tensor(weights, dtype=policy_chosen_logps.dtype,
-                              device=policy_chosen_logps.device)
-    shapes = [tuple(t.shape) for t in tensors + [weights]]
-    if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] == 0:
-        raise ValueError(f"expected five non-empty (B,) tensors of one shape, got {shapes}")
+    weights = torch.as_tensor(weights, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
+    _check_same_shape("mmedpo_loss", tensors + [weights])
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
     losses = -weights.detach() * F.logsigmoid(logits)
     chosen_rewards = (beta * chosen_logratios).detach()
     rejected_rewards = (beta * rejected_logratios).detach()
-    return losses.mean(), chosen_rewards, rejected_rewards
+    return losses, chosen_rewards, rejected_rewards
+
+
+# -----------------------------------------------------------------------------
+# HSCR (Hierarchical Self-Contrastive Rewarding, arXiv 2506.00805). The published summary gives no
+# equations: what follows is our reading, and every free value (p, n, lambda) is ours, not the paper's.
+
+def hscr_step_scores(full_logits, dropped_logits, tokens):
+    """Per decoding step, how much the next-token distribution depends on the image.
+
+        shift_t  = KL( pi(.|x, v, y<t) || pi(.|x, D_p(v), y<t) )
+        reward_t = log pi(y_t|x, v, y<t) - log pi(y_t|x, D_p(v), y<t)
+
+    full_logits, dropped_logits: (..., V) next-token logits with the full image and with a fraction
+    of its tokens hidden (D_p); tokens: (...) long, the token emitted at each step.
+    returns (shift (...), reward (...)) float32. The modality-coupled steps are those of largest shift.
+    """
+    if full_logits.shape != dropped_logits.shape or full_logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"expected two (..., V) logits and (...) tokens; got {tuple(full_logits.shape)}, "
+                         f"{tuple(dropped_logits.shape)}, {tuple(tokens.shape)}")
+    logp, logq = full_logits.float().log_softmax(-1), dropped_logits.float().log_softmax(-1)
+    shift = (logp.exp() * (logp - logq)).sum(-1)
+    index = tokens.long().unsqueeze(-1)
+    reward = (logp.gather(-1, index) - logq.gather(-1, index)).squeeze(-1)
+    return shift, reward
+
+
+def hscr_loss(policy_w, policy_l1, policy_l2, ref_w, ref_l1, ref_l2, beta=0.1, lam=1.0, weights=None):
+    """HSCR's multi-level preference loss, y_w > y_l1 > y_l2, per example (our reading).
+
+        D(y) = log pi(y|x) - log ref(y|x)
+        L = -log s(b(D_w - D_l1)) - log s(b(D_w - D_l2)) + lam * [-log s(b(D_l1 - D_l2))]
+
+    two explicit terms (the preferred answer over each dispreferred one) and an implicit one (the
+    less corrupted answer over the more corrupted). An optional per-example weight (MMedPO's clinical
+    relevance) multiplies the whole loss and carries no gradient.
+
+    all inputs: (B,) float tensors. returns (losses (B,), {"margin_w_l1", "margin_w_l2", "margin_l1_l2"}:
+    the detached reward margins b*(D_a - D_b), for logging).
+    """
+    tensors = [policy_w, policy_l1, policy_l2, ref_w, ref_l1, ref_l2]
+    _check_same_shape("hscr_loss", tensors)
+    d_w, d_l1, d_l2 = policy_w - ref_w, policy_l1 - ref_l1, policy_l2 - ref_l2
+    m_w1, m_w2, m_12 = beta * (d_w - d_l1), beta * (d_w - d_l2), beta * (d_l1 - d_l2)
+    losses = -F.logsigmoid(m_w1) - F.logsigmoid(m_w2) - lam * F.logsigmoid(m_12)
+    losses = _weights_like(weights, losses) * losses
+    return losses, {"margin_w_l1": m_w1.detach(), "margin_w_l2": m_w2.detach(), "margin_l1_l2": m_12.detach()}

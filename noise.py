@@ -124,6 +124,23 @@ def smooth_heatmap(heatmap, sigma):
     return s / peak if peak > 0 else s
 
 
+def mask_confidence(image, mask, ring_sigma=None):
+    """How visible a masked lesion is, as the visual tool's confidence for ground-truth masks:
+    c = |mean(x inside) - mean(x in a ring just outside)|, confidence = c / (c + std(ring)), in [0, 1).
+    0 for a lesion that looks like its surroundings, towards 1 for one that stands out clearly.
+    image, mask: (H, W); returns a float (0 for an empty mask or one with no ring around it)."""
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+    m = torch.as_tensor(np.asarray(mask)) > 0
+    if not m.any():
+        return 0.0
+    sigma = ring_sigma or max(1.0, 0.04 * max(x.shape))
+    ring = (gaussian_blur(m.float(), sigma) > 0.05) & ~m
+    if ring.sum() < 2:
+        return 0.0
+    contrast = (x[m].mean() - x[ring].mean()).abs()
+    return float(contrast / (contrast + x[ring].std() + 1e-6))
+
+
 def blob_isotropy(g):
     """Per pixel, how round a bright structure of the smoothed image g (H, W) is, in [0, 1]: with
     l1 <= l2 the eigenvalues of the Hessian, l2 / l1 where both are negative (a bright blob curves

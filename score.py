@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-PROMPT_VERSION = "v1"  # part of the cache key: change it when a prompt changes
+PROMPT_VERSION = "v2"  # part of the cache key: change it when a prompt or the consensus rule changes
 
 
 class JudgeError(RuntimeError):
@@ -360,15 +360,19 @@ def ask_score(judge, question, truth, rejected, previous=None):
 
 def consensus(judges, question, truth, rejected, rounds=5):
     """Chained consensus (paper Sec. 3.2.1): judges take turns in a fixed, cycling order; each sees
-    the last score given and agrees (adopts it) or proposes its own. Consensus when one full cycle
-    (the last g turns) gave the same score from every judge that answered, i.e. the last g scores
-    of the history S are equal when nobody abstained. After `rounds` cycles without it: mean(S).
+    the last score given and agrees (adopts it) or proposes its own. The walk stops at consensus, when
+    one full cycle (the last g turns) gave the same score from every judge that answered (the last g
+    scores of the history S are equal when nobody abstained), or after `rounds` cycles. Either way the
+    score is the mean of S, as the paper: "iterate until a consensus is reached or the maximum number
+    of rounds is met, then compute the average s = sum s_i / |S|". Abstentions stay out of S.
+    Example, two judges: 7, then 5, then 5 (agreed) -> consensus, score (7 + 5 + 5) / 3 = 5.67.
 
     returns {score (float or None if every turn abstained), consensus (bool), history [turn dicts]}.
     Raises JudgeError if a judge cannot be reached."""
     g, history, scores = len(judges), [], []
     if g == 0:
         raise ValueError("consensus needs at least one judge")
+    agreed = False
     for turn in range(rounds * g):
         entry = ask_score(judges[turn % g], question, truth, rejected, scores[-1] if scores else None)
         history.append(entry)
@@ -377,8 +381,9 @@ def consensus(judges, question, truth, rejected, rounds=5):
         scores.append(entry["score"])
         cycle = [h["score"] for h in history[-g:] if not h["abstained"]]
         if turn >= g - 1 and len(set(cycle)) == 1:
-            return {"score": float(cycle[0]), "consensus": True, "history": history}
-    return {"score": sum(scores) / len(scores) if scores else None, "consensus": False, "history": history}
+            agreed = True
+            break
+    return {"score": sum(scores) / len(scores) if scores else None, "consensus": agreed, "history": history}
 
 
 def select_dispreferred(judge, question, truth, candidates):

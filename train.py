@@ -1,16 +1,22 @@
-"""MMedPO end to end: base model -> preference pairs (text + visual) -> clinical-relevance weights ->
-weighted DPO with LoRA -> evaluation before and after.
+"""Preference training of a medical VLM end to end: base model -> preference data (MMedPO's text and
+visual pairs, or HSCR's triplets) -> clinical-relevance weights -> reference log-probs -> LoRA training
+with the chosen objective -> evaluation before and after. The stages follow the paper's Algorithm 1.
 
-    python train.py                                   # the embedded default, a few minutes on a laptop CPU
-    python train.py --no-crs                          # ablation: every weight 1 (plain DPO)
+    python train.py                                   # MMedPO on the embedded default, under a minute on a laptop CPU
+    python train.py --objective dpo                   # the paper's DPO baseline: text pairs, every weight 1
+    python train.py --objective hscr                  # HSCR: self-contrastive triplets, multi-level loss
+    python train.py --weighting none                  # ablation: MMedPO's pairs, no clinical-relevance weights
     python train.py --noise global --heatmap mask     # ablation: global noise; ground-truth masks
     torchrun --nproc_per_node=2 train.py              # data parallel (gloo on CPU, nccl on CUDA)
     python train.py --model PATH --device cuda        # a transformers LLaVA checkpoint on a GPU
 
-Every stage writes under --out and is reused on the next run: base/ (tiny model), pairs/ (pairs.jsonl,
-PNGs, judge cache), RUN_NAME/ (checkpoint.pt, adapter/, metrics.json, log.jsonl, pictures).
+Every stage writes under --out and is reused on the next run when its inputs are unchanged:
+base (assets/tiny-base unless --base), pairs/OBJECTIVE.jsonl (+ PNGs, judge cache), and RUN_NAME/
+(eval_before.json, ref_logps.pt, checkpoint.pt, adapter/, metrics.json, log.jsonl, pictures).
 """
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -24,20 +30,24 @@ import torch.nn.functional as F
 
 import data
 import lora
-from mmedpo import mmedpo_loss, sequence_logps
+from mmedpo import hscr_loss, mmedpo_loss, sequence_logps
 
 
 def get_parser():
-    ap = argparse.ArgumentParser(description="MMedPO: clinical-aware multimodal preference optimization")
+    ap = argparse.ArgumentParser(description="Clinical-aware multimodal preference optimization (MMedPO, HSCR, DPO)")
     a = ap.add_argument
-    # where things go
+    # what is trained, and where things go
+    a("--objective", default="mmedpo", choices=["dpo", "mmedpo", "hscr"],
+      help="dpo: text pairs, weights 1 (the paper's DPO baseline); mmedpo: text + visual pairs with clinical-"
+           "relevance weights; hscr: self-contrastive triplets with the multi-level loss")
     a("--out", default="out", help="folder for every stage's output (reused when present)")
-    a("--run-name", default="mmedpo", help="subfolder of --out for this training run")
+    a("--run-name", default=None, help="subfolder of --out for this training run (default: the objective)")
     a("--resume", action="store_true", help="continue from RUN_NAME/checkpoint.pt")
     # model
     a("--model", default=None, help="a transformers LLaVA checkpoint folder; default: the tiny built-in model")
     a("--prompt-format", default="plain",
-      help="plain, mistral (LLaVA-Med v1.5: [INST] <image>\\n{question} [/INST]), chat (the processor's chat template), "
+      help="plain, vicuna (the LLaVA codebase's v1 conversation, as the MMedPO authors trained LLaVA-Med v1.5), "
+           "mistral ([INST] <image>\\n{question} [/INST]), chat (the processor's chat template), "
            "or a string with <image> and {question}")
     a("--pad-to-square", action="store_true", help="pad images to a square (LLaVA's preprocessing) before the processor")
     a("--trust-remote-code", action="store_true", help="allow a checkpoint's own code (off unless asked)")
@@ -54,15 +64,22 @@ def get_parser():
     a("--n-test", type=int, default=200, help="synthetic test images")
     a("--sft-steps", type=int, default=3000, help="SFT warm-up steps of the tiny base (batch 32)")
     a("--sft-lr", type=float, default=2e-3)
-    # preference data
-    a("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray"], help="dataset")
-    a("--data-dir", default=None, help="folder of a downloaded dataset (slake, vqa-rad, iu-xray)")
+    # data and evaluation
+    a("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray", "mimic-cxr"], help="dataset")
+    a("--data-dir", default=None, help="folder of a downloaded dataset")
     a("--max-test", type=int, default=None, help="evaluate on at most this many test items")
+    a("--max-new-tokens", type=int, default=None,
+      help="generation cap when evaluating; default per task: 16 synthetic, 64 Med-VQA, 256 reports")
+    a("--sample-max-new-tokens", type=int, default=None,
+      help="generation cap when sampling answers for pairs; default per task: 12 synthetic, 64 Med-VQA, 256 reports")
+    a("--vqa-scoring", default="ours", choices=["ours", "llava-med"],
+      help="ours (whole words) or llava-med (LLaVA-Med run_eval.py's substring rules, as in published tables)")
+    # preference data
     a("--pairs", default=None, help="train on a released MMedPO preference file (JSON) instead of building pairs")
     a("--images", default=None, help="image folder of --pairs")
     a("--export-pairs", default=None, help="also write the pairs as {prompt, chosen, rejected, images} JSONL here")
-    a("--strategies", default="text,visual", help="text (D_t), visual (D_v), or both")
-    a("--n-text", type=int, default=512, help="questions turned into text pairs")
+    a("--strategies", default="text,visual", help="mmedpo: text (D_t), visual (D_v), or both")
+    a("--n-text", type=int, default=512, help="questions turned into text pairs (HSCR: into triplets)")
     a("--n-visual", type=int, default=256, help="questions turned into visual pairs")
     a("--samples", type=int, default=3, help="answers sampled per question for Strategy 1")
     a("--temperature", type=float, default=1.0, help="sampling temperature for Strategy 1")
@@ -72,12 +89,19 @@ def get_parser():
       help="the strong LLM that selects or writes the hallucination (the paper's GPT-4o); default: the first judge")
     a("--workers", type=int, default=4, help="pairs scored concurrently")
     a("--rounds", type=int, default=5, help="consensus rounds")
-    a("--no-crs", action="store_true", help="no clinical-relevance weights (all 1): plain DPO")
+    a("--weighting", default="z", choices=list(data.WEIGHTINGS),
+      help="z: the paper's Z(.) per source; raw: the score as it is (the authors' trainer on their released "
+           "weighted_score); none: every weight 1")
+    a("--no-crs", action="store_true", help="the same as --weighting none")
     a("--noise", default="local", choices=["local", "global"], help="lesion-localized or whole-image noise")
     a("--noise-step", type=int, default=500, help="diffusion step k of the noise, in [0, 1000)")
     a("--heatmap", default="detector", choices=["detector", "mask", "attention"],
       help="where the lesion is: the DoG detector, ground-truth masks, or the model's own attention")
-    # DPO
+    # HSCR (our reading of arXiv 2506.00805; these values are ours, not the paper's)
+    a("--hscr-p", type=float, default=0.7, help="fraction of image tokens hidden by visual-token dropout")
+    a("--hscr-n", type=int, default=10, help="modality-coupled steps replaced for y_l2 (half of them for y_l1)")
+    a("--hscr-lambda", type=float, default=1.0, help="weight of the implicit y_l1 > y_l2 term")
+    # optimisation
     a("--beta", type=float, default=0.1, help="DPO temperature (the paper's alpha)")
     a("--lr", type=float, default=2e-4, help="peak learning rate of the LoRA weights")
     a("--epochs", type=int, default=3)
@@ -89,21 +113,35 @@ def get_parser():
     a("--lora-alpha", type=float, default=16)
     a("--lora-dropout", type=float, default=0.05)
     a("--lora-targets", default=lora.DEFAULT_TARGETS, help="regex of module names to adapt")
+    a("--loader-workers", type=int, default=None, help="DataLoader workers that prefetch batches (default: 4 on CUDA, 0 on CPU)")
     a("--ckpt-every", type=int, default=50, help="checkpoint every N optimizer steps")
-    a("--halt-at-step", type=int, default=None, help="exit right after the checkpoint of step N (to test --resume)")
+    a("--halt-at-step", type=int, default=None,
+      help="stop after the checkpoint of step N (to split a run across sessions); continue with --resume")
     a("--seed", type=int, default=0)
     return ap
 
 
 def check_args(ap, args):
+    finite = lambda v: v is not None and math.isfinite(v)
     bad = [(f, msg) for f, ok, msg in [
         ("--batch-size", args.batch_size >= 1, "must be >= 1"), ("--grad-accum", args.grad_accum >= 1, "must be >= 1"),
-        ("--epochs", args.epochs >= 1, "must be >= 1"), ("--lr", args.lr > 0, "must be > 0"),
-        ("--beta", args.beta > 0, "must be > 0"), ("--samples", args.samples >= 1, "must be >= 1"),
+        ("--epochs", args.epochs >= 1, "must be >= 1"), ("--lr", finite(args.lr) and args.lr > 0, "must be finite and > 0"),
+        ("--beta", finite(args.beta) and args.beta > 0, "must be finite and > 0"), ("--samples", args.samples >= 1, "must be >= 1"),
+        ("--clip", finite(args.clip) and args.clip > 0, "must be finite and > 0"),
+        ("--rounds", args.rounds >= 1, "must be >= 1"), ("--workers", args.workers >= 1, "must be >= 1"),
+        ("--temperature", finite(args.temperature) and args.temperature > 0, "must be finite and > 0"),
+        ("--n-text", args.n_text >= 0, "must be >= 0"), ("--n-visual", args.n_visual >= 0, "must be >= 0"),
         ("--noise-step", 0 <= args.noise_step < 1000, "must be in [0, 1000)"),
         ("--warmup", 0 <= args.warmup < 1, "must be a fraction in [0, 1)"),
+        ("--lora-dropout", 0 <= args.lora_dropout < 1, "must be in [0, 1)"),
+        ("--hscr-p", 0 <= args.hscr_p <= 1, "must be in [0, 1]"), ("--hscr-n", args.hscr_n >= 1, "must be >= 1"),
+        ("--hscr-lambda", finite(args.hscr_lambda) and args.hscr_lambda >= 0, "must be finite and >= 0"),
         ("--strategies", set(args.strategies.split(",")) <= {"text", "visual"} and args.strategies,
          "must be text, visual or text,visual"),
+        ("--image-size", args.image_size >= 8, "must be >= 8 (one 8-pixel patch)"),
+        ("--max-length", args.max_length is None or args.max_length >= 8, "must be >= 8"),
+        ("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "must be >= 1"),
+        ("--sample-max-new-tokens", args.sample_max_new_tokens is None or args.sample_max_new_tokens >= 1, "must be >= 1"),
         ("--lora-r", args.lora_r >= 1, "must be >= 1"), ("--ckpt-every", args.ckpt_every >= 1, "must be >= 1")] if not ok]
     if bad:
         ap.error("; ".join(f"{f} {msg}" for f, msg in bad))
@@ -121,6 +159,51 @@ def check_args(ap, args):
         ap.error("--pairs and --images go together (the released file names its images relative to --images)")
     if args.pairs and not os.path.isfile(args.pairs):
         ap.error(f"--pairs {args.pairs}: no such file")
+    if args.pairs and args.objective == "hscr":
+        ap.error("--pairs holds released MMedPO pairs; --objective hscr builds its own triplets")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out}: exists and is not a folder")
+    # resolved values
+    args.run_name = args.run_name or args.objective
+    if args.no_crs:
+        args.weighting = "none"
+    if args.objective == "dpo":  # the paper's DPO baseline: text pairs, no weights
+        args.strategies, args.weighting = "text", "none"
+    sample_cap, eval_cap = data.MAX_NEW_TOKENS[args.data]
+    args.sample_max_new_tokens = args.sample_max_new_tokens or sample_cap
+    args.max_new_tokens = args.max_new_tokens or eval_cap
+
+
+# -----------------------------------------------------------------------------
+# the objectives: which records are built, how many responses each holds, which loss runs on them.
+# A loss adapter gets policy and reference log-probs (B, k), weights (B,) and the flags, and returns
+# per-record losses (B,) and the (B,) statistics it logs; the loop reduces and averages them.
+
+def preference_loss(policy, ref, weights, args):
+    """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected)."""
+    losses, chosen_r, rejected_r = mmedpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], weights, args.beta)
+    return losses, {"reward_acc": (chosen_r > rejected_r).float(), "margin": chosen_r - rejected_r}
+
+
+def hscr_objective_loss(policy, ref, weights, args):
+    """HSCR's multi-level loss (k = 3: y_w, y_l1, y_l2)."""
+    losses, m = hscr_loss(policy[:, 0], policy[:, 1], policy[:, 2], ref[:, 0], ref[:, 1], ref[:, 2], args.beta,
+                          args.hscr_lambda, weights)
+    return losses, {"reward_acc": (m["margin_w_l1"] > 0).float(), "margin": m["margin_w_l1"],
+                    "margin_w_l2": m["margin_w_l2"], "margin_l1_l2": m["margin_l1_l2"]}
+
+
+OBJECTIVES = {  # name: (record builder in data.py, loss adapter above, responses per record)
+    "dpo": (data.build_mmedpo_pairs, preference_loss, 2),
+    "mmedpo": (data.build_mmedpo_pairs, preference_loss, 2),
+    "hscr": (data.build_hscr_pairs, hscr_objective_loss, 3),
+}
+# the flags that change what an objective's record builder makes (the pairs stage's cache key)
+PAIR_FLAGS = ["objective", "model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge",
+              "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "seed", "n_train", "image_size",
+              "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_n", "pairs", "images"]
 
 
 # -----------------------------------------------------------------------------
@@ -155,17 +238,12 @@ def barrier(world):
         torch.distributed.barrier()
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def seed_everything(seed):
+    """Each stage that draws random numbers starts from the run's seed, so that whether an earlier stage
+    was computed or reused from disk changes nothing after it."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def weights_stamp(path):
@@ -174,10 +252,48 @@ def weights_stamp(path):
     return [(f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))) for f in files]
 
 
-def atomic_save(obj, path):
+def fingerprint(obj):
+    """A short hash of any JSON-able value: the key under which a stage's output is stored."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def read_json(path, log=print):
+    """The JSON in `path`, or None if it is absent or unreadable (a torn write): the stage is then redone."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        log(f"      {path} is unreadable ({e}); recomputing it")
+        return None
+
+
+def write_json(path, obj, indent=None):
+    """Atomically: a temporary file, then a rename, so a kill never leaves a torn file."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
     os.replace(tmp, path)
+
+
+def reuse_or_compute(key_path, key, compute, save, load, log, what):
+    """The stage helper: `load()` when `key_path` holds `key` (written after the output, so a kill in
+    between means 'not done'), else `value, complete = compute()`, `save(value)`, and the key is written
+    only if complete. returns the value."""
+    stored = read_json(key_path, log)
+    if stored is not None and stored.get("key") == key:
+        value = load()
+        if value is not None:
+            log(f"{what}: reused ({key_path})")
+            return value
+    value, complete = compute()
+    save(value)
+    if complete:
+        write_json(key_path, {"key": key})
+    else:
+        log(f"      {what} is incomplete: it will be computed again on the next run")
+    return value
 
 
 def to_device(batch, device, dtype):
@@ -191,7 +307,19 @@ def forward_logps(model, batch):
     return sequence_logps(logits, batch["labels"])
 
 
+def record_loader(dataset, batches, pad_id, workers):
+    """A DataLoader over given lists of record indices (one list per micro-batch, in order). It gets a
+    generator of its own: a DataLoader draws its workers' base seed from the global RNG otherwise, and
+    that would shift the LoRA dropout masks whenever a loader is made (resume, a computed stage)."""
+    from functools import partial
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       collate_fn=partial(data.collate_records, pad_id=pad_id),
+                                       generator=torch.Generator().manual_seed(0))
+
+
 # -----------------------------------------------------------------------------
+# the tiny base model: tokenizer, processor and LLaVA built from config, then an SFT warm-up
+
 # the tiny base model: tokenizer, processor and LLaVA built from config, then an SFT warm-up
 
 def build_tiny(corpus, image_size, vocab_size=160):
@@ -261,107 +389,31 @@ def sft(model, processor, items, pil_of, steps, lr, seed, batch_size=32, log=pri
 
 
 # -----------------------------------------------------------------------------
-# preference pairs
+# the stages of a run, in order (Algorithm 1); `main` below calls them one after the other
 
-def build_pairs(model, processor, args, train_qa, store, pairs_dir, device, log=print):
-    """Both strategies, scores, weights; pairs.jsonl + PNGs under pairs_dir."""
-    import score
-    from eval import attention_tool
-    rng = random.Random(args.seed)
-    judges = [score.parse_judge(j) for j in args.judge] or [score.RuleJudge()]
-    selector = score.parse_judge(args.selector) if args.selector else judges[0]
-    strategies = args.strategies.split(",")
-    pairs = []
-    if "text" in strategies:
-        items = rng.sample(train_qa, min(args.n_text, len(train_qa)))
-        log(f"Strategy 1: sampling {args.samples} answers for {len(items)} questions (temperature {args.temperature})")
-        from eval import generate_answers
-        samples = generate_answers(model, processor, [(image_for_model(store.pil(it["image_id"]), args), it["question"])
-                                                      for it in items], args.prompt_format, batch_size=128,
-                                   do_sample=True, temperature=args.temperature, num_return_sequences=args.samples,
-                                   generator_seed=args.seed, max_new_tokens=12, log=log)
-        if args.samples == 1:
-            samples = [[s] for s in samples]
-        text = data.build_text_pairs(items, samples, selector, store.path, args.seed, log)
-        if not args.no_crs:
-            results = score.score_pairs(text, judges, os.path.join(pairs_dir, "judge_cache.jsonl"), args.workers,
-                                        args.rounds, log)
-            for p, r in zip(text, results):
-                p["score"] = r["score"]
-                p["provenance"] += f"; score {r['status']} by {'consensus' if r['consensus'] else 'mean'} of " \
-                                   f"{[h['judge'] for h in r['history']]}"
-        pairs += text
-    if "visual" in strategies:
-        candidates = [it for it in train_qa if args.heatmap != "mask" or store.has_lesion(it["image_id"])]
-        items = rng.sample(candidates, min(args.n_visual, len(candidates)))
-        log(f"Strategy 2: {args.noise} noise at k={args.noise_step} on {len(items)} images, heatmap {args.heatmap}")
-        tool = args.heatmap
-        if tool == "attention":
-            tool = attention_tool(model, processor, args.prompt_format, store.pixels, device)
-        pairs += data.build_visual_pairs(items, store, pairs_dir, tool, args.noise, args.noise_step, args.seed, log)
-    return data.assign_weights(pairs, crs=not args.no_crs)
-
-
-def image_for_model(image, args):
-    """The PIL image as the model sees it: LLaVA pads to a square with the mean colour when asked."""
-    return data.pad_to_square(image) if args.pad_to_square else image
-
-
-def compute_logps(model, processor, pairs, load_image, fmt, batch_size, device, dtype, max_length=None, stats=None):
-    """(chosen, rejected) summed log-probs of every pair, no grad, in batches: (N,), (N,)."""
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i:i + batch_size]
-            batch = to_device(data.encode_rows(processor, data.pair_rows(chunk, load_image), fmt, max_length, stats),
-                              device, dtype)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logps = forward_logps(model, batch).float().cpu()
-            chosen.append(logps[:len(chunk)])
-            rejected.append(logps[len(chunk):])
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-# -----------------------------------------------------------------------------
-# the run
-
-def main(argv=None):
-    ap = get_parser()
-    args = ap.parse_args(argv)
-    check_args(ap, args)
-    rank, world, device = setup_distributed(args.device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    run_dir, pairs_dir = os.path.join(args.out, args.run_name), os.path.join(args.out, "pairs")
-    os.makedirs(run_dir, exist_ok=True)
-    os.makedirs(pairs_dir, exist_ok=True)
-    t_start = time.time()
-
-    # 1. base model ------------------------------------------------------------------
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def stage_data(args, pairs_dir, log):
+    """Training and test items and an image store: synthetic radiographs, or a real dataset's folder."""
     if args.data == "synthetic":
         train_images, train_qa = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
         test_images, test_qa = data.make_synthetic(args.n_test, args.seed, args.image_size, "test")
         store = data.SyntheticStore(train_images + test_images, os.path.join(pairs_dir, "images"))
+        corpus = [data.PROMPT_FORMATS["plain"].format(question=q["question"]).replace("<image>", "") + " " + q["answer"]
+                  for q in train_qa] + [im["report"] for im in train_images]
     else:
         train_qa, store = data.LOADERS[args.data](args.data_dir, "train", log)
         test_qa, test_store = data.LOADERS[args.data](args.data_dir, "test", log)
         store.masks.update(test_store.masks)
-    test_qa = test_qa[:args.max_test] if args.max_test else test_qa
+        corpus = None
+    return train_qa, test_qa[:args.max_test] if args.max_test else test_qa, store, corpus
+
+
+def stage_base(args, corpus, store, train_qa, master, world, log):
+    """[1] The base model's folder: --model, or the tiny LLaVA (built and SFT-warmed once, then reused)."""
     base_path = args.model or args.base
-    built = not args.model and (args.rebuild_base or not os.path.exists(os.path.join(base_path, "config.json")))
-    if built:
+    if not args.model and (args.rebuild_base or not os.path.exists(os.path.join(base_path, "config.json"))):
         if master:
             log(f"[1/6] building the tiny base model (SFT warm-up, {args.sft_steps} steps) -> {base_path}")
-            corpus = [data.PROMPT_FORMATS["plain"].format(question=q["question"]).replace("<image>", "") + " " + q["answer"]
-                      for q in train_qa] + [im["report"] for im in train_images]
+            seed_everything(args.seed)
             model, processor = build_tiny(corpus, args.image_size)
             sft(model, processor, train_qa, store.pil, args.sft_steps, args.sft_lr, args.seed, log=log)
             model.save_pretrained(base_path)
@@ -369,237 +421,350 @@ def main(argv=None):
         barrier(world)
     else:
         log(f"[1/6] base model: {base_path} (reused)")
-    if args.base_only:
-        return
-    if not os.path.exists(os.path.join(base_path, "preprocessor_config.json")) and \
-            not os.path.exists(os.path.join(base_path, "processor_config.json")):
+    return base_path
+
+
+def load_model(base_path, args, device, dtype):
+    """(model in eval mode on `device`, processor, max_length) of a saved checkpoint folder."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    if not any(os.path.exists(os.path.join(base_path, f)) for f in ("preprocessor_config.json", "processor_config.json")):
         sys.exit(f"{base_path}: no processor files (preprocessor_config.json); save the processor with the model")
     processor = AutoProcessor.from_pretrained(base_path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    model = model.to(device).eval()
     try:
         data.check_prompt_format(args.prompt_format, processor)
     except ValueError as e:
         sys.exit(f"{base_path}: {e}")
     max_length = args.max_length or getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    from eval import answer_prior, evaluate, format_table, save_attention_figure, save_curves, save_noise_grid
-    prior = answer_prior(train_qa)
+    return model.to(device).eval(), processor, max_length
 
-    # 2.-5. preference pairs with weights ----------------------------------------------
-    pairs_path = os.path.join(pairs_dir, "pairs.jsonl")
-    stage_keys = ["model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge", "selector", "rounds",
-                  "no_crs", "noise", "noise_step", "heatmap", "seed", "n_train", "image_size", "base"]
-    stage_cfg = json.loads(json.dumps({**{k: getattr(args, k) for k in stage_keys}, "weights": weights_stamp(base_path)}))
-    cfg_path = os.path.join(pairs_dir, "pairs_config.json")
-    reuse = not built and os.path.exists(pairs_path) and os.path.exists(cfg_path) and json.load(open(cfg_path)) == stage_cfg
-    if master and args.pairs:
-        log(f"[2/6] released preference pairs: {args.pairs}")
-        released, _ = data.read_released_pairs(args.pairs, args.images, log)
-        pairs_path = os.path.join(run_dir, "pairs.jsonl")
-        data.write_jsonl(pairs_path, data.assign_weights(released, crs=not args.no_crs))
-    elif master and not reuse:
-        log(f"[2/6] building preference pairs -> {pairs_path}")
-        pairs = build_pairs(model, processor, args, train_qa, store, pairs_dir, device, log)
-        data.write_jsonl(pairs_path, pairs)
-        with open(cfg_path, "w") as f:
-            json.dump(stage_cfg, f, indent=1)
-    elif reuse:
-        log(f"[2/6] preference pairs: {pairs_path} (reused)")
-    barrier(world)
+
+def stage_records(args, model, processor, base_path, train_qa, store, pairs_dir, run_dir, device, master, world, log):
+    """[2] The objective's preference records with their weights (pairs, or HSCR triplets), built by the
+    target model, or read from a released MMedPO file (--pairs). returns (records, n_skipped)."""
     if args.pairs:
-        pairs_path = os.path.join(run_dir, "pairs.jsonl")
-    pairs, skipped = data.read_pairs(pairs_path, log)
-    if master and args.export_pairs:
-        data.export_pairs(pairs, args.export_pairs)
-        log(f"      exported {len(pairs)} pairs to {args.export_pairs}")
-    if not pairs:
-        sys.exit(f"{pairs_path}: no usable pairs")
-    for source in ("text", "visual"):
-        ws = [p["weight"] for p in pairs if p["source"] == source]
-        if ws:
-            log(f"      {source}: {len(ws)} pairs, weights mean {np.mean(ws):.3f} min {min(ws):.3f} max {max(ws):.3f}")
-
-    # 3. evaluation before (the base, no adapter) ---------------------------------------
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    image_of = lambda it: image_for_model(store.pil(it["image_id"]), args)
-    before_path = os.path.join(run_dir, "eval_before.json")
-    before_key = {"model": os.path.abspath(base_path), "weights": weights_stamp(base_path), "data": args.data,
-                  "test": [it["id"] for it in test_qa], "prompt_format": args.prompt_format, "pad": args.pad_to_square}
-    before_key = json.loads(json.dumps(before_key))  # as it reads back from the file (tuples become lists)
-    cached = json.load(open(before_path)) if os.path.exists(before_path) else None
-    if master and (not cached or cached.get("key") != before_key):
-        log(f"[3/6] evaluating the base model on {len(test_qa)} test questions")
-        before, _ = evaluate(model, processor, test_qa, image_of, prior, args.prompt_format, log=log)
-        with open(before_path, "w") as f:
-            json.dump({"key": before_key, "metrics": before}, f)
-    elif master:
-        log(f"[3/6] evaluation of the base model: {before_path} (reused)")
-    barrier(world)
-    before = json.load(open(before_path))["metrics"]
-
-    # 4. LoRA and the reference log-probs (adapter off, once) -------------------------------
-    names = lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and device.type == "cuda"):
-        # recompute activations in the backward pass; only in train mode, so the no-grad reference pass is unaffected
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log(f"[4/6] LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} layers ({n_train_params:,} trainable parameters)")
-    image_cache = {}
-
-    def load_image(path):
-        if path not in image_cache:  # 8-bit grayscale survives the float round trip exactly
-            if len(image_cache) > 4096:  # bounded: a real dataset's images do not all fit in memory
-                image_cache.clear()
-            image_cache[path] = image_for_model(data.to_pil(data.load_image(path)), args)
-        return image_cache[path]
-
-    ref_path = os.path.join(run_dir, "ref_logps.pt")
-    trunc = {}
-    ref_key = {"model": os.path.abspath(base_path), "weights": weights_stamp(base_path),
-               "pairs": [(p["id"], p["chosen"], p["rejected"], p["image"], p["rejected_image"]) for p in pairs],
-               "prompt_format": args.prompt_format, "pad": args.pad_to_square, "max_length": max_length,
-               "dtype": str(dtype)}
-    ref = torch.load(ref_path, weights_only=False) if os.path.exists(ref_path) else None
-    if ref is None or ref.get("key") != ref_key:
-        log(f"      reference log-probs for {len(pairs)} pairs (adapter disabled, no grad)")
-        shard = pairs[rank::world]
-        with lora.disable_lora(model):
-            rc, rr = compute_logps(model, processor, shard, load_image, args.prompt_format, 2 * args.batch_size,
-                                   device, dtype, max_length, trunc)
-        if world > 1:
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, (rc, rr))
-            rc, rr = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-            for r, (c, j) in enumerate(parts):
-                rc[r::world], rr[r::world] = c, j
-        ref = {"key": ref_key, "chosen": rc, "rejected": rr}
+        path = os.path.join(run_dir, "pairs.jsonl")
         if master:
-            atomic_save(ref, ref_path)
-    ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
-    weights = torch.tensor([p["weight"] for p in pairs], dtype=torch.float32)
+            log(f"[2/6] released preference pairs: {args.pairs}")
+            released, _ = data.read_released_pairs(args.pairs, args.images, log)
+            data.write_jsonl(path, data.assign_weights(released, args.weighting, log))
+    else:
+        path = os.path.join(pairs_dir, f"{args.objective}.jsonl")
+        key = fingerprint({**{k: getattr(args, k) for k in PAIR_FLAGS}, "weights": weights_stamp(base_path)})
+        build = OBJECTIVES[args.objective][0]
 
-    # 5. weighted DPO -------------------------------------------------------------------
+        def compute():
+            log(f"[2/6] building {args.objective} preference data -> {path}")
+            seed_everything(args.seed)
+            records, complete = build(model, processor, args, train_qa, store, pairs_dir, device, log)
+            return records, complete and bool(records)
+        if master:
+            reuse_or_compute(path + ".key.json", key, compute, lambda recs: data.write_jsonl(path, recs),
+                             lambda: path if os.path.exists(path) else None, log, f"[2/6] {args.objective} preference data")
+    barrier(world)
+    records, skipped = data.read_pairs(path, log)
+    if not records:
+        sys.exit(f"{path}: no usable preference records")
+    if master and args.export_pairs:
+        data.export_pairs(records, args.export_pairs)
+        log(f"      exported {len(records)} records to {args.export_pairs}")
+    for source in sorted({r["source"] for r in records}):
+        ws = [r["weight"] for r in records if r["source"] == source]
+        log(f"      {source}: {len(ws)} records, weights mean {np.mean(ws):.3f} min {min(ws):.3f} max {max(ws):.3f}")
+    return records, skipped
+
+
+def stage_eval_before(args, model, processor, base_path, test_qa, image_of, prior, run_dir, master, world, log):
+    """[3] The base model (no adapter) on the test split; reused while the model and settings stay."""
+    from eval import evaluate
+    path = os.path.join(run_dir, "eval_before.json")
+    key = fingerprint({"model": os.path.abspath(base_path), "weights": weights_stamp(base_path), "data": args.data,
+                       "test": [it["id"] for it in test_qa], "prompt_format": args.prompt_format,
+                       "pad": args.pad_to_square, "max_new_tokens": args.max_new_tokens, "scoring": args.vqa_scoring})
+
+    def compute():
+        log(f"[3/6] evaluating the base model on {len(test_qa)} test questions")
+        result, _ = evaluate(model, processor, test_qa, image_of, prior, args.prompt_format, log=log,
+                             max_new_tokens=args.max_new_tokens, scoring=args.vqa_scoring)
+        return result, True
+    if master:
+        reuse_or_compute(path + ".key.json", key, compute, lambda m: write_json(path, m),
+                         lambda: read_json(path, log), log, "[3/6] evaluation of the base model")
+    barrier(world)
+    return read_json(path, log)
+
+
+def stage_reference(args, model, processor, base_path, records, dataset, run_dir, device, dtype, rank, world, log):
+    """[4] log pi_ref of every response of every record, (N, k), with the adapter disabled and no grad,
+    once. Stored as a plain tensor file (loaded with weights_only=True, so it can never run code)."""
+    path = os.path.join(run_dir, "ref_logps.pt")
+    k = OBJECTIVES[args.objective][2]
+    key = fingerprint({"model": os.path.abspath(base_path), "weights": weights_stamp(base_path), "k": k,
+                       "records": [data.record_rows(r) + [r["prompt"]] for r in records], "dtype": str(dtype),
+                       "prompt_format": args.prompt_format, "pad": args.pad_to_square, "max_length": dataset.max_length})
+    stored = load_tensors(path, log)
+    if stored is not None and stored.get("key") == key:
+        return stored["logps"]
+    log(f"      reference log-probs for {len(records)} records x {k} responses (adapter disabled, no grad)")
+    mine = list(range(rank, len(records), world))
+    batches = [mine[i:i + 2 * args.batch_size] for i in range(0, len(mine), 2 * args.batch_size)]
+    out = []
+    with torch.no_grad(), lora.disable_lora(model):
+        for batch in record_loader(dataset, batches, processor.tokenizer.pad_token_id, args.loader_workers):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out.append(forward_logps(model, to_device(batch, device, dtype)).float().cpu().view(k, -1).T)
+    logps = torch.cat(out)
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, logps)
+        logps = torch.zeros(len(records), k)
+        for r, part in enumerate(parts):
+            logps[r::world] = part
+    if rank == 0:
+        save_tensors({"key": key, "logps": logps}, path)
+    return logps
+
+
+def save_tensors(obj, path):
+    """torch.save of tensors and plain values only, atomically (temporary file, then rename)."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_tensors(path, log=print):
+    """A file written by save_tensors, read with weights_only=True: a pickle that would run code, or a
+    torn file, is refused with a message and treated as absent."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # UnpicklingError for planted code, RuntimeError/EOFError for a torn file
+        log(f"      {path} is not a plain tensor file and was not loaded ({type(e).__name__}: {str(e)[:160]})")
+        return None
+
+
+RESUME_FLAGS = ["objective", "lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r",
+                "lora_alpha", "lora_dropout", "lora_targets", "seed", "hscr_lambda"] + PAIR_FLAGS
+
+
+def load_checkpoint(path, args, model, opt, records, rank, world, log):
+    """(step, history) from a checkpoint after checking that it was made with the same settings and the
+    same records; restores the adapter, the optimizer and this process's RNG."""
+    ck = load_tensors(path, log)
+    if ck is None:
+        sys.exit(f"--resume: {path} cannot be read as a checkpoint of this project; start a new --run-name")
+    changed = [f"--{k.replace('_', '-')} {ck['config'].get(k)} -> {getattr(args, k)}" for k in RESUME_FLAGS
+               if ck["config"].get(k) != getattr(args, k)]
+    if ck["config"].get("world", world) != world:
+        changed.append(f"processes {ck['config'].get('world')} -> {world}")
+    if ck.get("records") != fingerprint([data.record_rows(r) for r in records]):
+        changed.append("the preference records differ")
+    if changed:
+        sys.exit(f"--resume: {path} was written with other settings: {'; '.join(changed)}. "
+                 f"Resume with the same flags, or start a new --run-name.")
+    with torch.no_grad():
+        for name, m in lora.lora_layers(model):
+            m.lora_A.weight.copy_(ck["lora"][f"{name}.lora_A.weight"])
+            m.lora_B.weight.copy_(ck["lora"][f"{name}.lora_B.weight"])
+    opt.load_state_dict(ck["optimizer"])
+    rng = ck["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return ck["step"], ck["history"]
+
+
+def save_checkpoint(path, args, model, opt, records, step, history, world, master):
+    """Adapter, optimizer, step, history, every process's RNG and the config: tensors and plain values."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    states = [rng]
+    if world > 1:  # each process's own generator (dropout masks differ between ranks)
+        states = [None] * world
+        torch.distributed.all_gather_object(states, rng)
+    if master:
+        save_tensors({"lora": {k: v.cpu() for k, v in lora.lora_state_dict(model).items()}, "optimizer": opt.state_dict(),
+                      "step": step, "history": history, "rng": states, "config": {**vars(args), "world": world},
+                      "records": fingerprint([data.record_rows(r) for r in records])}, path)
+    barrier(world)
+
+
+def micro_batches(n_records, step, global_batch, batch_size, grad_accum, rank, world, seed):
+    """This process's micro-batches (lists of record indices) of optimizer step `step`: a fresh seeded
+    permutation each epoch, the step's slice of it, this process's share, cut into `grad_accum` parts."""
+    steps_per_epoch = n_records // global_batch
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    idx = perm[i * global_batch:(i + 1) * global_batch]
+    mine = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world].tolist()
+    return [mine[m * batch_size:(m + 1) * batch_size] for m in range(grad_accum)]
+
+
+def stage_train(args, model, processor, records, dataset, ref, run_dir, device, dtype, rank, world, log):
+    """[5] The objective on LoRA: AdamW, warmup + cosine, clipping, one forward per micro-batch for all
+    k responses of its records, checkpoints every --ckpt-every steps. returns (history, finished)."""
+    master, loss_fn, k = rank == 0, OBJECTIVES[args.objective][1], OBJECTIVES[args.objective][2]
     global_batch = args.batch_size * args.grad_accum * world
-    steps_per_epoch = len(pairs) // global_batch
-    if steps_per_epoch == 0:
-        sys.exit(f"{len(pairs)} pairs are fewer than one global batch ({global_batch}); lower --batch-size")
-    total = steps_per_epoch * args.epochs
+    if len(records) < global_batch:
+        sys.exit(f"{len(records)} records are fewer than one global batch ({global_batch}); lower --batch-size")
+    total = len(records) // global_batch * args.epochs
     warmup = max(1, int(args.warmup * total))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    ckpt_path, history, start = os.path.join(run_dir, "checkpoint.pt"), [], 0
+    weights = torch.tensor([r["weight"] for r in records], dtype=torch.float32)
+    ckpt_path, log_path, start, history = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl"), 0, []
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
-        must_match = ["lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r", "lora_alpha",
-                      "lora_dropout", "lora_targets", "seed", "no_crs", "strategies"]
-        changed = [f"--{k.replace('_', '-')} {ck['config'].get(k)} -> {getattr(args, k)}" for k in must_match
-                   if ck["config"].get(k) != getattr(args, k)]
-        if ck["config"].get("world", world) != world:
-            changed.append(f"processes {ck['config'].get('world')} -> {world}")
-        if changed:
-            sys.exit(f"--resume: {ckpt_path} was written with other settings: {'; '.join(changed)}. "
-                     f"Resume with the same flags, or start a new --run-name.")
-        with torch.no_grad():
-            for name, m in lora.lora_layers(model):
-                m.lora_A.weight.copy_(ck["lora"][f"{name}.lora_A.weight"])
-                m.lora_B.weight.copy_(ck["lora"][f"{name}.lora_B.weight"])
-        opt.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"][rank])
-        start, history = ck["step"], ck["history"]
+        start, history = load_checkpoint(ckpt_path, args, model, opt, records, rank, world, log)
         log(f"      resumed from {ckpt_path} at step {start}/{total}")
     elif args.resume:
         log(f"      --resume: no {ckpt_path}, starting fresh")
+    if master:  # the log holds exactly the steps of `history` (a resumed run drops the lost steps' lines)
+        data.write_jsonl(log_path, history)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    log(f"[5/6] weighted DPO: {len(pairs)} pairs, {args.epochs} epochs x {steps_per_epoch} steps, global batch "
-        f"{global_batch}, lr {args.lr}, beta {args.beta}")
+    log(f"[5/6] {args.objective}: {len(records)} records, {args.epochs} epochs x {total // args.epochs} steps, "
+        f"global batch {global_batch}, lr {args.lr}, beta {args.beta}")
+    plan = [mb for step in range(start, total) for mb in micro_batches(len(records), step, global_batch, args.batch_size,
+                                                                        args.grad_accum, rank, world, args.seed)]
+    batches = iter(record_loader(dataset, plan, processor.tokenizer.pad_token_id, args.loader_workers))
     model.train()
-    log_file = open(os.path.join(run_dir, "log.jsonl"), "a") if master else None
     t0 = time.time()
     for step in range(start, total):
-        epoch, i = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        idx = perm[i * global_batch:(i + 1) * global_batch]
-        mine = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]   # this process's share
         lr = get_lr(step, args.lr, warmup, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        t_step = time.time()
-        stats = torch.zeros(4)  # loss, correct, margin, pairs (summed over micro-batches)
-        for micro in range(args.grad_accum):
-            mb = mine[micro * args.batch_size:(micro + 1) * args.batch_size].tolist()
-            chunk = [pairs[j] for j in mb]
-            batch = to_device(data.encode_rows(processor, data.pair_rows(chunk, load_image), args.prompt_format,
-                                               max_length, trunc), device, dtype)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                # one forward for chosen and rejected rows: policy log-probs (2B,)
-                if world > 1 and micro < args.grad_accum - 1:
-                    with ddp.no_sync():
-                        logps = forward_logps(ddp, batch)
-                else:
-                    logps = forward_logps(ddp, batch)
-            logps = logps.float()
-            B = len(chunk)
-            loss, cr, rr_ = mmedpo_loss(logps[:B], logps[B:], ref_chosen[mb].to(device), ref_rejected[mb].to(device),
-                                        weights[mb].to(device), args.beta)
-            (loss / args.grad_accum).backward()
-            stats += torch.tensor([loss.item() * B, (cr > rr_).float().sum().item(), (cr - rr_).sum().item(), B])
-        if world > 1:
-            torch.distributed.all_reduce(stats)
+        t_step, sums = time.time(), {}
+        for micro, mb in enumerate(micro_batches(len(records), step, global_batch, args.batch_size, args.grad_accum,
+                                                 rank, world, args.seed)):
+            batch = to_device(next(batches), device, dtype)
+            sync = world == 1 or micro == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+                    (contextlib.nullcontext() if sync else ddp.no_sync()):
+                policy = forward_logps(ddp, batch).float().view(k, -1).T      # (B, k): one forward for every response
+                losses, stats = loss_fn(policy, ref[mb].to(device), weights[mb].to(device), args)
+                (losses.mean() / args.grad_accum).backward()
+            for name, v in [("loss", losses.detach())] + list(stats.items()):
+                sums[name] = sums.get(name, 0.0) + v.sum().item()
+            sums["n"] = sums.get("n", 0) + len(mb)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        if not all(math.isfinite(v) for v in sums.values()) or not torch.isfinite(grad_norm):
+            bad = [records[j]["id"] for j in micro_batches(len(records), step, global_batch, args.batch_size,
+                                                            args.grad_accum, rank, world, args.seed)[0]]
+            sys.exit(f"step {step + 1}: non-finite loss or gradient (records {bad[:8]}); nothing of this step is "
+                     f"saved. Lower --lr or --beta, or check these records' weights.")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.time() - t_step
-        rec = {"step": step + 1, "loss": stats[0].item() / stats[3].item(), "reward_acc": stats[1].item() / stats[3].item(),
-               "margin": stats[2].item() / stats[3].item(), "lr": lr, "grad_norm": float(grad_norm), "ms": dt * 1000}
+        rec = log_step(sums, step, total, lr, grad_norm, time.time() - t_step, t0, start, global_batch, world, log)
         history.append(rec)
         if master:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-            elapsed = time.time() - t0
-            eta = elapsed / (step + 1 - start) * (total - step - 1)
-            log(f"step {step + 1:4d}/{total} | loss {rec['loss']:.4f} | acc {rec['reward_acc']:.2f} | margin "
-                f"{rec['margin']:+.3f} | lr {lr:.2e} | {rec['ms']:.0f} ms | {global_batch / dt:.0f} pairs/s | ETA {eta:.0f}s")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         if (step + 1) % args.ckpt_every == 0 or step + 1 == total or step + 1 == args.halt_at_step:
-            rng_states = [rng_state()]
-            if world > 1:  # each process's own generators (dropout masks differ between ranks)
-                rng_states = [None] * world
-                torch.distributed.all_gather_object(rng_states, rng_state())
-            if master:
-                atomic_save({"lora": {k: v.cpu() for k, v in lora.lora_state_dict(model).items()},
-                             "optimizer": opt.state_dict(), "step": step + 1, "history": history,
-                             "rng": rng_states, "config": {**vars(args), "world": world},
-                             "schedule": {"max_lr": args.lr, "warmup": warmup, "total": total}}, ckpt_path)
-            barrier(world)
-        if args.halt_at_step is not None and step + 1 == args.halt_at_step:
+            save_checkpoint(ckpt_path, args, model, opt, records, step + 1, history, world, master)
+        if args.halt_at_step is not None and step + 1 == args.halt_at_step and step + 1 < total:
             log(f"halting after step {step + 1} as asked (--halt-at-step); continue with --resume")
-            sys.stdout.flush()
-            os._exit(3)
-    if log_file:
-        log_file.close()
+            return history, False
+    model.eval()
+    return history, True
+
+
+def log_step(sums, step, total, lr, grad_norm, dt, t0, start, global_batch, world, log):
+    """One line per step (averages over the global batch), and the record that goes to log.jsonl."""
+    if world > 1:
+        names = sorted(sums)
+        t = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        sums = dict(zip(names, t.tolist()))
+    n = sums.pop("n")
+    rec = {"step": step + 1, **{name: v / n for name, v in sums.items()}, "lr": lr, "grad_norm": float(grad_norm),
+           "ms": dt * 1000}
+    eta = (time.time() - t0) / (step + 1 - start) * (total - step - 1)
+    extra = "".join(f" | {name[7:]} {rec[name]:+.3f}" for name in rec if name.startswith("margin_"))
+    log(f"step {step + 1:4d}/{total} | loss {rec['loss']:.4f} | acc {rec['reward_acc']:.2f} | margin "
+        f"{rec['margin']:+.3f}{extra} | lr {lr:.2e} | {rec['ms']:.0f} ms | {global_batch / dt:.0f} records/s | ETA {eta:.0f}s")
+    return rec
+
+
+def stage_report(args, model, processor, records, skipped, history, before, test_qa, image_of, prior, store,
+                 run_dir, base_path, device, t_start, log):
+    """[6] Adapter (PEFT format), evaluation after, metrics.json, predictions, pictures, the table."""
+    from eval import evaluate, format_table, save_attention_figure, save_curves, save_noise_grid
+    lora.save_adapter(model, os.path.join(run_dir, "adapter"), base_model_name_or_path=os.path.abspath(base_path))
+    log(f"[6/6] evaluating with the adapter; adapter saved to {os.path.join(run_dir, 'adapter')}")
+    after, preds = evaluate(model, processor, test_qa, image_of, prior, args.prompt_format, log=log,
+                            max_new_tokens=args.max_new_tokens, scoring=args.vqa_scoring)
+    metrics = {"objective": args.objective, "before": before, "after": after, "prior": after["prior"], "seed": args.seed,
+               "records": {s: sum(r["source"] == s for r in records) for s in sorted({r["source"] for r in records})},
+               "skipped_records": skipped, "steps": len(history), "final_train": history[-1] if history else None,
+               "seconds": time.time() - t_start, "config": vars(args)}
+    write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=1)
+    data.write_jsonl(os.path.join(run_dir, "predictions.jsonl"), [{**it, "prediction": p} for it, p in zip(test_qa, preds)])
+    lesion_items = ([it for it in test_qa if it["qtype"] == "where"] or test_qa)[:4]
+    pictures = [("noise_grid.png", lambda p: save_noise_grid(records, p)), ("curves.png", lambda p: save_curves(history, p)),
+                ("attention.png", lambda p: save_attention_figure(model, processor, lesion_items, store.pixels,
+                                                                  args.prompt_format, device, p))]
+    for name, draw in pictures:  # a picture that cannot be drawn never costs the finished run
+        try:
+            draw(os.path.join(run_dir, name))
+        except Exception as e:
+            log(f"      {name} not drawn ({type(e).__name__}: {e})")
+    log("\n" + format_table({"answer prior": after["prior"], "before": before, "after": after}))
+    log(f"\ndone in {time.time() - t_start:.0f}s; metrics in {os.path.join(run_dir, 'metrics.json')}")
+
+
+def main(argv=None):
+    ap = get_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    rank, world, device = setup_distributed(args.device)
+    master, t_start = rank == 0, time.time()
+    log = print if master else (lambda *a, **k: None)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    args.loader_workers = args.loader_workers if args.loader_workers is not None else 4 * (device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    run_dir, pairs_dir = os.path.join(args.out, args.run_name), os.path.join(args.out, "pairs")
+    for folder in (run_dir, pairs_dir):
+        os.makedirs(folder, exist_ok=True)
+    from eval import answer_prior
+
+    train_qa, test_qa, store, corpus = stage_data(args, pairs_dir, log)
+    base_path = stage_base(args, corpus, store, train_qa, master, world, log)
+    if args.base_only:
+        return
+    model, processor, max_length = load_model(base_path, args, device, dtype)
+    records, skipped = stage_records(args, model, processor, base_path, train_qa, store, pairs_dir, run_dir, device,
+                                     master, world, log)
+    image_of = lambda it: data.image_for_model(store.pil(it["image_id"]), args.pad_to_square)
+    prior = answer_prior(train_qa)
+    before = stage_eval_before(args, model, processor, base_path, test_qa, image_of, prior, run_dir, master, world, log)
+
+    seed_everything(args.seed)  # LoRA A's initialisation, then the dropout masks: nothing below draws from it before training
+    names = lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    if args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and device.type == "cuda"):
+        # recompute activations in the backward pass; only in train mode, so the no-grad reference pass is unaffected
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log(f"[4/6] LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} layers "
+        f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters)")
+    image_cache = {}
+
+    def load_image(path):  # 8-bit grayscale survives the float round trip exactly
+        if path not in image_cache:
+            if len(image_cache) > 4096:  # bounded: a real dataset's images do not all fit in memory
+                image_cache.clear()
+            image_cache[path] = data.image_for_model(data.to_pil(data.load_image(path)), args.pad_to_square)
+        return image_cache[path]
+    trunc = {}
+    dataset = data.RecordDataset(records, processor, load_image, args.prompt_format, max_length, trunc,
+                                 cache_pixels=args.data == "synthetic")
+    ref = stage_reference(args, model, processor, base_path, records, dataset, run_dir, device, dtype, rank, world, log)
+    history, finished = stage_train(args, model, processor, records, dataset, ref, run_dir, device, dtype, rank, world, log)
     if trunc.get("truncated"):
         log(f"      {trunc['truncated']} rows had their prompt truncated to fit {max_length} tokens, "
             f"{trunc.get('response_truncated', 0)} of them their response too")
-    model.eval()
-
-    # 6. adapter, evaluation after, metrics, pictures ---------------------------------------
-    if master:
-        lora.save_adapter(model, os.path.join(run_dir, "adapter"), base_model_name_or_path=os.path.abspath(base_path))
-        log(f"[6/6] evaluating with the adapter; adapter saved to {os.path.join(run_dir, 'adapter')}")
-        after, preds = evaluate(model, processor, test_qa, image_of, prior, args.prompt_format, log=log)
-        metrics = {"before": before, "after": after, "prior": after["prior"], "seed": args.seed,
-                   "pairs": {s: sum(p["source"] == s for p in pairs) for s in ("text", "visual")},
-                   "skipped_pairs": skipped, "steps": total, "final_train": history[-1] if history else None,
-                   "seconds": time.time() - t_start, "config": vars(args)}
-        with open(metrics_path, "w") as f:
-            json.dump(metrics, f, indent=1)
-        data.write_jsonl(os.path.join(run_dir, "predictions.jsonl"), [{**it, "prediction": p} for it, p in zip(test_qa, preds)])
-        save_noise_grid(pairs, os.path.join(run_dir, "noise_grid.png"))
-        save_curves(history, os.path.join(run_dir, "curves.png"))
-        lesion_items = ([it for it in test_qa if it["qtype"] == "where"] or test_qa)[:4]
-        save_attention_figure(model, processor, lesion_items, store.pixels, args.prompt_format, device,
-                              os.path.join(run_dir, "attention.png"))
-        log("\n" + format_table({"answer prior": after["prior"], "before": before, "after": after}))
-        log(f"\ndone in {time.time() - t_start:.0f}s; metrics in {metrics_path}")
+    if finished and master:
+        stage_report(args, model, processor, records, skipped, history, before, test_qa, image_of, prior, store,
+                     run_dir, base_path, device, t_start, log)
     barrier(world)
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -92,7 +92,7 @@ def test_chat_template_prompts(synthetic, processor):
     assert torch.equal(chat["input_ids"], plain["input_ids"]) and torch.equal(chat["labels"], plain["labels"])
 
 
-def test_pair_rows_put_chosen_first_with_their_own_images(synthetic, processor, tmp_path):
+def test_records_collate_response_major_with_their_own_images(synthetic, processor, tmp_path):
     images, _ = synthetic
     paths = []
     for i in range(2):
@@ -100,13 +100,21 @@ def test_pair_rows_put_chosen_first_with_their_own_images(synthetic, processor, 
         data.to_pil(images[i]["pixels"]).save(paths[-1])
     pairs = [{"image": paths[0], "rejected_image": paths[1], "prompt": "Is there a mass?", "chosen": "no", "rejected": "no"},
              {"image": paths[1], "rejected_image": None, "prompt": "Is there a mass?", "chosen": "yes", "rejected": "no"}]
-    rows = data.pair_rows(pairs, lambda p: data.to_pil(data.load_image(p)))
-    b = data.encode_rows(processor, rows)
+    load = lambda p: data.to_pil(data.load_image(p))
+    dataset = data.RecordDataset(pairs, processor, load)
+    b = data.collate_records([dataset[0], dataset[1]], processor.tokenizer.pad_token_id)
     px = b["pixel_values"]
     # rows: chosen 0 (image 0), chosen 1 (image 1), rejected 0 (its noised image: here image 1), rejected 1 (image 1)
     assert torch.equal(px[1], px[2]) and torch.equal(px[1], px[3])
     assert not torch.equal(px[0], px[2])  # the visual pair's rejected row sees its own image
+    # the same tensors as encoding the four rows in one go
+    rows = [(load(path), p["prompt"], text) for j in range(2) for p in pairs for path, text in [data.record_rows(p)[j]]]
     assert [r[2] for r in rows] == ["no", "yes", "no", "no"]
+    direct = data.encode_rows(processor, rows)
+    assert all(torch.equal(b[k], direct[k]) for k in direct)
+    # a triplet has three rows: chosen, rejected, rejected2, all on the clean image
+    triplet = {**pairs[1], "rejected2": "mass"}
+    assert data.record_rows(triplet) == [(paths[1], "yes"), (paths[1], "no"), (paths[1], "mass")]
 
 
 def test_truncation_keeps_image_tokens_and_the_response(synthetic, processor):
@@ -170,7 +178,8 @@ def test_visual_pairs_noise_inside_the_mask_only(synthetic, tmp_path):
     pairs = data.build_visual_pairs(items, store, str(tmp_path), heatmap="mask", log=logs.append)
     assert len(pairs) == 3 and "1 empty heatmap" in logs[0]  # the image without findings has nothing to noise
     for p, it in zip(pairs, items):
-        assert p["chosen"] == p["rejected"] == it["answer"] and p["source"] == "visual" and p["score"] == 1.0
+        assert p["chosen"] == p["rejected"] == it["answer"] and p["source"] == "visual" and 0 < p["score"] < 1
+        assert data.load_image(p["heatmap"]).max() == 1.0               # the heatmap file is named in the pair
         clean, noised = data.load_image(p["image"]), data.load_image(p["rejected_image"])
         mask = by_id[it["image_id"]]["mask"].astype(bool)
         far = ~(torch.nn.functional.max_pool2d(torch.tensor(mask, dtype=torch.float32)[None, None], 7, 1, 3)[0, 0] > 0).numpy()
@@ -185,5 +194,35 @@ def test_weights_are_normalized_per_source():
     assert w[3] == 1.0                                         # unscored: neutral
     assert w[0] == pytest.approx(0.75) and w[1] == pytest.approx(1.0) and w[2] == pytest.approx(1.25)
     assert w[4] == pytest.approx(0.75) and w[5] == pytest.approx(1.25)  # its own scale
-    data.assign_weights(pairs, crs=False)
+    data.assign_weights(pairs, "none")
     assert all(p["weight"] == 1.0 for p in pairs)
+    data.assign_weights(pairs, "raw")                          # the score as it is; unscored still neutral
+    assert [p["weight"] for p in pairs] == [2.0, 4.0, 6.0, 1.0, 0.1, 0.9]
+    with pytest.raises(ValueError, match="unknown weighting"):
+        data.assign_weights(pairs, "softmax")
+
+
+def test_uniform_scores_are_reported_not_silent():
+    logs = []
+    pairs = data.assign_weights([{"source": "visual", "score": 1.0} for _ in range(3)], "z", logs.append)
+    assert [p["weight"] for p in pairs] == [1.0] * 3 and "does nothing for visual pairs" in logs[0]
+
+
+def test_mask_confidence_has_spread_with_contrast():
+    from noise import mask_confidence
+    rng = np.random.default_rng(0)
+    background = 0.3 + 0.02 * rng.standard_normal((32, 32)).astype(np.float32)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[12:20, 12:20] = 1
+    faint, clear = background.copy(), background.copy()
+    faint[mask > 0] += 0.02
+    clear[mask > 0] += 0.4
+    c_none, c_faint, c_clear = (mask_confidence(x, mask) for x in (background, faint, clear))
+    assert c_none < 0.5 < c_clear and c_faint < c_clear and c_clear > 0.9
+    assert mask_confidence(background, np.zeros_like(mask)) == 0.0
+
+
+def test_vicuna_prompt_format_is_the_authors_conversation():
+    prompt = data.format_prompt(None, "vicuna", "Is there a mass?")
+    assert prompt.startswith("A chat between a curious user and an artificial intelligence assistant.")
+    assert prompt.endswith("USER: <image>\nIs there a mass? ASSISTANT:")

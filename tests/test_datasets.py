@@ -92,8 +92,9 @@ def test_vqa_rad_test_split_is_the_test_phrase_types(tmp_path):
     assert test_items[0]["type"] == "open" and os.path.isfile(store.path(test_items[0]["image_id"]))
 
 
-def test_iu_xray_reports(tmp_path):
-    root = tmp_path / "iu"
+@pytest.mark.parametrize("name", ["iu-xray", "mimic-cxr"])
+def test_r2gen_layout_reports(tmp_path, name):
+    root = tmp_path / name
     write_image(str(root / "images" / "CXR1_1_IM-0001" / "0.png"))
     write_image(str(root / "images" / "CXR2_1_IM-0002" / "0.png"))
     ann = {"train": [{"id": "CXR1_1_IM-0001", "report": "The heart is normal. No effusion.",
@@ -102,7 +103,7 @@ def test_iu_xray_reports(tmp_path):
            "test": [{"id": "CXR2_1_IM-0002", "report": "Mild cardiomegaly.", "image_path": ["CXR2_1_IM-0002/0.png"],
                      "split": "test"}]}
     (root / "annotation.json").write_text(json.dumps(ann))
-    items, store = data.load_iu_xray(str(root), "train", lambda s: None)
+    items, store = data.LOADERS[name](str(root), "train", lambda s: None)
     assert len(items) == 1 and items[0]["type"] == "report" and "describe" in items[0]["question"].lower()
     assert items[0]["answer"] == "The heart is normal. No effusion."
     from eval import format_table, vqa_metrics
@@ -124,12 +125,35 @@ def test_released_file_reads_and_skips_leaks_and_missing_images(released):
     path, images, records = released
     logs = []
     pairs, skipped = data.read_released_pairs(path, images, logs.append)
-    assert skipped == 2 and len(pairs) == 10
-    assert any("1055" in l and "leaked" in l for l in logs) and any("not found" in l for l in logs)
-    first = pairs[0]
+    # record 1055's chosen answer leaks the curation prompt but ends in its Original Answer: recovered
+    assert skipped == 1 and len(pairs) == 11 and any("not found" in l for l in logs)
+    assert pairs[0]["id"] == "released-1055" and pairs[0]["chosen"] == "DWI"
+    assert any("1 chosen answers recovered" in l for l in logs)
+    first = pairs[1]
     assert first["prompt"] == "Are there other abnormalities besides the mass in the temporal horn?"
     assert first["chosen"] == "Yes" and first["rejected"].startswith("No,") and first["score"] == 0.2
     assert first["source"] == "text" and first["rejected_image"] is None
+
+
+def test_recover_chosen_only_when_unambiguous():
+    assert data.recover_chosen("Question: Does the picture contain heart?\n Yes") == "Yes"
+    scaffold = "Question: What is this?\n-Original Answer: X-Ray\n-Candidate Answer1: CT\n\n X-Ray"
+    assert data.recover_chosen(scaffold) == "X-Ray"
+    assert data.recover_chosen(scaffold.replace("\n\n X-Ray", "\n\n CT")) is None    # disagrees with the original
+    assert data.recover_chosen("-Original Answer: X-Ray\n-Candidate Answer1: CT") is None  # ends in scaffolding
+    assert data.recover_chosen("Yes") is None                                           # nothing to recover
+
+
+def test_released_rejected_scaffolding_is_still_skipped(tmp_path):
+    write_image(str(tmp_path / "a.jpg"))
+    rec = {"id": 7, "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq?"},
+                                                       {"from": "gpt", "value": "Question: q?\n Yes"}],
+           "rejected_conversations": [{"from": "human", "value": "<image>\nq?"},
+                                      {"from": "gpt", "value": "Question: q?\n No"}], "weighted_score": 0.5}
+    (tmp_path / "r.json").write_text(json.dumps([rec]))
+    logs = []
+    pairs, skipped = data.read_released_pairs(str(tmp_path / "r.json"), str(tmp_path), logs.append)
+    assert (len(pairs), skipped) == (0, 1) and "in the rejected answer" in logs[0] and "id 7" in logs[0]
 
 
 def test_export_to_the_common_preference_layout(released, tmp_path):
@@ -137,7 +161,7 @@ def test_export_to_the_common_preference_layout(released, tmp_path):
     pairs, _ = data.read_released_pairs(path, images, lambda s: None)
     data.export_pairs(data.assign_weights(pairs), str(tmp_path / "export.jsonl"))
     rows = [json.loads(l) for l in (tmp_path / "export.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and set(rows[0]) >= {"prompt", "chosen", "rejected", "images"}
+    assert len(rows) == 11 and set(rows[0]) >= {"prompt", "chosen", "rejected", "images"}
     assert rows[0]["prompt"].startswith("<image>\n") and os.path.isfile(rows[0]["images"][0])
 
 
@@ -145,11 +169,13 @@ def test_train_on_the_released_file_through_model(released, tmp_path):
     path, images, _ = released
     out = tmp_path / "out"
     train.main(["--model", TINY_BASE, "--pairs", path, "--images", images, "--out", str(out), "--batch-size", "2",
-                "--epochs", "1", "--n-test", "4", "--export-pairs", str(tmp_path / "export.jsonl")])
+                "--epochs", "1", "--n-test", "4", "--export-pairs", str(tmp_path / "export.jsonl"), "--weighting", "raw"])
     metrics = json.loads((out / "mmedpo" / "metrics.json").read_text())
-    assert metrics["steps"] == 5 and metrics["pairs"]["text"] == 10
+    assert metrics["steps"] == 5 and metrics["records"]["text"] == 11
     pairs, _ = data.read_pairs(str(out / "mmedpo" / "pairs.jsonl"))
-    assert all(0.75 <= p["weight"] <= 1.25 for p in pairs)      # released scores normalized like ours
+    released = {f"released-{r['id']}": r["weighted_score"] for r in json.load(open(path))}
+    assert all(p["weight"] == released[p["id"]] for p in pairs)  # --weighting raw: the authors' weights as released
+    assert any(p["weight"] == 0.0 for p in pairs)
     assert (tmp_path / "export.jsonl").exists()
     import lora
     from transformers import AutoModelForImageTextToText
@@ -160,7 +186,7 @@ def test_train_on_slake_layout_with_masks(slake, tmp_path):
     out = tmp_path / "out"
     train.main(["--model", TINY_BASE, "--data", "slake", "--data-dir", str(slake), "--out", str(out),
                 "--heatmap", "mask", "--batch-size", "2", "--epochs", "1", "--pad-to-square"])
-    pairs, _ = data.read_pairs(str(out / "pairs" / "pairs.jsonl"))
+    pairs, _ = data.read_pairs(str(out / "pairs" / "mmedpo.jsonl"))
     assert {p["source"] for p in pairs} == {"text", "visual"}
     assert sum(p["source"] == "visual" for p in pairs) == 2      # the wrong-size mask was skipped
     assert json.loads((out / "mmedpo" / "metrics.json").read_text())["after"]["n_closed"] == 1

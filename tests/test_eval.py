@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from eval import answer_prior, bleu, closed_correct, normalize, open_recall, rouge_l, vqa_metrics
+from eval import (answer_prior, bleu, closed_correct, format_table, llava_med_closed, llava_med_open, normalize,
+                  open_recall, report_tokens, rouge_l, vqa_metrics)
 
 
 def test_normalize():
@@ -20,14 +21,22 @@ def test_open_recall_and_closed():
     assert closed_correct("yesterday", "yes") == 0.0  # a whole word, not a substring
 
 
+def test_report_tokens_keep_articles_and_drop_punctuation():
+    assert report_tokens("The X-ray, it's clear. No effusion!") == ["the", "x-ray", "it's", "clear", "no", "effusion"]
+
+
 def test_bleu_hand_values():
-    # normalized: pred [cat sat on mat], ref [cat is on mat]; p1 = 3/4, p2 = 1/3, no 3-gram match, BP = 1
-    b = bleu(["the cat sat on the mat"], ["the cat is on the mat"])
-    assert b[0] == pytest.approx(0.75, abs=1e-6)
-    assert b[1] == pytest.approx(math.sqrt(0.75 / 3), abs=1e-6)
-    assert b[2] < 1e-4 and b[3] < 1e-4
-    # a short candidate: c = 3, r = 4, BP = exp(1 - 4/3); all unigrams match
-    assert bleu(["cat on mat"], ["cat is on the mat"])[0] == pytest.approx(math.exp(-1 / 3), abs=1e-6)
+    # pred [the cat sat on the mat], ref [the cat is on the mat] (articles kept): 1-grams 5/6, 2-grams
+    # 3/5 (the cat, on the, the mat), 3-grams 1/4 (on the mat), 4-grams 0/3; equal lengths, BP = 1
+    b = bleu(["The cat sat on the mat."], ["the cat is on the mat"])
+    assert b[0] == pytest.approx(5 / 6, abs=1e-6)
+    assert b[1] == pytest.approx(math.sqrt(5 / 6 * 3 / 5), abs=1e-6)
+    assert b[2] == pytest.approx(0.5, abs=1e-6)                      # (5/6 * 3/5 * 1/4) ** (1/3)
+    assert b[3] < 1e-4
+    # punctuation and case do not count: a perfect report scores 1
+    assert bleu(["The heart is normal. No effusion."], ["the heart is normal no effusion"]) == pytest.approx([1.0] * 4)
+    # a short candidate: c = 3, r = 5 ("the" counts), BP = exp(1 - 5/3); all unigrams match
+    assert bleu(["cat on mat"], ["cat is on the mat"])[0] == pytest.approx(math.exp(-2 / 3), abs=1e-6)
     # corpus level: counts are summed before dividing
     assert bleu(["cat on mat", "dog"], ["cat on mat", "bird"])[0] == pytest.approx(3 / 4, abs=1e-6)
     # several references: clipped by the best, length of the closest
@@ -35,11 +44,32 @@ def test_bleu_hand_values():
 
 
 def test_rouge_l_hand_values():
-    assert rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(0.75, abs=1e-6)
-    # LCS 3, P = 1, R = 3/4: F = (1 + 1.44) P R / (R + 1.44 P) = 1.83 / 2.19
-    assert rouge_l(["cat on mat"], ["cat is on the mat"]) == pytest.approx(1.83 / 2.19, abs=1e-6)
+    # LCS [the cat on the mat] = 5 of 6 either way: F = 5/6
+    assert rouge_l(["the cat sat on the mat"], ["The cat is on the mat."]) == pytest.approx(5 / 6, abs=1e-6)
+    # LCS 3, P = 1, R = 3/5: F = (1 + 1.44) P R / (R + 1.44 P) = 1.464 / 2.04
+    assert rouge_l(["cat on mat"], ["cat is on the mat"]) == pytest.approx(1.464 / 2.04, abs=1e-6)
     assert rouge_l(["dog"], ["cat"]) == 0.0
     assert rouge_l(["cat on mat", "dog"], ["cat on mat", "cat"]) == pytest.approx(0.5)
+
+
+def test_llava_med_rules_differ_from_ours_on_their_edge_cases():
+    # closed: "a nodule" contains "no" as a substring, so LLaVA-Med counts it as answering "no"
+    assert llava_med_closed("a nodule", "no") == 1.0 and closed_correct("a nodule", "no") == 0.0
+    assert llava_med_closed("a nodule", "yes") == 0.0 and closed_correct("a nodule", "yes") == 0.0
+    assert llava_med_closed("there is a mass", "yes") == 0.0          # neither yes nor no: a miss
+    assert llava_med_closed("Yes, there is.", "yes") == 1.0 == closed_correct("Yes, there is.", "yes")
+    # open: tp counts the prediction's occurrences (2 x right), fn the missing reference word (upper)
+    assert llava_med_open("right right lung", "right upper") == pytest.approx(2 / 3)
+    assert open_recall("right right lung", "right upper") == pytest.approx(1 / 2)
+    assert llava_med_open("", "mass") == 0.0
+    items = [{"answer": "no", "type": "closed", "qtype": "presence"},
+             {"answer": "right upper", "type": "open", "qtype": "where"}]
+    ours, theirs = vqa_metrics(items, ["a nodule", "right right lung"]), \
+        vqa_metrics(items, ["a nodule", "right right lung"], scoring="llava-med")
+    assert (ours["closed"], ours["open"]) == (0.0, 0.5) and (theirs["closed"], theirs["open"]) == (1.0, pytest.approx(2 / 3))
+    assert "VQA scoring: llava-med" in format_table({"m": theirs}) and "VQA scoring: ours" in format_table({"m": ours})
+    with pytest.raises(ValueError, match="unknown VQA scoring"):
+        vqa_metrics(items, ["", ""], scoring="exact")
 
 
 def test_vqa_metrics_and_prior():

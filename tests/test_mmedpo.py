@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmedpo import IGNORE_INDEX, mmedpo_loss, normalize_scores, sequence_logps
+from mmedpo import IGNORE_INDEX, hscr_loss, hscr_step_scores, mmedpo_loss, normalize_scores, sequence_logps, token_logps
 
 # DESIGN.md's worked example
 PC, PR = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -15.0])
@@ -17,11 +17,16 @@ def per_pair_losses(pc, pr, rc, rr, beta=0.1):
             for i in range(len(pc))]
 
 
+def mean_loss(*a, **k):
+    losses, chosen, rejected = mmedpo_loss(*a, **k)
+    return losses.mean(), chosen, rejected
+
+
 def test_worked_values():
     assert per_pair_losses(PC, PR, RC, RR) == pytest.approx([0.5981389, 0.7981389], abs=1e-6)
-    loss, chosen, rejected = mmedpo_loss(PC, PR, RC, RR, torch.ones(2))
+    loss, chosen, rejected = mean_loss(PC, PR, RC, RR, torch.ones(2))
     assert loss.item() == pytest.approx((0.5981389 + 0.7981389) / 2, abs=1e-6)
-    loss, _, _ = mmedpo_loss(PC, PR, RC, RR, torch.tensor([2.0, 0.5]))
+    loss, _, _ = mean_loss(PC, PR, RC, RR, torch.tensor([2.0, 0.5]))
     assert loss.item() == pytest.approx(0.7976736, abs=1e-6)  # mean, not divided by sum(w)
     assert chosen.tolist() == pytest.approx([0.1, -0.1])
     assert rejected.tolist() == pytest.approx([-0.1, 0.1])
@@ -30,7 +35,7 @@ def test_worked_values():
 def test_policy_equals_reference_costs_ln2_times_weight():
     x = torch.tensor([-3.0, -7.0, -1.5])
     w = torch.tensor([1.0, 0.8, 1.2])
-    loss, _, _ = mmedpo_loss(x, x - 2, x, x - 2, w)
+    loss, _, _ = mean_loss(x, x - 2, x, x - 2, w)
     assert loss.item() == pytest.approx(math.log(2) * w.mean().item(), abs=1e-6)
 
 
@@ -38,7 +43,7 @@ def test_gradient_is_analytic_and_weights_get_none():
     pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
     w = torch.tensor([2.0, 0.5], requires_grad=True)
     beta = 0.1
-    loss, _, _ = mmedpo_loss(pc, pr, RC, RR, w, beta)
+    loss, _, _ = mean_loss(pc, pr, RC, RR, w, beta)
     loss.backward()
     delta = (PC - RC) - (PR - RR)
     expected = -w.detach() * beta * torch.sigmoid(-beta * delta) / len(delta)  # / B for the mean
@@ -48,7 +53,7 @@ def test_gradient_is_analytic_and_weights_get_none():
 
 
 def test_loss_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="five non-empty"):
+    with pytest.raises(ValueError, match="5 non-empty"):
         mmedpo_loss(PC, PR, RC, RR, torch.ones(3))
     with pytest.raises(ValueError):
         mmedpo_loss(PC[:0], PR[:0], RC[:0], RR[:0], torch.ones(0))
@@ -125,3 +130,52 @@ def test_sequence_logps_rejects_bad_shapes():
         sequence_logps(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="torch.long"):
         sequence_logps(torch.zeros(2, 3, 4), torch.zeros(2, 3))
+
+
+def test_token_logps_sum_is_sequence_logps_and_mask_marks_the_response():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 6, 0]])
+    logps, mask = token_logps(logits, labels)
+    assert logps.shape == mask.shape == (2, 4)
+    assert mask.tolist() == [[False, True, True, False], [True, True, True, True]]
+    assert (logps[~mask] == 0).all()
+    assert logps[0, 1].item() == pytest.approx(logits[0, 1].log_softmax(-1)[3].item(), abs=1e-6)
+    assert torch.allclose(logps.sum(-1), sequence_logps(logits, labels))
+
+
+def test_hscr_loss_hand_values():
+    # policy w/l1/l2 = -10/-12/-15, reference -11/-11/-14: D = 1, -1, -1
+    pol = [torch.tensor([v]) for v in (-10.0, -12.0, -15.0)]
+    ref = [torch.tensor([v]) for v in (-11.0, -11.0, -14.0)]
+    explicit = -math.log(1 / (1 + math.exp(-0.2)))                   # margin 0.1 * 2 = 0.2
+    assert explicit == pytest.approx(0.598139, abs=1e-6)
+    losses, margins = hscr_loss(*pol, *ref, beta=0.1, lam=1.0)
+    assert losses.item() == pytest.approx(2 * 0.598139 + math.log(2), abs=1e-6)   # 1.889425
+    assert losses.item() == pytest.approx(1.889425, abs=1e-6)
+    assert margins["margin_w_l1"].item() == pytest.approx(0.2) and margins["margin_l1_l2"].item() == 0.0
+    no_implicit, _ = hscr_loss(*pol, *ref, beta=0.1, lam=0.0)
+    assert no_implicit.item() == pytest.approx(2 * 0.598139, abs=1e-6)
+    weighted, _ = hscr_loss(*pol, *ref, beta=0.1, lam=1.0, weights=torch.tensor([0.5]))
+    assert weighted.item() == pytest.approx(0.5 * 1.889425, abs=1e-6)
+
+
+def test_hscr_loss_gradient_pushes_the_levels_apart():
+    w, l1, l2 = (torch.tensor([v], requires_grad=True) for v in (-10.0, -12.0, -15.0))
+    ref = [torch.tensor([v]) for v in (-11.0, -11.0, -14.0)]
+    losses, _ = hscr_loss(w, l1, l2, *ref)
+    losses.sum().backward()
+    assert w.grad.item() < 0 and l2.grad.item() > 0          # raise y_w, lower y_l2
+    # y_l1 is pushed down by the explicit term and up by the implicit one
+    s = lambda m: 1 / (1 + math.exp(m))
+    assert l1.grad.item() == pytest.approx(0.1 * s(0.2) - 0.1 * s(0.0), abs=1e-6)
+
+
+def test_hscr_step_scores_hand_values():
+    full, dropped = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    shift, reward = hscr_step_scores(full, dropped, torch.tensor([0]))
+    assert reward.item() == pytest.approx(2.0, abs=1e-6)
+    p0, p1 = math.exp(2) / (math.exp(2) + 2), 1 / (math.exp(2) + 2)
+    assert shift.item() == pytest.approx(2 * (p0 - p1), abs=1e-6) and shift.item() == pytest.approx(1.360958, abs=1e-6)
+    same_shift, same_reward = hscr_step_scores(full, full, torch.tensor([0]))   # p = 0: nothing hidden
+    assert same_shift.item() == pytest.approx(0.0, abs=1e-7) and same_reward.item() == 0.0

@@ -108,8 +108,8 @@ def test_disagreement_then_agreement():
     a = Scripted("a", ['{"score": 7}', '{"agree": true, "score": 5}'])
     b = Scripted("b", ['{"agree": false, "score": 5}'])
     r = run([a, b])
-    # S = [7, 5, 5]: the last g = 2 agree on 5
-    assert r["score"] == 5.0 and r["consensus"]
+    # S = [7, 5, 5]: the last g = 2 agree on 5, and the score is the mean of all of S (paper Sec. 3.2.1)
+    assert r["score"] == pytest.approx(17 / 3) and round(r["score"], 2) == 5.67 and r["consensus"]
     assert [h["score"] for h in r["history"]] == [7, 5, 5]
     assert [h["agreed"] for h in r["history"]] == [False, False, True]
 

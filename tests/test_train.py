@@ -36,8 +36,8 @@ def test_end_to_end_writes_every_stage(out, capsys):
     metrics = json.loads((out / "mmedpo" / "metrics.json").read_text())
     for key in ("before", "after", "prior"):
         assert 0 <= metrics[key]["closed"] <= 1 and "per_qtype" in metrics[key]
-    assert metrics["pairs"] == {"text": 12, "visual": 8} and metrics["steps"] == 5
-    pairs, skipped = data.read_pairs(str(out / "pairs" / "pairs.jsonl"))
+    assert metrics["records"] == {"text": 12, "visual": 8} and metrics["steps"] == 5
+    pairs, skipped = data.read_pairs(str(out / "pairs" / "mmedpo.jsonl"))
     assert skipped == 0 and {p["source"] for p in pairs} == {"text", "visual"}
     assert all(os.path.exists(p["rejected_image"]) for p in pairs if p["source"] == "visual")
     assert all(0.75 <= p["weight"] <= 1.25 for p in pairs)
@@ -57,7 +57,7 @@ def test_a_second_run_reuses_every_stage(out, capsys):
     train.main(["--out", str(out), "--base", str(out / "base"), "--run-name", "again"] + TINY)
     printed = capsys.readouterr().out
     assert "base model:" in printed and "(reused)" in printed
-    assert "preference pairs:" in printed and "building preference pairs" not in printed
+    assert "mmedpo preference data: reused" in printed and "building mmedpo preference data" not in printed
 
 
 def test_cached_reference_and_before_eval_follow_the_model(out, capsys):
@@ -66,39 +66,39 @@ def test_cached_reference_and_before_eval_follow_the_model(out, capsys):
     capsys.readouterr()
     train.main(args)
     printed = capsys.readouterr().out
-    assert "reference log-probs" not in printed and "evaluation of the base model" in printed  # reused
+    assert "reference log-probs" not in printed and "evaluation of the base model: reused" in printed
     os.utime(out / "base" / "model.safetensors")  # the same path with new weights must not reuse them
     train.main(args)
     printed = capsys.readouterr().out
     assert "reference log-probs for" in printed and "evaluating the base model" in printed
 
 
+def ref_logps(model, processor, pairs, load, batch_size):
+    dataset = data.RecordDataset(pairs, processor, load)
+    batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
+    with torch.no_grad():
+        return torch.cat([train.forward_logps(model, b).view(2, -1).T
+                          for b in train.record_loader(dataset, batches, processor.tokenizer.pad_token_id, 0)])
+
+
 def test_precomputed_reference_equals_reference_inside_the_step(out):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     processor = AutoProcessor.from_pretrained(out / "base")
     model = AutoModelForImageTextToText.from_pretrained(out / "base").eval()
-    pairs, _ = data.read_pairs(str(out / "pairs" / "pairs.jsonl"))
+    pairs, _ = data.read_pairs(str(out / "pairs" / "mmedpo.jsonl"))
     pairs = pairs[:8]
     load = lambda p: data.to_pil(data.load_image(p))
-    with torch.no_grad():
-        base_c, base_r = train.compute_logps(model, processor, pairs, load, "plain", 3, torch.device("cpu"), torch.float32)
+    base = ref_logps(model, processor, pairs, load, 3)
     lora.add_lora(model, r=4, alpha=8)
     with torch.no_grad():
         for _, m in lora.lora_layers(model):
             m.lora_B.weight.normal_()
-    # precomputed: batches of 3, adapter disabled
     with lora.disable_lora(model):
-        pre_c, pre_r = train.compute_logps(model, processor, pairs, load, "plain", 3, torch.device("cpu"), torch.float32)
-    # inside a step: one concatenated batch of all 8 pairs, adapter disabled
-    batch = data.encode_rows(processor, data.pair_rows(pairs, load))
-    with torch.no_grad(), lora.disable_lora(model):
-        step = train.forward_logps(model, batch)
-        policy = None
-    with torch.no_grad():
-        policy = train.forward_logps(model, batch)
-    assert torch.allclose(pre_c, step[:8], atol=1e-5) and torch.allclose(pre_r, step[8:], atol=1e-5)
-    assert torch.allclose(pre_c, base_c, atol=1e-5) and torch.allclose(pre_r, base_r, atol=1e-5)
-    assert not torch.allclose(policy[:8], step[:8], atol=1e-3)  # the adapter does change the policy
+        pre = ref_logps(model, processor, pairs, load, 3)      # precomputed: batches of 3, adapter disabled
+        step = ref_logps(model, processor, pairs, load, 8)     # inside a step: one batch of all 8 pairs
+    policy = ref_logps(model, processor, pairs, load, 8)
+    assert pre.shape == (8, 2) and torch.allclose(pre, step, atol=1e-5) and torch.allclose(pre, base, atol=1e-5)
+    assert not torch.allclose(policy, step, atol=1e-3)  # the adapter does change the policy
 
 
 def test_resume_reaches_the_same_adapter(out):
@@ -107,7 +107,7 @@ def test_resume_reaches_the_same_adapter(out):
     full = run_script(args + ["--run-name", "full"], out)
     assert full.returncode == 0, full.stderr[-2000:]
     halted = run_script(args + ["--run-name", "halted", "--halt-at-step", "2"], out)
-    assert halted.returncode == 3 and "halting after step 2" in halted.stdout
+    assert halted.returncode == 0 and "halting after step 2" in halted.stdout
     assert not (out / "halted" / "adapter").exists()
     resumed = run_script(args + ["--run-name", "halted", "--resume"], out)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "at step 2/10" in resumed.stdout
@@ -140,7 +140,7 @@ def test_a_saved_model_loads_through_model_and_attention_heatmaps_run(out, tmp_p
     """--model PATH loads a checkpoint as any user's would be; --heatmap attention uses its own attention."""
     train.main(["--out", str(tmp_path), "--model", str(out / "base"), "--heatmap", "attention",
                 "--strategies", "visual"] + TINY)
-    pairs, _ = data.read_pairs(str(tmp_path / "pairs" / "pairs.jsonl"))
+    pairs, _ = data.read_pairs(str(tmp_path / "pairs" / "mmedpo.jsonl"))
     assert len(pairs) == 8 and all("heatmap model_attention" in p["provenance"] for p in pairs)
     assert all(0 < p["score"] <= 1 for p in pairs)
     assert (tmp_path / "mmedpo" / "attention.png").exists()
