@@ -1,5 +1,7 @@
-"""Data for MMedPO: synthetic radiographs (the offline default), preference pairs and their JSONL
-files, and the collation that turns (image, prompt, response) rows into one model batch.
+"""Data for the objectives: synthetic radiographs (the offline default) and real dataset loaders; the
+building of every objective's preference records (MMedPO's text and visual pairs with their scores,
+HSCR's self-contrastive triplets), with the target model's generation and attention; their JSONL
+files; and the batches: records tokenised once and collated into one model batch.
 
 The synthetic set stands in for SLAKE / VQA-RAD: grayscale chest-like images (body, lung fields,
 ribs, spine, heart) with 0-2 findings among six kinds placed in named zones, each with its
@@ -9,7 +11,7 @@ Convention: radiological view, the patient's right lung is on the image's left.
 
     python data.py            # writes a few example images and their questions to out/examples/
 
-Tests:  python -m pytest -q tests/test_data.py
+Tests:  python -m pytest -q tests/test_data.py tests/test_datasets.py tests/test_hscr.py
 """
 import json
 import os

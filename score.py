@@ -9,8 +9,8 @@ contradicts the ground truth, or writes a believable hallucination when none doe
 Judges: `HTTPJudge` talks to any OpenAI-compatible server (vLLM, Ollama, llama.cpp, TGI, OpenAI);
 `RuleJudge` is the offline default, a documented heuristic stand-in (not a medical judgment).
 
-    python score.py --pairs out/pairs.jsonl --out out/scores.jsonl                  # rule judge
-    python score.py --pairs out/pairs.jsonl --out out/scores.jsonl --workers 8 \
+    python score.py --pairs out/pairs/mmedpo.jsonl --out out/scores.jsonl                  # rule judge
+    python score.py --pairs out/pairs/mmedpo.jsonl --out out/scores.jsonl --workers 8 \
         --judge med42=http://localhost:8000/v1,model=m42-health/Llama3-Med42-8B \
         --judge biomistral=http://localhost:8001/v1,model=BioMistral/BioMistral-7B
 
