@@ -68,15 +68,16 @@ class HTTPJudge:
             wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random())  # jitter
             try:
                 r = requests.post(self.url, json=body, headers=headers, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as e:
+            except requests.RequestException as e:  # connection errors, timeouts, a reset in mid-body
                 reason = f"{type(e).__name__} on {self.url}"
             else:
                 if r.status_code == 200:
                     try:
                         return r.json()["choices"][0]["message"]["content"] or ""
                     except (ValueError, KeyError, IndexError, TypeError):
-                        raise JudgeError(self._scrub(f"{self.name}: malformed reply from {self.url}: {r.text[:200]!r}"))
-                reason = f"HTTP {r.status_code} from {self.url}: {self._scrub(r.text[:200])!r}"
+                        raise JudgeError(f"{self.name}: malformed reply from {self.url}: {self._scrub(r.text)[:200]!r}")
+                # scrub first, then cut: a cut made first could leave most of an echoed key behind
+                reason = f"HTTP {r.status_code} from {self.url}: {self._scrub(r.text)[:200]!r}"
                 if r.status_code == 429 and r.headers.get("Retry-After", "").strip().isdigit():
                     wait = min(self.max_backoff, float(r.headers["Retry-After"]))
                 elif r.status_code != 429 and r.status_code < 500:

@@ -362,3 +362,18 @@ def test_leaked_scaffolding_in_the_released_data_is_caught():
               or score.clean_answer(r["rejected_conversations"][1]["value"]) is None]
     assert leaked == [1055]
     assert score.clean_answer("Answer: left lower zone") == "left lower zone"
+
+
+def test_an_echoed_key_is_scrubbed_even_where_the_error_text_is_cut(monkeypatch):
+    import requests
+    key = "sk-" + "k" * 31                                            # 34 characters
+    monkeypatch.setenv("TEST_JUDGE_KEY", key)
+
+    class Reply:
+        status_code, headers = 400, {}
+        text = "x" * 170 + "Authorization: Bearer " + key            # the key starts at 192: it straddles the cut at 200
+    monkeypatch.setattr(requests, "post", lambda *a, **k: Reply())
+    judge = score.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", key_env="TEST_JUDGE_KEY", max_retries=0)
+    with pytest.raises(score.JudgeError) as e:
+        judge([{"role": "user", "content": "hi"}])
+    assert "sk-k" not in str(e.value) and "Bearer *" in str(e.value)   # cut first, 8 of its characters would stay
