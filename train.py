@@ -178,17 +178,26 @@ def check_args(ap, args):
 
 # -----------------------------------------------------------------------------
 # the objectives: which records are built, how many responses each holds, which loss runs on them.
-# A loss adapter gets policy and reference log-probs (B, k), weights (B,) and the flags, and returns
-# per-record losses (B,) and the (B,) statistics it logs; the loop reduces and averages them.
+# A loss adapter gets the (DDP-wrapped) model, one batch of k*B rows (response-major), the cached
+# reference log-probs (B, k), the weights (B,) and the flags. It runs the forward passes it needs (an
+# objective that needs the reference's full distributions runs it here, under lora.disable_lora) and
+# returns per-record losses (B,) and the (B,) statistics it logs; the loop reduces and averages them.
 
-def preference_loss(policy, ref, weights, args):
+def policy_logps(model, batch, k):
+    """Summed log-probs of every response of every record in one forward: (B, k)."""
+    return forward_logps(model, batch).float().view(k, -1).T
+
+
+def preference_loss(model, batch, ref, weights, args):
     """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected)."""
+    policy = policy_logps(model, batch, 2)
     losses, chosen_r, rejected_r = mmedpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], weights, args.beta)
     return losses, {"reward_acc": (chosen_r > rejected_r).float(), "margin": chosen_r - rejected_r}
 
 
-def hscr_objective_loss(policy, ref, weights, args):
+def hscr_objective_loss(model, batch, ref, weights, args):
     """HSCR's multi-level loss (k = 3: y_w, y_l1, y_l2)."""
+    policy = policy_logps(model, batch, 3)
     losses, m = hscr_loss(policy[:, 0], policy[:, 1], policy[:, 2], ref[:, 0], ref[:, 1], ref[:, 2], args.beta,
                           args.hscr_lambda, weights)
     return losses, {"reward_acc": (m["margin_w_l1"] > 0).float(), "margin": m["margin_w_l1"],
@@ -512,7 +521,7 @@ def stage_reference(args, model, processor, base_path, records, dataset, run_dir
     with torch.no_grad(), lora.disable_lora(model):
         for batch in record_loader(dataset, batches, processor.tokenizer.pad_token_id, args.loader_workers):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out.append(forward_logps(model, to_device(batch, device, dtype)).float().cpu().view(k, -1).T)
+                out.append(policy_logps(model, to_device(batch, device, dtype), k).cpu())
     logps = torch.cat(out)
     if world > 1:
         parts = [None] * world
@@ -603,7 +612,7 @@ def micro_batches(n_records, step, global_batch, batch_size, grad_accum, rank, w
 def stage_train(args, model, processor, records, dataset, ref, run_dir, device, dtype, rank, world, log):
     """[5] The objective on LoRA: AdamW, warmup + cosine, clipping, one forward per micro-batch for all
     k responses of its records, checkpoints every --ckpt-every steps. returns (history, finished)."""
-    master, loss_fn, k = rank == 0, OBJECTIVES[args.objective][1], OBJECTIVES[args.objective][2]
+    master, loss_fn = rank == 0, OBJECTIVES[args.objective][1]
     global_batch = args.batch_size * args.grad_accum * world
     if len(records) < global_batch:
         sys.exit(f"{len(records)} records are fewer than one global batch ({global_batch}); lower --batch-size")
@@ -639,8 +648,7 @@ def stage_train(args, model, processor, records, dataset, ref, run_dir, device, 
             sync = world == 1 or micro == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
                     (contextlib.nullcontext() if sync else ddp.no_sync()):
-                policy = forward_logps(ddp, batch).float().view(k, -1).T      # (B, k): one forward for every response
-                losses, stats = loss_fn(policy, ref[mb].to(device), weights[mb].to(device), args)
+                losses, stats = loss_fn(ddp, batch, ref[mb].to(device), weights[mb].to(device), args)
                 (losses.mean() / args.grad_accum).backward()
             for name, v in [("loss", losses.detach())] + list(stats.items()):
                 sums[name] = sums.get(name, 0.0) + v.sum().item()
