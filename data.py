@@ -37,6 +37,8 @@ PROMPT_FORMATS = {  # {question} is the user's question; the image placeholder c
 }  # and "chat": the processor's own chat template, one user turn with an image and the question
 # generation caps (Strategy 1 sampling, evaluation) per dataset, in new tokens: released rejected answers
 # have a median of 11 words on SLAKE / VQA-RAD and 45 on IU-Xray, whose reference reports have 51
+SPLITS = {"synthetic": ("train", "test"), "slake": ("train", "validation", "test"), "vqa-rad": ("train", "test"),
+          "iu-xray": ("train", "val", "test"), "mimic-cxr": ("train", "val", "test")}
 MAX_NEW_TOKENS = {"synthetic": (12, 16), "slake": (64, 64), "vqa-rad": (64, 64), "iu-xray": (256, 256),
                   "mimic-cxr": (256, 256)}
 
@@ -212,13 +214,23 @@ def pad_to_square(image):
 
 
 def load_image(path):
-    """A grayscale image as (H, W) float32 in [0, 1]; a missing or corrupt file raises ValueError naming it."""
+    """A grayscale image as (H, W) float32 in [0, 1]; 16-bit images keep their full range (65535 is
+    white). A missing or corrupt file raises ValueError naming it."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16") or im.mode == "I":   # 16-bit grayscale (common in medical PNGs)
+                return np.clip(np.asarray(im, np.float32) / 65535.0, 0, 1)
             return np.asarray(im.convert("L"), np.float32) / 255.0
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def save_png(image, path):
+    """Write a PIL image atomically (temporary file, then rename): a kill never leaves a torn PNG."""
+    tmp = path + ".tmp.png"
+    image.save(tmp)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -243,10 +255,12 @@ class SyntheticStore:
         return bool(self.by_id[image_id]["findings"])
 
     def path(self, image_id):
+        """The image's PNG, written the first time (atomically) or again if the file on disk is torn."""
         path = os.path.join(self.folder, image_id + ".png")
-        if not os.path.exists(path):
+        if not (os.path.exists(path) and readable_image(path)):
             os.makedirs(self.folder, exist_ok=True)
-            to_pil(self.pixels(image_id)).save(path)
+            save_png(to_pil(self.pixels(image_id)), path)
+            _READABLE[path] = True
         return path
 
 
@@ -451,9 +465,16 @@ def read_released_pairs(path, images_dir, log=print):
     (`recover_chosen`) and counted; records whose rejected answer leaks, whose chosen answer cannot be
     recovered, whose image is missing or whose text is empty are reported with the reason and skipped.
     returns (pairs, skipped count)."""
+    import math
     from score import clean_answer
-    with open(path) as f:
-        records = json.load(f)
+    try:
+        with open(path, encoding="utf-8-sig") as f:   # a byte-order mark is allowed
+            records = json.load(f)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable JSON file of released pairs ({type(e).__name__}: {e})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
+    root = os.path.realpath(images_dir)
     pairs, skipped, recovered = [], 0, 0
     for n, r in enumerate(records):
         try:
@@ -475,13 +496,19 @@ def read_released_pairs(path, images_dir, log=print):
                 continue
             chosen, recovered = recover_chosen(chosen), recovered + 1
         image = os.path.join(images_dir, str(r.get("image", "")))
-        rejected_image = os.path.join(images_dir, r["rejected_image"]) if r.get("rejected_image") else None
-        missing = [p for p in (image, rejected_image) if p and not os.path.isfile(p)]
-        if missing or not prompt or not chosen or not rejected:
-            log(f"{where}: " + (f"image {missing[0]} not found" if missing else "empty text") + ", skipped")
+        rejected_image = os.path.join(images_dir, str(r["rejected_image"])) if r.get("rejected_image") else None
+        outside = [p for p in (image, rejected_image) if p and os.path.commonpath([root, os.path.realpath(p)]) != root]
+        missing = [p for p in (image, rejected_image) if p and not readable_image(p)]
+        if outside or missing or not prompt or not chosen or not rejected:
+            log(f"{where}: " + (f"image {outside[0]} is outside --images {images_dir}" if outside else
+                                f"image {missing[0]} not found or unreadable" if missing else "empty text") + ", skipped")
             skipped += 1
             continue
         score = r.get("weighted_score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                                  or not math.isfinite(score) or not 0 <= score <= 1):
+            log(f"{where}: weighted_score {score!r} is not a number in [0, 1]; the pair gets the neutral weight")
+            score = None
         pairs.append({"id": f"released-{r.get('id', n)}", "source": "visual" if rejected_image else "text",
                       "image": image, "rejected_image": rejected_image, "prompt": prompt, "chosen": chosen,
                       "rejected": rejected, "score": float(score) if isinstance(score, (int, float)) else None,
@@ -500,6 +527,20 @@ def export_pairs(pairs, path):
 
 # -----------------------------------------------------------------------------
 # preference pairs as JSONL
+
+
+def unwritable(path, is_folder):
+    """Why `path` (a folder, or a file) cannot be written, or None: checked before any work is done."""
+    if os.path.exists(path):
+        if is_folder != os.path.isdir(path):
+            return "exists and is not a folder" if is_folder else "is a folder"
+        return None if os.access(path, os.W_OK) else "is not writable"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, so nothing can be created under it"
+    return None if os.access(parent, os.W_OK) else f"{parent} is not writable"
 
 
 def write_jsonl(path, records):
@@ -529,35 +570,37 @@ def readable_image(path):
 
 
 def read_pairs(path, log=print):
-    """Pairs from JSONL. A line that does not parse, a pair without prompt/chosen/rejected text, or one
-    whose image or rejected image is missing or unreadable, is reported with file:line, skipped and
-    counted; a missing score becomes None (it gets the neutral weight). returns (pairs, n_skipped)."""
-    pairs, skipped = [], 0
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                p = json.loads(line)
-            except ValueError as e:
-                log(f"{path}:{n}: skipped, not JSON ({e})")
-                skipped += 1
-                continue
-            missing = [k for k in ("prompt", "chosen", "rejected", "image") if not isinstance(p.get(k), str) or not p[k].strip()]
-            if missing:
-                log(f"{path}:{n}: skipped, empty or missing {missing}")
-                skipped += 1
-                continue
-            bad = [im for im in (p["image"], p.get("rejected_image")) if im and not readable_image(im)]
-            if bad:
-                log(f"{path}:{n}: skipped, image {bad[0]} is missing or unreadable")
-                skipped += 1
-                continue
-            if not isinstance(p.get("score"), (int, float)) or p["score"] != p["score"]:
-                if p.get("source") != "visual" or p.get("score") is not None:
-                    log(f"{path}:{n}: no usable score ({p.get('score')!r}); it gets the neutral weight")
-                p["score"] = None
-            pairs.append(p)
+    """Pairs (or triplets) from JSONL. A line that is not UTF-8, not JSON or not an object, a record
+    without prompt/chosen/rejected text, or one whose image or rejected image is missing or
+    unreadable, is reported with file:line, skipped and counted; a missing or non-finite score becomes
+    None (the neutral weight). A weight that is present but not a finite number >= 0 is an input error
+    (ValueError with file:line): a silently changed weight would change training.
+    returns (pairs, n_skipped)."""
+    import math
+    from score import read_jsonl
+    bad = []
+    lines = read_jsonl(path, lambda msg: (bad.append(msg), log(msg)))
+    pairs, skipped = [], len(bad)
+    for n, p in lines:
+        missing = [k for k in ("prompt", "chosen", "rejected", "image") if not isinstance(p.get(k), str) or not p[k].strip()]
+        if missing:
+            log(f"{path}:{n}: skipped, empty or missing {missing}")
+            skipped += 1
+            continue
+        images = [im for im in (p["image"], p.get("rejected_image")) if im and not readable_image(im)]
+        if images:
+            log(f"{path}:{n}: skipped, image {images[0]} is missing or unreadable")
+            skipped += 1
+            continue
+        w = p.get("weight")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0):
+            raise ValueError(f"{path}:{n}: weight {w!r} is not a finite number >= 0 (record {p.get('id')})")
+        s = p.get("score")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            if p.get("source") not in ("visual", "hscr") or s is not None:
+                log(f"{path}:{n}: no usable score ({s!r}); it gets the neutral weight")
+            p["score"] = None
+        pairs.append(p)
     return pairs, skipped
 
 
@@ -682,9 +725,10 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
         noised = localized_noise(x[None, None], h[None].float(), k=k, generator=gen)[0, 0]
         pid = f"visual-{it['id']}"
         noised_path = os.path.join(out_dir, "noised", pid + ".png")
-        to_pil(noised).save(noised_path)
+        save_png(to_pil(noised), noised_path)
         heatmap_path = os.path.join(out_dir, "heatmaps", pid + ".png")
-        to_pil(h).save(heatmap_path)
+        save_png(to_pil(h), heatmap_path)
+        _READABLE.pop(noised_path, None)
         pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
                       "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
                       "rejected": it["answer"], "score": float(confidence), "weight": None,

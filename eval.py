@@ -24,7 +24,9 @@ Tests:  python -m pytest -q tests/test_eval.py
 """
 import argparse
 import math
+import os
 import re
+import sys
 from collections import Counter, defaultdict
 
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -296,6 +298,18 @@ def main(argv=None):
     import lora
     if args.data != "synthetic" and not args.data_dir:
         ap.error(f"--data {args.data} needs --data-dir: {data.DOWNLOAD_HINTS[args.data]}")
+    bad = [(f, msg) for f, ok, msg in [
+        ("--max-items", args.max_items is None or args.max_items >= 1, "must be >= 1 (leave it out for all items)"),
+        ("--n-test", args.n_test >= 1, "must be >= 1"), ("--n-train", args.n_train >= 1, "must be >= 1"),
+        ("--batch-size", args.batch_size >= 1, "must be >= 1"),
+        ("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "must be >= 1"),
+        ("--split", args.split in data.SPLITS[args.data], f"must be one of {', '.join(data.SPLITS[args.data])}"),
+        ("--model", os.path.isdir(args.model), "no such folder (pass the local path of a saved checkpoint)"),
+        ("--adapter", args.adapter is None or os.path.isdir(args.adapter), "no such folder"),
+        ("--out", not (args.out and data.unwritable(args.out, False)), f"{args.out and data.unwritable(args.out, False)}")]
+        if not ok]
+    if bad:
+        ap.error("; ".join(f"{f} {args.__dict__[f[2:].replace('-', '_')]}: {msg}" for f, msg in bad))
     processor = AutoProcessor.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(args.device)
@@ -309,6 +323,8 @@ def main(argv=None):
         train_items, _ = data.LOADERS[args.data](args.data_dir, "train")
         items, store = data.LOADERS[args.data](args.data_dir, args.split)
     items = items[:args.max_items] if args.max_items else items
+    if not items:
+        sys.exit(f"no {args.split} items to evaluate in --data {args.data}")
     image_of = lambda it: data.pad_to_square(store.pil(it["image_id"])) if args.pad_to_square else store.pil(it["image_id"])
     max_new_tokens = args.max_new_tokens or data.MAX_NEW_TOKENS[args.data][1]
     result, preds = evaluate(model, processor, items, image_of, answer_prior(train_items), args.prompt_format,

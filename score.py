@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -32,6 +33,10 @@ PROMPT_VERSION = "v2"  # part of the cache key: change it when a prompt or the c
 
 class JudgeError(RuntimeError):
     """A judge could not be reached after all retries (the pair is recorded as failed)."""
+
+
+class JudgeAuthError(JudgeError):
+    """The server refused the key (HTTP 401/403): no pair can succeed, so scoring stops at once."""
 
 
 # -----------------------------------------------------------------------------
@@ -71,13 +76,21 @@ class HTTPJudge:
             except requests.RequestException as e:  # connection errors, timeouts, a reset in mid-body
                 reason = f"{type(e).__name__} on {self.url}"
             else:
+                # scrub first, then cut: a cut made first could leave most of an echoed key behind
+                text = self._scrub(r.text)[:200]
                 if r.status_code == 200:
                     try:
                         return r.json()["choices"][0]["message"]["content"] or ""
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        raise JudgeError(f"{self.name}: malformed reply from {self.url}: {self._scrub(r.text)[:200]!r}")
-                # scrub first, then cut: a cut made first could leave most of an echoed key behind
-                reason = f"HTTP {r.status_code} from {self.url}: {self._scrub(r.text)[:200]!r}"
+                    except (ValueError, KeyError, IndexError, TypeError):  # a half-written reply: ask again
+                        reason = f"malformed reply from {self.url}: {text!r}"
+                        if attempt < self.max_retries:
+                            time.sleep(wait)
+                        continue
+                reason = f"HTTP {r.status_code} from {self.url}: {text!r}"
+                if r.status_code in (401, 403):
+                    raise JudgeAuthError(f"{self.name}: authentication failed, {reason}" +
+                                         (f"; check the key in ${self.key_env}" if self.key_env else
+                                          "; this server wants a key: add key_env=VAR to the judge spec"))
                 if r.status_code == 429 and r.headers.get("Retry-After", "").strip().isdigit():
                     wait = min(self.max_backoff, float(r.headers["Retry-After"]))
                 elif r.status_code != 429 and r.status_code < 500:
@@ -331,8 +344,8 @@ def parse_score(text, previous=None):
             score = previous if agreed and obj.get("score") is None else obj.get("score")
             if isinstance(score, str) and score.strip().isdigit():
                 score = int(score)
-            if isinstance(score, (int, float)) and not isinstance(score, bool) and score == int(score) \
-                    and 0 <= score <= 10:
+            if isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score) \
+                    and score == int(score) and 0 <= score <= 10:
                 return int(score), agreed and int(score) == previous
             return None, False
     for n in re.findall(r"-?\d+(?:\.\d+)?", text):
@@ -414,9 +427,10 @@ def write_hallucination(judge, question, truth, seed=0):
 # -----------------------------------------------------------------------------
 # many pairs: thread pool, JSONL cache, progress
 
-def pair_key(pair, judges):
-    blob = json.dumps([pair.get("prompt"), pair.get("chosen"), pair.get("rejected"),
-                       [(j.name, j.model) for j in judges], PROMPT_VERSION])
+def pair_key(pair, judges, rounds=5):
+    """The cache key: what is scored, by whom, under which prompts and how many consensus rounds."""
+    blob = json.dumps([question_of(pair), pair.get("chosen"), pair.get("rejected"),
+                       [(j.name, j.model) for j in judges], rounds, PROMPT_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -451,23 +465,33 @@ def question_of(pair):
 def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
     """Score the rejected answer of each pair by consensus, `workers` pairs at a time (the judge order
     inside a pair is kept). Finished pairs are appended to `cache_path` at once and never asked again.
+    A failure of one pair (a judge unreachable, anything unexpected) costs only that pair: it is
+    recorded as failed, with its reason, and asked again on the next run. An authentication failure
+    stops the scoring at once: the pairs not yet asked are recorded as failed, every finished score
+    stays in the cache, and JudgeAuthError is raised at the end.
     returns a list of {key, score, consensus, history, status: scored|unscored|failed, reason}."""
     cache = load_cache(cache_path) if cache_path else {}
-    keys = [pair_key(p, judges) for p in pairs]
+    keys = [pair_key(p, judges, rounds) for p in pairs]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     results = {i: cache[k] for i, k in enumerate(keys) if k in cache}
-    lock, t0, done, failed = threading.Lock(), time.time(), 0, 0
+    lock, t0, done, failed, auth = threading.Lock(), time.time(), 0, 0, []
     if cache_path:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     out = open(cache_path, "a") if cache_path else None
 
     def work(i):
         p = pairs[i]
+        if auth:
+            return i, {"score": None, "consensus": False, "history": [], "status": "failed", "key": keys[i],
+                       "reason": f"not asked: {auth[0]}"}
         try:
             r = consensus(judges, question_of(p), p["chosen"], p["rejected"], rounds)
             r["status"] = "scored" if r["score"] is not None else "unscored"
-        except JudgeError as e:
-            r = {"score": None, "consensus": False, "history": [], "status": "failed", "reason": str(e)}
+        except Exception as e:  # one pair's failure, whatever it is, costs only that pair
+            if isinstance(e, JudgeAuthError):
+                auth.append(str(e))
+            r = {"score": None, "consensus": False, "history": [], "status": "failed",
+                 "reason": f"{type(e).__name__}: {e}"[:500]}
         r["key"] = keys[i]
         return i, r
 
@@ -501,6 +525,8 @@ def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
     unscored = sum(r["status"] == "unscored" for r in ordered)
     if unscored or failed:
         log(f"  {unscored} pairs unscored (every judge abstained), {failed} failed: they get the neutral weight")
+    if auth:
+        raise JudgeAuthError(f"{auth[0]} (scoring stopped; {done - failed} finished scores are kept in the cache)")
     return ordered
 
 
@@ -518,16 +544,32 @@ def parse_judge(spec):
                      float(kw.get("timeout", 60)))
 
 
-def read_jsonl(path):
-    """Records of a JSONL file; a line that does not parse is reported with its number and skipped."""
+def read_jsonl(path, log=None):
+    """[(line number, record)] of a JSONL file of objects. A UTF-8 byte-order mark is allowed; a line
+    that is not valid UTF-8, not JSON, or not a JSON object is reported as file:line and skipped.
+    A missing file or a folder raises ValueError naming it."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file" + (" (it is a folder)" if os.path.isdir(path) else ""))
     records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as e:
-                    print(f"{path}:{n}: skipped, not JSON ({e})", file=sys.stderr)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                log(f"{path}:{n}: skipped, not UTF-8 ({e})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                log(f"{path}:{n}: skipped, not JSON ({e})")
+                continue
+            if not isinstance(rec, dict):
+                log(f"{path}:{n}: skipped, a JSON {type(rec).__name__} where an object was expected")
+                continue
+            records.append((n, rec))
     return records
 
 
@@ -543,20 +585,39 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.workers < 1 or args.rounds < 1:
         ap.error("--workers and --rounds must be >= 1")
-    pairs = [p for p in read_jsonl(args.pairs) if p.get("source", "text") == "text"]
-    bad = [i for i, p in enumerate(pairs) if not all(isinstance(p.get(k), str) for k in ("chosen", "rejected"))]
-    if bad:
-        print(f"{args.pairs}: {len(bad)} text pairs without chosen/rejected strings are skipped", file=sys.stderr)
-        pairs = [p for i, p in enumerate(pairs) if i not in set(bad)]
+    try:
+        lines = read_jsonl(args.pairs)
+    except ValueError as e:
+        ap.error(f"--pairs {e}")
+    text, others = [], []
+    for n, p in lines:
+        if p.get("source", "text") != "text":
+            others.append(p)  # visual pairs: their score is the visual tool's confidence
+        elif not all(isinstance(p.get(k), str) and p[k].strip() for k in ("chosen", "rejected")) or not question_of(p):
+            print(f"{args.pairs}:{n}: skipped, a text pair needs prompt (or question), chosen and rejected text",
+                  file=sys.stderr)
+        else:
+            text.append(p)
+    if others:
+        print(f"{len(others)} pairs that are not text pairs (e.g. visual) are written through with their own scores")
     judges = args.judge or [RuleJudge()]
-    results = score_pairs(pairs, judges, args.cache or args.out + ".cache.jsonl", args.workers, args.rounds)
+    try:
+        results = score_pairs(text, judges, args.cache or args.out + ".cache.jsonl", args.workers, args.rounds)
+    except JudgeAuthError as e:
+        sys.exit(f"score.py: {e}")
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        for p, r in zip(pairs, results):
+        for p, r in zip(text, results):
             f.write(json.dumps({**p, "score": r["score"], "score_status": r["status"],
                                 "score_history": r["history"], "score_reason": r.get("reason")}) + "\n")
+        for p in others:
+            f.write(json.dumps(p) + "\n")
     os.replace(tmp, args.out)
-    print(f"wrote {len(results)} scored pairs to {args.out}")
+    counts = {s: sum(r["status"] == s for r in results) for s in ("scored", "unscored", "failed")}
+    print(f"wrote {len(text) + len(others)} pairs to {args.out}: {counts['scored']} scored, {counts['unscored']} "
+          f"unscored, {counts['failed']} failed, {len(others)} passed through")
+    if counts["failed"]:
+        sys.exit(f"score.py: {counts['failed']} pairs failed (reasons in {args.out}); run again to retry them")
 
 
 if __name__ == "__main__":

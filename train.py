@@ -35,7 +35,13 @@ from mmedpo import hscr_loss, mmedpo_loss, sequence_logps
 
 def get_parser():
     ap = argparse.ArgumentParser(description="Clinical-aware multimodal preference optimization (MMedPO, HSCR, DPO)")
-    a = ap.add_argument
+    for add_flags in (run_and_model_flags, data_flags, training_flags):
+        add_flags(ap.add_argument)
+    return ap
+
+
+def run_and_model_flags(a):
+    """The run, the model, and the tiny base (`a` is an ArgumentParser's add_argument)."""
     # what is trained, and where things go
     a("--objective", default="mmedpo", choices=["dpo", "mmedpo", "hscr"],
       help="dpo: text pairs, weights 1 (the paper's DPO baseline); mmedpo: text + visual pairs with clinical-"
@@ -64,6 +70,10 @@ def get_parser():
     a("--n-test", type=int, default=200, help="synthetic test images")
     a("--sft-steps", type=int, default=3000, help="SFT warm-up steps of the tiny base (batch 32)")
     a("--sft-lr", type=float, default=2e-3)
+
+
+def data_flags(a):
+    """The dataset, the evaluation, and MMedPO's preference data."""
     # data and evaluation
     a("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray", "mimic-cxr"], help="dataset")
     a("--data-dir", default=None, help="folder of a downloaded dataset")
@@ -97,6 +107,10 @@ def get_parser():
     a("--noise-step", type=int, default=500, help="diffusion step k of the noise, in [0, 1000)")
     a("--heatmap", default="detector", choices=["detector", "mask", "attention"],
       help="where the lesion is: the DoG detector, ground-truth masks, or the model's own attention")
+
+
+def training_flags(a):
+    """HSCR's free values, the optimisation, LoRA, checkpoints."""
     # HSCR (our reading of arXiv 2506.00805; these values are ours, not the paper's)
     a("--hscr-p", type=float, default=0.7, help="fraction of image tokens hidden by visual-token dropout")
     a("--hscr-n", type=int, default=10, help="modality-coupled steps replaced for y_l2 (half of them for y_l1)")
@@ -118,7 +132,6 @@ def get_parser():
     a("--halt-at-step", type=int, default=None,
       help="stop after the checkpoint of step N (to split a run across sessions); continue with --resume")
     a("--seed", type=int, default=0)
-    return ap
 
 
 def check_args(ap, args):
@@ -163,8 +176,10 @@ def check_args(ap, args):
         ap.error("--pairs holds released MMedPO pairs; --objective hscr builds its own triplets")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        ap.error(f"--out {args.out}: exists and is not a folder")
+    for flag, path, is_folder in [("--out", args.out, True), ("--export-pairs", args.export_pairs, False)]:
+        problem = path and data.unwritable(path, is_folder)
+        if problem:
+            ap.error(f"{flag} {path}: {problem}")
     # resolved values
     args.run_name = args.run_name or args.objective
     if args.no_crs:
@@ -296,6 +311,8 @@ def reuse_or_compute(key_path, key, compute, save, load, log, what):
         if value is not None:
             log(f"{what}: reused ({key_path})")
             return value
+    if os.path.exists(key_path):
+        os.remove(key_path)  # the output is about to change: an old key must never vouch for it
     value, complete = compute()
     save(value)
     if complete:
@@ -455,7 +472,10 @@ def stage_records(args, model, processor, base_path, train_qa, store, pairs_dir,
         path = os.path.join(run_dir, "pairs.jsonl")
         if master:
             log(f"[2/6] released preference pairs: {args.pairs}")
-            released, _ = data.read_released_pairs(args.pairs, args.images, log)
+            try:
+                released, _ = data.read_released_pairs(args.pairs, args.images, log)
+            except ValueError as e:
+                sys.exit(f"--pairs {e}")
             data.write_jsonl(path, data.assign_weights(released, args.weighting, log))
     else:
         path = os.path.join(pairs_dir, f"{args.objective}.jsonl")
@@ -465,13 +485,20 @@ def stage_records(args, model, processor, base_path, train_qa, store, pairs_dir,
         def compute():
             log(f"[2/6] building {args.objective} preference data -> {path}")
             seed_everything(args.seed)
-            records, complete = build(model, processor, args, train_qa, store, pairs_dir, device, log)
+            import score
+            try:
+                records, complete = build(model, processor, args, train_qa, store, pairs_dir, device, log)
+            except score.JudgeAuthError as e:
+                sys.exit(f"judge: {e}")
             return records, complete and bool(records)
         if master:
             reuse_or_compute(path + ".key.json", key, compute, lambda recs: data.write_jsonl(path, recs),
                              lambda: path if os.path.exists(path) else None, log, f"[2/6] {args.objective} preference data")
     barrier(world)
-    records, skipped = data.read_pairs(path, log)
+    try:
+        records, skipped = data.read_pairs(path, log)
+    except ValueError as e:
+        sys.exit(str(e))
     if not records:
         sys.exit(f"{path}: no usable preference records")
     if master and args.export_pairs:
@@ -642,8 +669,8 @@ def stage_train(args, model, processor, records, dataset, ref, run_dir, device, 
         for group in opt.param_groups:
             group["lr"] = lr
         t_step, sums = time.time(), {}
-        for micro, mb in enumerate(micro_batches(len(records), step, global_batch, args.batch_size, args.grad_accum,
-                                                 rank, world, args.seed)):
+        mbs = micro_batches(len(records), step, global_batch, args.batch_size, args.grad_accum, rank, world, args.seed)
+        for micro, mb in enumerate(mbs):
             batch = to_device(next(batches), device, dtype)
             sync = world == 1 or micro == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
@@ -655,8 +682,7 @@ def stage_train(args, model, processor, records, dataset, ref, run_dir, device, 
             sums["n"] = sums.get("n", 0) + len(mb)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         if not all(math.isfinite(v) for v in sums.values()) or not torch.isfinite(grad_norm):
-            bad = [records[j]["id"] for j in micro_batches(len(records), step, global_batch, args.batch_size,
-                                                            args.grad_accum, rank, world, args.seed)[0]]
+            bad = [records[j]["id"] for mb in mbs for j in mb]
             sys.exit(f"step {step + 1}: non-finite loss or gradient (records {bad[:8]}); nothing of this step is "
                      f"saved. Lower --lr or --beta, or check these records' weights.")
         opt.step()

@@ -226,13 +226,14 @@ def test_api_key_never_written(server_factory, tmp_path, monkeypatch, capsys):
     srv = server_factory(script=[(401, f"bad key {secret}", {}, 0)])
     pairs_path, out_path = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
     pairs_path.write_text(json.dumps({"prompt": "q?", "chosen": "yes", "rejected": "no", "source": "text"}) + "\n")
-    score.main(["--pairs", str(pairs_path), "--out", str(out_path),
-                "--judge", f"med={srv.url},model=m,key_env=MMEDPO_TEST_KEY"])
+    with pytest.raises(SystemExit) as e:    # a refused key stops scoring at once, with a clear message ...
+        score.main(["--pairs", str(pairs_path), "--out", str(out_path),
+                    "--judge", f"med={srv.url},model=m,key_env=MMEDPO_TEST_KEY"])
     captured = capsys.readouterr()
     written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
     assert srv.requests[0]["headers"]["Authorization"] == f"Bearer {secret}"
-    assert "HTTP 401" in written  # the failure reason is recorded ...
-    assert secret not in written + captured.out + captured.err  # ... without the key
+    assert "authentication failed, HTTP 401" in str(e.value) and "MMEDPO_TEST_KEY" in str(e.value)
+    assert secret not in written + captured.out + captured.err + str(e.value)  # ... that holds no key
 
 
 # -----------------------------------------------------------------------------
