@@ -587,7 +587,7 @@ def read_pairs(path, log=print):
             log(f"{path}:{n}: skipped, empty or missing {missing}")
             skipped += 1
             continue
-        images = [im for im in (p["image"], p.get("rejected_image")) if im and not readable_image(im)]
+        images = [im for im in (p["image"], p.get("rejected_image"), p.get("corrupted_image")) if im and not readable_image(im)]
         if images:
             log(f"{path}:{n}: skipped, image {images[0]} is missing or unreadable")
             skipped += 1
@@ -597,7 +597,7 @@ def read_pairs(path, log=print):
             raise ValueError(f"{path}:{n}: weight {w!r} is not a finite number >= 0 (record {p.get('id')})")
         s = p.get("score")
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            if p.get("source") not in ("visual", "hscr") or s is not None:
+            if p.get("source") not in ("visual", "hscr", "fire") or s is not None:
                 log(f"{path}:{n}: no usable score ({s!r}); it gets the neutral weight")
             p["score"] = None
         pairs.append(p)
@@ -682,53 +682,66 @@ def build_text_pairs(items, samples, judge, image_path, seed=0, log=print):
     return pairs
 
 
+def lesion_heatmap(item, store, heatmap="detector", log=print):
+    """Where the lesion of an item's image is: (heatmap (H, W) in [0, 1], confidence), or (None, reason).
+    heatmap: detector (noise.detect_lesions; its confidence), mask (ground-truth masks or boxes, widened
+    by a soft margin; the confidence is the lesion's contrast with its surroundings, noise.mask_confidence),
+    or a callable item -> (heatmap, confidence) such as `attention_tool`."""
+    from noise import detect_lesions, heatmap_from_mask, mask_confidence, smooth_heatmap
+    x = torch.as_tensor(store.pixels(item["image_id"]))                     # (H, W) in [0, 1]
+    if callable(heatmap):
+        return heatmap(item)
+    if heatmap == "detector":
+        return detect_lesions(x)
+    if heatmap != "mask":
+        raise ValueError(f"unknown heatmap source {heatmap!r} (detector, mask, or a callable)")
+    try:
+        m = store.mask(item["image_id"])
+    except ValueError as e:
+        log(f"  {e}; skipped")
+        return None, "mask does not fit"
+    if m is None:
+        return None, "no mask"
+    h = heatmap_from_mask(m)
+    if h.sum() > 0:  # 1 inside the mask, a soft margin outside it
+        h = torch.maximum(h, smooth_heatmap(h, sigma=max(0.5, 0.02 * h.shape[0])))
+    return h, mask_confidence(x, m)
+
+
+def write_noised(x, h, k, generator, name, out_dir):
+    """x* = localized_noise(x, h) and the heatmap, as PNGs under out_dir/noised and out_dir/heatmaps.
+    returns (noised path, heatmap path)."""
+    from noise import localized_noise
+    noised = localized_noise(x[None, None], h[None].float(), k=k, generator=generator)[0, 0]
+    paths = [os.path.join(out_dir, sub, name + ".png") for sub in ("noised", "heatmaps")]
+    for path, image in zip(paths, (noised, h)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_png(to_pil(image), path)
+        _READABLE.pop(path, None)
+    return paths
+
+
 def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local", k=500, seed=0, log=print):
     """Strategy 2 (visual dispreference D_v): the same answer given to an image whose lesion is noised.
-    store: SyntheticStore or FileStore (pixels, mask, path). heatmap: detector (noise.detect_lesions;
-    its confidence is the score), mask (ground-truth masks or boxes; the score is the lesion's contrast
-    with its surroundings, noise.mask_confidence), or a callable
-    item -> (heatmap (H, W) in [0, 1], confidence). noise: local, or global (h = 1).
-    Items with an empty heatmap (nothing to noise), no mask, or a mask that does not fit their image
-    are skipped and counted. Noised images and heatmaps are written as PNG under out_dir."""
+    store: SyntheticStore or FileStore (pixels, mask, path); heatmap: see `lesion_heatmap`; noise:
+    local, or global (h = 1). Items with an empty heatmap (nothing to noise), no mask, or a mask that
+    does not fit their image are skipped and counted. Noised images and heatmaps are PNGs under out_dir."""
     from collections import Counter
-    from noise import detect_lesions, heatmap_from_mask, localized_noise, mask_confidence, smooth_heatmap
-    os.makedirs(os.path.join(out_dir, "noised"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "heatmaps"), exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     pairs, skipped = [], Counter()
     for it in items:
-        x = torch.as_tensor(store.pixels(it["image_id"]))                   # (H, W) in [0, 1]
-        if callable(heatmap):
-            h, confidence = heatmap(it)
-        elif heatmap == "mask":
-            try:
-                m = store.mask(it["image_id"])
-            except ValueError as e:
-                log(f"  {e}; skipped")
-                skipped["mask does not fit"] += 1
-                continue
-            if m is None:
-                skipped["no mask"] += 1
-                continue
-            h, confidence = heatmap_from_mask(m), mask_confidence(x, m)
-            if h.sum() > 0:  # 1 inside the mask, a soft margin outside it
-                h = torch.maximum(h, smooth_heatmap(h, sigma=max(0.5, 0.02 * h.shape[0])))
-        elif heatmap == "detector":
-            h, confidence = detect_lesions(x)
-        else:
-            raise ValueError(f"unknown heatmap source {heatmap!r} (detector, mask, or a callable)")
+        x = torch.as_tensor(store.pixels(it["image_id"]))
+        h, confidence = lesion_heatmap(it, store, heatmap, log)
+        if h is None:
+            skipped[confidence] += 1
+            continue
         if noise == "global":
             h = torch.ones_like(x)
         if float(h.sum()) == 0:
             skipped["empty heatmap"] += 1
             continue
-        noised = localized_noise(x[None, None], h[None].float(), k=k, generator=gen)[0, 0]
         pid = f"visual-{it['id']}"
-        noised_path = os.path.join(out_dir, "noised", pid + ".png")
-        save_png(to_pil(noised), noised_path)
-        heatmap_path = os.path.join(out_dir, "heatmaps", pid + ".png")
-        save_png(to_pil(h), heatmap_path)
-        _READABLE.pop(noised_path, None)
+        noised_path, heatmap_path = write_noised(x, h, k, gen, pid, out_dir)
         pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
                       "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
                       "rejected": it["answer"], "score": float(confidence), "weight": None,
@@ -736,7 +749,6 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
     log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
                                          if skipped else ""))
     return pairs
-
 
 # -----------------------------------------------------------------------------
 # the target model at work for pair building: generation, its own attention, HSCR's contrastive decoding
@@ -998,6 +1010,66 @@ def build_hscr_pairs(model, processor, cfg, train_qa, store, pairs_dir, device, 
     return assign_weights(triplets, "none"), True
 
 
+def edit_masks(tokens_w, tokens_l):
+    """FiRe-MPO's token masks from a diff of two token sequences (difflib.SequenceMatcher): m_w marks the
+    tokens of y_w that the edit replaced or inserted, m_l those of y_l it replaced or deleted.
+    ["left", "lung", "nodule"] -> ["right", "lung", "nodule"] gives [1, 0, 0] on both sides."""
+    import difflib
+    m_w, m_l = [0] * len(tokens_w), [0] * len(tokens_l)
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, list(tokens_l), list(tokens_w), autojunk=False).get_opcodes():
+        if tag in ("replace", "delete"):
+            m_l[i1:i2] = [1] * (i2 - i1)
+        if tag in ("replace", "insert"):
+            m_w[j1:j2] = [1] * (j2 - j1)
+    return m_w, m_l
+
+
+def response_tokens(tokenizer, text):
+    """The response's token ids as encode_rows puts them in a batch (without the closing EOS)."""
+    return tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+
+
+def build_fire_pairs(model, processor, cfg, train_qa, store, pairs_dir, device, log=print, round_index=0):
+    """FiRe-MPO's records (our reading of arXiv 2606.12590): the current policy answers --n-text
+    training questions greedily (y_l); an editor that knows the ground truth corrects only the wrong
+    spans (y_w, `score.edit_answers`: the rule editor by default, an LLM with --editor); the token
+    masks come from the diff; the clean image's lesion is noised for the visual term (x*, as in
+    Strategy 2; global noise where the tool sees no lesion). Answers already right give no record and
+    are counted, as are answers with leaked scaffolding. returns (records, complete)."""
+    import score
+    items = random.Random(f"{cfg.seed}-{round_index}").sample(train_qa, min(cfg.n_text, len(train_qa)))
+    image_of = lambda it: image_for_model(store.pil(it["image_id"]), cfg.pad_to_square)
+    log(f"FiRe-MPO round {round_index}: the policy answers {len(items)} questions; the editor corrects them")
+    answers = generate_answers(model, processor, [(image_of(it), it["question"]) for it in items], cfg.prompt_format,
+                               batch_size=128, max_new_tokens=cfg.sample_max_new_tokens, log=log)
+    editor = score.parse_judge(cfg.editor) if cfg.editor else score.RuleJudge()
+    cleaned = [score.clean_answer(a) or "" for a in answers]
+    edits = score.edit_answers(items, cleaned, editor, os.path.join(pairs_dir, "edit_cache.jsonl"), cfg.workers, log)
+    tool = heatmap_tool(cfg.heatmap, model, processor, cfg.prompt_format, store, device)
+    gen, records, counts = torch.Generator().manual_seed(cfg.seed + round_index), [], {"right": 0, "leaked": 0, "failed": 0}
+    for it, answer, y_l, e in zip(items, answers, cleaned, edits):
+        if not y_l and answer.strip():
+            counts["leaked"] += 1
+            continue
+        if e["status"] != "edited":
+            counts[e["status"]] += 1
+            continue
+        y_w = e["edited"]
+        m_w, m_l = edit_masks(response_tokens(processor.tokenizer, y_w), response_tokens(processor.tokenizer, y_l))
+        x = torch.as_tensor(store.pixels(it["image_id"]))
+        h, _ = lesion_heatmap(it, store, tool, log)
+        h = torch.ones_like(x) if h is None or cfg.noise == "global" or float(h.sum()) == 0 else h
+        rid = f"fire-{it['id']}"
+        corrupted, heatmap_path = write_noised(x, h, cfg.noise_step, gen, f"{rid}-r{round_index}", pairs_dir)
+        records.append({"id": rid, "source": "fire", "image": store.path(it["image_id"]), "rejected_image": None,
+                        "corrupted_image": corrupted, "heatmap": heatmap_path, "prompt": it["question"],
+                        "chosen": y_w, "rejected": y_l, "mask_chosen": m_w, "mask_rejected": m_l,
+                        "score": None, "weight": None, "provenance": f"round {round_index}, {e['how']}"})
+    log(f"FiRe-MPO records: {len(records)} edited answers ({counts['right']} already right, {counts['leaked']} "
+        f"with leaked scaffolding, {counts['failed']} editor failures)")
+    return assign_weights(records, "none"), counts["failed"] == 0
+
+
 def image_for_model(image, pad):
     """The PIL image as the model sees it: LLaVA pads to a square with the mean colour when asked."""
     return pad_to_square(image) if pad else image
@@ -1008,10 +1080,13 @@ def image_for_model(image, pad):
 
 def record_rows(record):
     """The (image path, response) rows of one record, in the objective's order: chosen, rejected
-    (on the noised image for a visual pair), and for HSCR the second rejected answer."""
+    (on the noised image for a visual pair), then for HSCR the second rejected answer, for FiRe-MPO
+    the chosen answer again on the lesion-corrupted image."""
     rows = [(record["image"], record["chosen"]), (record.get("rejected_image") or record["image"], record["rejected"])]
     if record.get("rejected2") is not None:
         rows.append((record["image"], record["rejected2"]))
+    if record.get("corrupted_image") is not None:
+        rows.append((record["corrupted_image"], record["chosen"]))
     return rows
 
 
@@ -1033,11 +1108,18 @@ class RecordDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if i in self.cache:
             return self.cache[i]
-        rows = []
-        for path, response in record_rows(self.records[i]):
-            enc = encode_rows(self.processor, [(self.load_image(path), self.records[i]["prompt"], response)],
+        record, rows = self.records[i], []
+        edits = [record.get("mask_chosen"), record.get("mask_rejected"), record.get("mask_chosen")]
+        for j, (path, response) in enumerate(record_rows(record)):
+            enc = encode_rows(self.processor, [(self.load_image(path), record["prompt"], response)],
                               self.prompt_format, self.max_length, self.stats)
-            rows.append({k: v[0] for k, v in enc.items()})
+            row = {k: v[0] for k, v in enc.items()}
+            if record.get("mask_chosen") is not None:  # FiRe-MPO: the edited tokens, at their label positions
+                where = (row["labels"] != IGNORE_INDEX).nonzero().flatten()
+                row["edit_mask"] = torch.zeros(len(row["labels"]))
+                n = min(len(edits[j]), len(where))  # the response may have been cut to fit max_length
+                row["edit_mask"][where[:n]] = torch.tensor(edits[j][:n], dtype=torch.float32)
+            rows.append(row)
         if self.cache_pixels:
             self.cache[i] = rows
         return rows
@@ -1045,7 +1127,8 @@ class RecordDataset(torch.utils.data.Dataset):
 
 def collate_records(batch, pad_id):
     """A list of B records of k rows each -> one batch of k*B rows, response-major (every chosen row,
-    then every rejected row, ...), right-padded: {input_ids, attention_mask, labels (kB, T), pixel_values}."""
+    then every rejected row, ...), right-padded: {input_ids, attention_mask, labels (kB, T), pixel_values}
+    and, for FiRe-MPO records, edit_mask (kB, T)."""
     rows = [rec[j] for j in range(len(batch[0])) for rec in batch]
     T = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -1054,8 +1137,13 @@ def collate_records(batch, pad_id):
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         input_ids[i, :n], labels[i, :n], attention[i, :n] = r["input_ids"], r["labels"], 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "pixel_values": torch.stack([r["pixel_values"] for r in rows])}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+             "pixel_values": torch.stack([r["pixel_values"] for r in rows])}
+    if "edit_mask" in rows[0]:
+        batch["edit_mask"] = torch.zeros((len(rows), T))
+        for i, r in enumerate(rows):
+            batch["edit_mask"][i, :len(r["edit_mask"])] = r["edit_mask"]
+    return batch
 
 
 WEIGHTINGS = ("z", "raw", "none")

@@ -10,6 +10,9 @@ returns per-example losses (the caller reduces, e.g. with .mean()) and the detac
     mmedpo_loss(...)                        weighted DPO, paper Eq. 3
     hscr_step_scores(full, dropped, tokens) HSCR's logit shift and implicit reward per step (our reading)
     hscr_loss(...)                          HSCR's multi-level preference loss (our reading)
+    fire_token_loss(...)                    FiRe-MPO's preference over the edited tokens only (our reading)
+    fire_visual_loss(...)                   FiRe-MPO's clean-over-corrupted-image term (our reading)
+    bidirectional_kl(...)                   FiRe-MPO's token-wise KL anchor to the reference (our reading)
 
 Run its tests with:  python -m pytest -q tests/test_mmedpo.py
 """
@@ -168,3 +171,51 @@ def hscr_loss(policy_w, policy_l1, policy_l2, ref_w, ref_l1, ref_l2, beta=0.1, l
     losses = -F.logsigmoid(m_w1) - F.logsigmoid(m_w2) - lam * F.logsigmoid(m_12)
     losses = _weights_like(weights, losses) * losses
     return losses, {"margin_w_l1": m_w1.detach(), "margin_w_l2": m_w2.detach(), "margin_l1_l2": m_12.detach()}
+
+
+# -----------------------------------------------------------------------------
+# FiRe-MPO (arXiv 2606.12590). The published abstract gives no equations: what follows is our reading;
+# beta, lambda, gamma, eta are ours, not the paper's. Total: L = L_tok + gamma * L_vis + eta * L_KL.
+
+def fire_token_loss(policy_w, ref_w, mask_w, policy_l, ref_l, mask_l, beta=0.1):
+    """Token-level preference on minimal edits: only the edited tokens count.
+
+        rho_t = log pi(y_t|.) - log ref(y_t|.)
+        L_tok = -log s( beta * [ sum_t m_w,t rho_w,t - sum_t m_l,t rho_l,t ] )
+
+    policy_*, ref_*: (B, T) per-token log-probs (0 off the response); mask_*: (B, T) 0/1, the tokens of
+    y_w replaced or inserted by the edit, and those of y_l replaced or deleted.
+    returns (losses (B,), margin (B,) detached)."""
+    if not (policy_w.shape == ref_w.shape == mask_w.shape and policy_l.shape == ref_l.shape == mask_l.shape):
+        raise ValueError(f"fire_token_loss: shapes differ: {[tuple(t.shape) for t in (policy_w, ref_w, mask_w)]} "
+                         f"and {[tuple(t.shape) for t in (policy_l, ref_l, mask_l)]}")
+    margin = beta * (((policy_w - ref_w) * mask_w).sum(-1) - ((policy_l - ref_l) * mask_l).sum(-1))
+    return -F.logsigmoid(margin), margin.detach()
+
+
+def fire_visual_loss(policy_clean, ref_clean, policy_corrupt, ref_corrupt, beta=0.1):
+    """The same preferred answer under the clean image x is preferred to it under the lesion-corrupted
+    image x*:  L_vis = -log s( beta * [D(y_w|x) - D(y_w|x*)] ),  D = log pi - log ref over the response.
+    all inputs (B,). returns (losses (B,), margin (B,) detached)."""
+    _check_same_shape("fire_visual_loss", [policy_clean, ref_clean, policy_corrupt, ref_corrupt])
+    margin = beta * ((policy_clean - ref_clean) - (policy_corrupt - ref_corrupt))
+    return -F.logsigmoid(margin), margin.detach()
+
+
+def bidirectional_kl(policy_logits, ref_logits, mask, lam=0.5):
+    """Token-wise KL anchor, both directions, on the full next-token distributions:
+
+        L_KL = mean over the masked positions of [ lam * KL(ref || pi) + (1 - lam) * KL(pi || ref) ]
+
+    policy_logits, ref_logits: (B, T, V); mask: (B, T) 0/1 (the response positions). The reference
+    carries no gradient. returns (B,) float32 (0 for a row with no masked position)."""
+    if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape:
+        raise ValueError(f"bidirectional_kl: expected (B, T, V) logits and a (B, T) mask, got "
+                         f"{tuple(policy_logits.shape)}, {tuple(ref_logits.shape)}, {tuple(mask.shape)}")
+    logp = policy_logits.float().log_softmax(-1)
+    logq = ref_logits.detach().float().log_softmax(-1)
+    kl_ref_pi = (logq.exp() * (logq - logp)).sum(-1)           # (B, T)
+    kl_pi_ref = (logp.exp() * (logp - logq)).sum(-1)
+    mask = mask.float()
+    per_token = lam * kl_ref_pi + (1 - lam) * kl_pi_ref
+    return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)

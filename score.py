@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-PROMPT_VERSION = "v2"  # part of the cache key: change it when a prompt or the consensus rule changes
+PROMPT_VERSION = "v3"  # part of the cache key: change it when a prompt or the consensus rule changes
 
 
 class JudgeError(RuntimeError):
@@ -128,6 +128,9 @@ class RuleJudge:
             return json.dumps({"choice": best[2] if best and best[0] >= 5 else "none"})
         if task == "inject":
             return inject_hallucination(f["Question"], f["Ground-truth answer"], int(f.get("Seed", 0)))
+        if task == "edit":
+            edited, _ = rule_edit(f["Question"], f["Ground-truth answer"], f["Answer"])
+            return "UNCHANGED" if edited is None else edited
         raise ValueError(f"RuleJudge: unknown task {task!r}")
 
 
@@ -287,6 +290,63 @@ def _inject(question, truth, seed):
     return _same_case(truth, rng.choice(choices))
 
 
+def rule_edit(question, truth, answer):
+    """The offline editor of FiRe-MPO: the smallest correction of `answer` towards `truth`, keeping
+    every other word. returns (edited text, how), or (None, 'right') when the answer is already right
+    (same words; the same yes/no of a closed answer; or all of the truth's content with no wrong slot).
+    A wrong bare yes/no is flipped; each wrong slot value (side, location, size, finding, modality, ...) is
+    swapped for the truth's where the two have as many values; an answer with nothing to swap is
+    replaced by the ground truth (not minimal, said in `how`)."""
+    a, t = words(answer), words(truth)
+    if not a:
+        return truth, "rewritten: empty answer"
+    if a == t:
+        return None, "right"
+    if t in (["yes"], ["no"]):  # a closed question
+        if polarity(answer) == t[0]:
+            return None, "right"
+        if a in (["yes"], ["no"]):
+            return re.sub(r"^\s*(yes|no)\b", lambda m: _same_case(m.group(1), t[0]), answer, count=1,
+                          flags=re.I), "yes/no flipped"
+        return truth, "rewritten: a closed answer with more than yes/no"  # "Yes, it is enlarged" cannot be flipped alone
+    edited, swapped, sa, st = answer, [], slot_values(answer), slot_values(truth)
+    for slot in SLOTS:
+        if slot == "organ":
+            continue
+        wrong, right = sorted(sa[slot] - st[slot]), sorted(st[slot] - sa[slot])
+        if wrong and len(wrong) == len(right):
+            for old, new in zip(wrong, right):
+                spelled = re.search(rf"\b{re.escape(new)}\b", truth, re.I)  # the truth's own spelling ("MRI")
+                new_text = spelled.group(0) if spelled else new
+                edited = re.sub(rf"\b{re.escape(old)}\b", lambda m: new_text.capitalize()
+                                if m.group(0)[0].isupper() and new_text.islower() else new_text, edited, flags=re.I)
+                swapped.append(f"{old} -> {new}")
+    content = {x for x in t if x not in COMMON}
+    if swapped and content <= set(words(edited)):
+        return edited, "swapped " + ", ".join(swapped)
+    if not swapped and content and content <= set(a):
+        return None, "right"
+    return truth, "rewritten: no slot to swap"
+
+
+def edit_answer(judge, question, truth, answer):
+    """One minimal edit by `judge` (an LLM, or the RuleJudge, which applies `rule_edit`). A reply that
+    leaks scaffolding, is empty or is unreadable falls back to the rule editor, said in `how`.
+    returns (edited text, or None when the answer is already right, how)."""
+    lines = ["Task: edit", f"Question: {_one_line(question)}", f"Ground-truth answer: {_one_line(truth)}",
+             f"Answer: {_one_line(answer)}"]
+    reply = judge([{"role": "system", "content": SYSTEM_EDIT}, {"role": "user", "content": "\n".join(lines)}])
+    if reply.strip().upper().strip(".\"") == "UNCHANGED":
+        return None, f"right, says {judge.name}"
+    text = clean_answer(reply)
+    if text is None:
+        edited, how = rule_edit(question, truth, answer)
+        return edited, f"rule editor ({judge.name}'s reply unusable): {how}"
+    if words(text) == words(answer):
+        return None, f"right, says {judge.name}"
+    return text, f"edited by {judge.name}"
+
+
 def clean_answer(text):
     """Strip a leading 'Answer:' label; return None if the text carries prompt scaffolding
     (e.g. 'Original Answer:', 'Candidate Answer1:', 'Question:'), as in leaked LLM output."""
@@ -309,6 +369,11 @@ SYSTEM_SELECT = (
     "You are a radiologist. Among candidate answers to a question about a medical image, pick the one "
     "that most clearly contradicts the ground-truth answer in a clinically meaningful way. "
     'Reply with JSON only: {"choice": candidate number} or {"choice": "none"} if none contradicts it.')
+SYSTEM_EDIT = (
+    "You are a radiologist correcting a model's answer to a question about a medical image, given the ground "
+    "truth. Change ONLY the clinically wrong words (finding, side, location, size, presence, yes/no, modality) "
+    "and keep every other word exactly as it is. If the answer is already right, reply UNCHANGED. "
+    "Reply with the corrected answer text only.")
 SYSTEM_INJECT = (
     "You are a radiologist writing test material. Write ONE believable but wrong answer to the question: "
     "change one clinically meaningful detail of the ground truth (finding, side, location, size, presence, "
@@ -462,16 +527,14 @@ def question_of(pair):
     return (pair.get("question") or pair.get("prompt", "")).replace("<image>", "").strip()
 
 
-def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
-    """Score the rejected answer of each pair by consensus, `workers` pairs at a time (the judge order
-    inside a pair is kept). Finished pairs are appended to `cache_path` at once and never asked again.
-    A failure of one pair (a judge unreachable, anything unexpected) costs only that pair: it is
-    recorded as failed, with its reason, and asked again on the next run. An authentication failure
-    stops the scoring at once: the pairs not yet asked are recorded as failed, every finished score
-    stays in the cache, and JudgeAuthError is raised at the end.
-    returns a list of {key, score, consensus, history, status: scored|unscored|failed, reason}."""
+def run_cached(keys, work, cache_path=None, workers=4, log=print, what="scored"):
+    """Run work(i) -> {status, ...} for every i whose key is not in the JSONL cache, `workers` at a time.
+    Every finished result (status other than 'failed') is appended to the cache at once and never
+    asked again. A failure of one item (a judge unreachable, anything unexpected) costs only that item:
+    it is recorded as failed with its reason, and asked again on the next run. An authentication
+    failure stops the work at once: items not yet asked are recorded as failed, every finished result
+    stays in the cache, and JudgeAuthError is raised at the end. returns the results in order."""
     cache = load_cache(cache_path) if cache_path else {}
-    keys = [pair_key(p, judges, rounds) for p in pairs]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     results = {i: cache[k] for i, k in enumerate(keys) if k in cache}
     lock, t0, done, failed, auth = threading.Lock(), time.time(), 0, 0, []
@@ -479,40 +542,32 @@ def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     out = open(cache_path, "a") if cache_path else None
 
-    def work(i):
-        p = pairs[i]
+    def guarded(i):
         if auth:
-            return i, {"score": None, "consensus": False, "history": [], "status": "failed", "key": keys[i],
-                       "reason": f"not asked: {auth[0]}"}
+            return i, {"status": "failed", "reason": f"not asked: {auth[0]}", "key": keys[i]}
         try:
-            r = consensus(judges, question_of(p), p["chosen"], p["rejected"], rounds)
-            r["status"] = "scored" if r["score"] is not None else "unscored"
-        except Exception as e:  # one pair's failure, whatever it is, costs only that pair
+            r = work(i)
+        except Exception as e:  # one item's failure, whatever it is, costs only that item
             if isinstance(e, JudgeAuthError):
                 auth.append(str(e))
-            r = {"score": None, "consensus": False, "history": [], "status": "failed",
-                 "reason": f"{type(e).__name__}: {e}"[:500]}
-        r["key"] = keys[i]
-        return i, r
+            r = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
+        return i, {**r, "key": keys[i]}
 
-    if todo:
-        log(f"scoring {len(todo)} pairs with {[j.name for j in judges]} ({len(pairs) - len(todo)} cached)")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         last = 0.0
-        for fut in concurrent.futures.as_completed([pool.submit(work, i) for i in todo]):
+        for fut in concurrent.futures.as_completed([pool.submit(guarded, i) for i in todo]):
             i, r = fut.result()
             with lock:
                 results[i], done = r, done + 1
                 failed += r["status"] == "failed"
-                if out and r["status"] != "failed":  # failed pairs are asked again on the next run
+                if out and r["status"] != "failed":  # failed items are asked again on the next run
                     out.write(json.dumps(r) + "\n")
                     out.flush()
             now = time.time()
             if now - last > 2 or done == len(todo):
                 rate = done / max(now - t0, 1e-9)
-                log(f"  scored {done}/{len(todo)} | {rate:.1f} pairs/s | ETA {(len(todo) - done) / rate:.0f}s"
-                    f" | {failed} failed")
+                log(f"  {what} {done}/{len(todo)} | {rate:.1f}/s | ETA {(len(todo) - done) / rate:.0f}s | {failed} failed")
                 last = now
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -521,13 +576,43 @@ def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
         pool.shutdown(wait=True)
         if out:
             out.close()
-    ordered = [results[i] for i in range(len(pairs))]
-    unscored = sum(r["status"] == "unscored" for r in ordered)
+    if auth:
+        raise JudgeAuthError(f"{auth[0]} (stopped; {done - failed} finished results are kept in the cache)")
+    return [results[i] for i in range(len(keys))]
+
+
+def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
+    """Score the rejected answer of each pair by consensus, `workers` pairs at a time (the judge order
+    inside a pair is kept), through `run_cached` (cache, per-pair failures, authentication stop).
+    returns a list of {key, score, consensus, history, status: scored|unscored|failed, reason}."""
+    keys = [pair_key(p, judges, rounds) for p in pairs]
+
+    def work(i):
+        p = pairs[i]
+        r = consensus(judges, question_of(p), p["chosen"], p["rejected"], rounds)
+        return {**r, "status": "scored" if r["score"] is not None else "unscored"}
+
+    cached = sum(1 for k in keys if k in load_cache(cache_path)) if cache_path else 0
+    if len(pairs) > cached:
+        log(f"scoring {len(pairs) - cached} pairs with {[j.name for j in judges]} ({cached} cached)")
+    results = [{"score": None, "consensus": False, "history": [], **r}
+               for r in run_cached(keys, work, cache_path, workers, log, "scored")]
+    unscored, failed = (sum(r["status"] == s for r in results) for s in ("unscored", "failed"))
     if unscored or failed:
         log(f"  {unscored} pairs unscored (every judge abstained), {failed} failed: they get the neutral weight")
-    if auth:
-        raise JudgeAuthError(f"{auth[0]} (scoring stopped; {done - failed} finished scores are kept in the cache)")
-    return ordered
+    return results
+
+
+def edit_answers(items, answers, judge, cache_path=None, workers=4, log=print):
+    """FiRe-MPO's minimal edits of many answers through `run_cached`: for each (item, answer), the
+    judge's corrected answer. returns [{status: edited|right|failed, edited (text or None), how}]."""
+    keys = [hashlib.sha256(json.dumps([it["question"], it["answer"], a, judge.name, judge.model,
+                                       PROMPT_VERSION]).encode()).hexdigest()[:32] for it, a in zip(items, answers)]
+
+    def work(i):
+        text, how = edit_answer(judge, items[i]["question"], items[i]["answer"], answers[i])
+        return {"status": "right" if text is None else "edited", "edited": text, "how": how}
+    return [{"edited": None, "how": r.get("reason", ""), **r} for r in run_cached(keys, work, cache_path, workers, log, "edited")]
 
 
 def parse_judge(spec):

@@ -1,10 +1,12 @@
 """Preference training of a medical VLM end to end: base model -> preference data (MMedPO's text and
-visual pairs, or HSCR's triplets) -> clinical-relevance weights -> reference log-probs -> LoRA training
-with the chosen objective -> evaluation before and after. The stages follow the paper's Algorithm 1.
+visual pairs, HSCR's triplets, or FiRe-MPO's edited on-policy answers) -> clinical-relevance weights ->
+reference log-probs -> LoRA training with the chosen objective -> evaluation before and after. The
+stages follow MMedPO's Algorithm 1.
 
     python train.py                                   # MMedPO on the embedded default, under a minute on a laptop CPU
     python train.py --objective dpo                   # the paper's DPO baseline: text pairs, every weight 1
     python train.py --objective hscr                  # HSCR: self-contrastive triplets, multi-level loss
+    python train.py --objective fire                  # FiRe-MPO: edited on-policy answers, 2 rounds
     python train.py --weighting none                  # ablation: MMedPO's pairs, no clinical-relevance weights
     python train.py --noise global --heatmap mask     # ablation: global noise; ground-truth masks
     torchrun --nproc_per_node=2 train.py              # data parallel (gloo on CPU, nccl on CUDA)
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 
 import data
 import lora
-from mmedpo import hscr_loss, mmedpo_loss, sequence_logps
+from mmedpo import (bidirectional_kl, fire_token_loss, fire_visual_loss, hscr_loss, mmedpo_loss, sequence_logps,
+                    token_logps)
 
 
 def get_parser():
@@ -43,9 +46,10 @@ def get_parser():
 def run_and_model_flags(a):
     """The run, the model, and the tiny base (`a` is an ArgumentParser's add_argument)."""
     # what is trained, and where things go
-    a("--objective", default="mmedpo", choices=["dpo", "mmedpo", "hscr"],
+    a("--objective", default="mmedpo", choices=["dpo", "mmedpo", "hscr", "fire"],
       help="dpo: text pairs, weights 1 (the paper's DPO baseline); mmedpo: text + visual pairs with clinical-"
-           "relevance weights; hscr: self-contrastive triplets with the multi-level loss")
+           "relevance weights; hscr: self-contrastive triplets with the multi-level loss; fire: FiRe-MPO, "
+           "minimally edited on-policy answers with token-level, visual and KL terms")
     a("--out", default="out", help="folder for every stage's output (reused when present)")
     a("--run-name", default=None, help="subfolder of --out for this training run (default: the objective)")
     a("--resume", action="store_true", help="continue from RUN_NAME/checkpoint.pt")
@@ -97,7 +101,9 @@ def data_flags(a):
       help="OpenAI-compatible scoring judge (repeat, in order); default: the rule judge")
     a("--selector", default=None, metavar="NAME=URL,model=M[,key_env=VAR]",
       help="the strong LLM that selects or writes the hallucination (the paper's GPT-4o); default: the first judge")
-    a("--workers", type=int, default=4, help="pairs scored concurrently")
+    a("--editor", default=None, metavar="NAME=URL,model=M[,key_env=VAR]",
+      help="FiRe-MPO: the LLM that minimally corrects the policy's answers; default: the offline rule editor")
+    a("--workers", type=int, default=4, help="pairs scored (or answers edited) concurrently")
     a("--rounds", type=int, default=5, help="consensus rounds")
     a("--weighting", default="z", choices=list(data.WEIGHTINGS),
       help="z: the paper's Z(.) per source; raw: the score as it is (the authors' trainer on their released "
@@ -111,6 +117,12 @@ def data_flags(a):
 
 def training_flags(a):
     """HSCR's free values, the optimisation, LoRA, checkpoints."""
+    # FiRe-MPO (our reading of arXiv 2606.12590; these values are ours, not the paper's)
+    a("--policy-rounds", type=int, default=2, help="FiRe-MPO: rounds; the policy's answers are sampled anew from "
+      "the adapter being trained at the start of each (a fresh optimizer each round)")
+    a("--fire-gamma", type=float, default=0.1, help="weight of the visual-contrastive term L_vis")
+    a("--fire-eta", type=float, default=0.01, help="weight of the bidirectional token-wise KL term L_KL")
+    a("--fire-lambda", type=float, default=0.5, help="lambda of L_KL: lambda KL(ref||pi) + (1 - lambda) KL(pi||ref)")
     # HSCR (our reading of arXiv 2506.00805; these values are ours, not the paper's)
     a("--hscr-p", type=float, default=0.7, help="fraction of image tokens hidden by visual-token dropout")
     a("--hscr-n", type=int, default=10, help="modality-coupled steps replaced for y_l2 (half of them for y_l1)")
@@ -149,6 +161,10 @@ def check_args(ap, args):
         ("--lora-dropout", 0 <= args.lora_dropout < 1, "must be in [0, 1)"),
         ("--hscr-p", 0 <= args.hscr_p <= 1, "must be in [0, 1]"), ("--hscr-n", args.hscr_n >= 1, "must be >= 1"),
         ("--hscr-lambda", finite(args.hscr_lambda) and args.hscr_lambda >= 0, "must be finite and >= 0"),
+        ("--policy-rounds", args.policy_rounds >= 1, "must be >= 1"),
+        ("--fire-gamma", finite(args.fire_gamma) and args.fire_gamma >= 0, "must be finite and >= 0"),
+        ("--fire-eta", finite(args.fire_eta) and args.fire_eta >= 0, "must be finite and >= 0"),
+        ("--fire-lambda", 0 <= args.fire_lambda <= 1, "must be in [0, 1]"),
         ("--strategies", set(args.strategies.split(",")) <= {"text", "visual"} and args.strategies,
          "must be text, visual or text,visual"),
         ("--image-size", args.image_size >= 8, "must be >= 8 (one 8-pixel patch)"),
@@ -172,8 +188,8 @@ def check_args(ap, args):
         ap.error("--pairs and --images go together (the released file names its images relative to --images)")
     if args.pairs and not os.path.isfile(args.pairs):
         ap.error(f"--pairs {args.pairs}: no such file")
-    if args.pairs and args.objective == "hscr":
-        ap.error("--pairs holds released MMedPO pairs; --objective hscr builds its own triplets")
+    if args.pairs and args.objective in ("hscr", "fire"):
+        ap.error(f"--pairs holds released MMedPO pairs; --objective {args.objective} builds its own records")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
     for flag, path, is_folder in [("--out", args.out, True), ("--export-pairs", args.export_pairs, False)]:
@@ -219,15 +235,39 @@ def hscr_objective_loss(model, batch, ref, weights, args):
                     "margin_w_l2": m["margin_w_l2"], "margin_l1_l2": m["margin_l1_l2"]}
 
 
+def fire_objective_loss(model, batch, ref, weights, args):
+    """FiRe-MPO (k = 3: y_w on x, y_l on x, y_w on the corrupted x*): L_tok + gamma L_vis + eta L_KL.
+    The token-level terms need the reference's per-token log-probs and full distributions, so the
+    reference runs here, on the clean-image rows, with the adapter disabled and no grad; the cached
+    sums serve L_vis exactly."""
+    B = ref.shape[0]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"]).logits                          # (3B, T, V)
+    policy, response = token_logps(logits, batch["labels"])                            # (3B, T-1)
+    with torch.no_grad(), lora.disable_lora(model):
+        ref_logits = model(input_ids=batch["input_ids"][:2 * B], attention_mask=batch["attention_mask"][:2 * B],
+                           pixel_values=batch["pixel_values"][:2 * B]).logits            # (2B, T, V)
+    ref_tok, _ = token_logps(ref_logits, batch["labels"][:2 * B])
+    edit = batch["edit_mask"][:, 1:].float()                                            # aligned with the labels' shift
+    l_tok, m_tok = fire_token_loss(policy[:B], ref_tok[:B], edit[:B], policy[B:2 * B], ref_tok[B:], edit[B:2 * B], args.beta)
+    sums = policy.sum(-1)
+    l_vis, m_vis = fire_visual_loss(sums[:B], ref[:, 0], sums[2 * B:], ref[:, 2], args.beta)
+    l_kl = bidirectional_kl(logits[:B, :-1], ref_logits[:B, :-1], response[:B], args.fire_lambda)
+    losses = weights * (l_tok + args.fire_gamma * l_vis + args.fire_eta * l_kl)
+    return losses, {"reward_acc": (m_tok > 0).float(), "margin": m_tok, "margin_vis": m_vis,
+                    "l_tok": l_tok.detach(), "l_vis": l_vis.detach(), "l_kl": l_kl.detach()}
+
+
 OBJECTIVES = {  # name: (record builder in data.py, loss adapter above, responses per record)
     "dpo": (data.build_mmedpo_pairs, preference_loss, 2),
     "mmedpo": (data.build_mmedpo_pairs, preference_loss, 2),
     "hscr": (data.build_hscr_pairs, hscr_objective_loss, 3),
+    "fire": (data.build_fire_pairs, fire_objective_loss, 3),
 }
 # the flags that change what an objective's record builder makes (the pairs stage's cache key)
 PAIR_FLAGS = ["objective", "model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge",
               "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "seed", "n_train", "image_size",
-              "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_n", "pairs", "images"]
+              "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_n", "pairs", "images", "editor"]
 
 
 # -----------------------------------------------------------------------------
@@ -510,6 +550,21 @@ def stage_records(args, model, processor, base_path, train_qa, store, pairs_dir,
     return records, skipped
 
 
+def stage_next_round(args, model, processor, train_qa, store, pairs_dir, run_dir, device, r, master, world, log):
+    """FiRe-MPO round r > 0: the records built from the answers of the adapter being trained, written to
+    RUN_NAME/fire_round{r}.jsonl (with their token masks) for a reader to see. returns (records, n_skipped)."""
+    path = os.path.join(run_dir, f"fire_round{r}.jsonl")
+    if master:
+        log(f"[2/6] round {r + 1}/{args.policy_rounds}: new answers from the adapter -> {path}")
+        records, _ = data.build_fire_pairs(model, processor, args, train_qa, store, pairs_dir, device, log, round_index=r)
+        data.write_jsonl(path, records)
+    barrier(world)
+    records, skipped = data.read_pairs(path, log)
+    if not records:
+        sys.exit(f"{path}: the adapter answered every question right; nothing left to edit")
+    return records, skipped
+
+
 def stage_eval_before(args, model, processor, base_path, test_qa, image_of, prior, run_dir, master, world, log):
     """[3] The base model (no adapter) on the test split; reused while the model and settings stay."""
     from eval import evaluate
@@ -530,10 +585,33 @@ def stage_eval_before(args, model, processor, base_path, test_qa, image_of, prio
     return read_json(path, log)
 
 
-def stage_reference(args, model, processor, base_path, records, dataset, run_dir, device, dtype, rank, world, log):
+def add_adapter(args, model, device, log):
+    """[4] LoRA on the language model (seeded: its initialisation, then the dropout masks, draw from the
+    run's seed and nothing draws before training), gradient checkpointing on CUDA. returns the
+    training image loader (PIL, as the model sees it; a bounded cache)."""
+    seed_everything(args.seed)
+    names = lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    if args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and device.type == "cuda"):
+        # recompute activations in the backward pass; only in train mode, so the no-grad reference pass is unaffected
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log(f"[4/6] LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} layers "
+        f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters)")
+    cache = {}
+
+    def load_image(path):  # 8-bit grayscale survives the float round trip exactly
+        if path not in cache:
+            if len(cache) > 4096:  # bounded: a real dataset's images do not all fit in memory
+                cache.clear()
+            cache[path] = data.image_for_model(data.to_pil(data.load_image(path)), args.pad_to_square)
+        return cache[path]
+    return load_image
+
+
+def stage_reference(args, model, processor, base_path, records, dataset, run_dir, device, dtype, rank, world, log,
+                    tag=""):
     """[4] log pi_ref of every response of every record, (N, k), with the adapter disabled and no grad,
     once. Stored as a plain tensor file (loaded with weights_only=True, so it can never run code)."""
-    path = os.path.join(run_dir, "ref_logps.pt")
+    path = os.path.join(run_dir, f"ref_logps{tag}.pt")
     k = OBJECTIVES[args.objective][2]
     key = fingerprint({"model": os.path.abspath(base_path), "weights": weights_stamp(base_path), "k": k,
                        "records": [data.record_rows(r) + [r["prompt"]] for r in records], "dtype": str(dtype),
@@ -581,7 +659,8 @@ def load_tensors(path, log=print):
 
 
 RESUME_FLAGS = ["objective", "lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r",
-                "lora_alpha", "lora_dropout", "lora_targets", "seed", "hscr_lambda"] + PAIR_FLAGS
+                "lora_alpha", "lora_dropout", "lora_targets", "seed", "hscr_lambda", "policy_rounds", "fire_gamma",
+                "fire_eta", "fire_lambda"] + PAIR_FLAGS
 
 
 def load_checkpoint(path, args, model, opt, records, rank, world, log):
@@ -636,7 +715,7 @@ def micro_batches(n_records, step, global_batch, batch_size, grad_accum, rank, w
     return [mine[m * batch_size:(m + 1) * batch_size] for m in range(grad_accum)]
 
 
-def stage_train(args, model, processor, records, dataset, ref, run_dir, device, dtype, rank, world, log):
+def stage_train(args, model, processor, records, dataset, ref, run_dir, device, dtype, rank, world, log, tag=""):
     """[5] The objective on LoRA: AdamW, warmup + cosine, clipping, one forward per micro-batch for all
     k responses of its records, checkpoints every --ckpt-every steps. returns (history, finished)."""
     master, loss_fn = rank == 0, OBJECTIVES[args.objective][1]
@@ -648,7 +727,8 @@ def stage_train(args, model, processor, records, dataset, ref, run_dir, device, 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     weights = torch.tensor([r["weight"] for r in records], dtype=torch.float32)
-    ckpt_path, log_path, start, history = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl"), 0, []
+    ckpt_path, log_path, start, history = (os.path.join(run_dir, f"checkpoint{tag}.pt"),
+                                           os.path.join(run_dir, f"log{tag}.jsonl"), 0, [])
     if args.resume and os.path.exists(ckpt_path):
         start, history = load_checkpoint(ckpt_path, args, model, opt, records, rank, world, log)
         log(f"      resumed from {ckpt_path} at step {start}/{total}")
@@ -712,7 +792,8 @@ def log_step(sums, step, total, lr, grad_norm, dt, t0, start, global_batch, worl
     rec = {"step": step + 1, **{name: v / n for name, v in sums.items()}, "lr": lr, "grad_norm": float(grad_norm),
            "ms": dt * 1000}
     eta = (time.time() - t0) / (step + 1 - start) * (total - step - 1)
-    extra = "".join(f" | {name[7:]} {rec[name]:+.3f}" for name in rec if name.startswith("margin_"))
+    extra = "".join(f" | {name.removeprefix('margin_')} {rec[name]:+.3f}" for name in sums
+                    if name not in ("loss", "reward_acc", "margin"))
     log(f"step {step + 1:4d}/{total} | loss {rec['loss']:.4f} | acc {rec['reward_acc']:.2f} | margin "
         f"{rec['margin']:+.3f}{extra} | lr {lr:.2e} | {rec['ms']:.0f} ms | {global_batch / dt:.0f} records/s | ETA {eta:.0f}s")
     return rec
@@ -773,26 +854,23 @@ def main(argv=None):
     prior = answer_prior(train_qa)
     before = stage_eval_before(args, model, processor, base_path, test_qa, image_of, prior, run_dir, master, world, log)
 
-    seed_everything(args.seed)  # LoRA A's initialisation, then the dropout masks: nothing below draws from it before training
-    names = lora.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    if args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and device.type == "cuda"):
-        # recompute activations in the backward pass; only in train mode, so the no-grad reference pass is unaffected
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log(f"[4/6] LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} layers "
-        f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters)")
-    image_cache = {}
-
-    def load_image(path):  # 8-bit grayscale survives the float round trip exactly
-        if path not in image_cache:
-            if len(image_cache) > 4096:  # bounded: a real dataset's images do not all fit in memory
-                image_cache.clear()
-            image_cache[path] = data.image_for_model(data.to_pil(data.load_image(path)), args.pad_to_square)
-        return image_cache[path]
-    trunc = {}
-    dataset = data.RecordDataset(records, processor, load_image, args.prompt_format, max_length, trunc,
-                                 cache_pixels=args.data == "synthetic")
-    ref = stage_reference(args, model, processor, base_path, records, dataset, run_dir, device, dtype, rank, world, log)
-    history, finished = stage_train(args, model, processor, records, dataset, ref, run_dir, device, dtype, rank, world, log)
+    load_image = add_adapter(args, model, device, log)
+    rounds = args.policy_rounds if args.objective == "fire" else 1
+    history, trunc = [], {}
+    for r in range(rounds):  # FiRe-MPO: each round answers with the adapter as it is, then trains on the edits
+        tag = f"_round{r}" if rounds > 1 else ""
+        if r > 0:
+            records, skipped = stage_next_round(args, model, processor, train_qa, store, pairs_dir, run_dir, device,
+                                                r, master, world, log)
+        dataset = data.RecordDataset(records, processor, load_image, args.prompt_format, max_length, trunc,
+                                     cache_pixels=args.data == "synthetic")
+        ref = stage_reference(args, model, processor, base_path, records, dataset, run_dir, device, dtype, rank, world,
+                              log, tag)
+        round_history, finished = stage_train(args, model, processor, records, dataset, ref, run_dir, device, dtype,
+                                              rank, world, log, tag)
+        history += round_history
+        if not finished:
+            break
     if trunc.get("truncated"):
         log(f"      {trunc['truncated']} rows had their prompt truncated to fit {max_length} tokens, "
             f"{trunc.get('response_truncated', 0)} of them their response too")

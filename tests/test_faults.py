@@ -155,7 +155,7 @@ def test_authentication_failure_stops_at_once_and_keeps_finished_scores(tmp_path
             raise score.JudgeAuthError("fake: authentication failed, HTTP 401")
         return '{"score": 6}'
     judge, cache = FakeJudge(behaviour), tmp_path / "cache.jsonl"
-    with pytest.raises(score.JudgeAuthError, match="scoring stopped; 2 finished scores are kept"):
+    with pytest.raises(score.JudgeAuthError, match="stopped; 2 finished results are kept"):
         score.score_pairs(pairs(40), [judge], str(cache), workers=1, log=lambda m: None)
     assert judge.calls == 3 and len(cache.read_text().splitlines()) == 2      # not asked of every pair
 

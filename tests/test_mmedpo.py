@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmedpo import IGNORE_INDEX, hscr_loss, hscr_step_scores, mmedpo_loss, normalize_scores, sequence_logps, token_logps
+from mmedpo import IGNORE_INDEX, bidirectional_kl, fire_token_loss, fire_visual_loss, hscr_loss, hscr_step_scores, mmedpo_loss, normalize_scores, sequence_logps, token_logps
 
 # DESIGN.md's worked example
 PC, PR = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -15.0])
@@ -179,3 +179,44 @@ def test_hscr_step_scores_hand_values():
     assert shift.item() == pytest.approx(2 * (p0 - p1), abs=1e-6) and shift.item() == pytest.approx(1.360958, abs=1e-6)
     same_shift, same_reward = hscr_step_scores(full, full, torch.tensor([0]))   # p = 0: nothing hidden
     assert same_shift.item() == pytest.approx(0.0, abs=1e-7) and same_reward.item() == 0.0
+
+
+def test_fire_token_loss_hand_values_and_slow_loop():
+    rho_w, rho_l = torch.tensor([[0.0, 0.5, 0.1]]), torch.tensor([[0.0, -0.2, -0.2]])
+    zero, mask = torch.zeros(1, 3), torch.tensor([[0.0, 1.0, 0.0]])
+    losses, margin = fire_token_loss(rho_w, zero, mask, rho_l, zero, mask, beta=0.1)
+    assert margin.item() == pytest.approx(0.07) and losses.item() == pytest.approx(0.658760, abs=1e-6)
+    ones = torch.ones(1, 3)
+    losses, margin = fire_token_loss(rho_w, zero, ones, rho_l, zero, ones, beta=0.1)
+    assert margin.item() == pytest.approx(0.1) and losses.item() == pytest.approx(0.644397, abs=1e-6)
+    # against a slow per-token loop on random values
+    g = torch.Generator().manual_seed(0)
+    pw, rw, pl, rl = (torch.randn(3, 5, generator=g) for _ in range(4))
+    mw, ml = (torch.randint(0, 2, (3, 5), generator=g).float() for _ in range(2))
+    fast, _ = fire_token_loss(pw, rw, mw, pl, rl, ml, beta=0.3)
+    for i in range(3):
+        s = sum((pw[i, t] - rw[i, t]) * mw[i, t] for t in range(5)) - sum((pl[i, t] - rl[i, t]) * ml[i, t] for t in range(5))
+        assert fast[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.3 * s.item()))), abs=1e-5)
+
+
+def test_fire_visual_loss_hand_value():
+    losses, margin = fire_visual_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([-1.5]), torch.tensor([0.0]))
+    assert margin.item() == pytest.approx(0.25) and losses.item() == pytest.approx(0.575939, abs=1e-6)
+
+
+def test_bidirectional_kl_hand_values_and_gradient_through_the_policy_only():
+    ref = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    pol = torch.log(torch.tensor([[[0.9, 0.1]]])).requires_grad_()
+    mask = torch.ones(1, 1)
+    assert bidirectional_kl(pol, ref, mask, lam=1.0).item() == pytest.approx(0.510826, abs=1e-6)   # KL(ref || pi)
+    assert bidirectional_kl(pol, ref, mask, lam=0.0).item() == pytest.approx(0.368064, abs=1e-6)   # KL(pi || ref)
+    both = bidirectional_kl(pol, ref, mask, lam=0.5)
+    assert both.item() == pytest.approx(0.439445, abs=1e-6)
+    assert bidirectional_kl(ref, ref, mask).item() == pytest.approx(0.0, abs=1e-7)
+    ref_leaf = ref.clone().requires_grad_()
+    bidirectional_kl(pol, ref_leaf, mask).sum().backward()
+    assert pol.grad is not None and pol.grad.abs().sum() > 0 and ref_leaf.grad is None
+    # masked positions do not count; the mean is over the masked ones
+    two = torch.cat([pol.detach(), ref], 1)                                # position 2 equals the reference
+    assert bidirectional_kl(two, torch.cat([ref, ref], 1), torch.tensor([[1.0, 1.0]])).item() == pytest.approx(0.439445 / 2, abs=1e-6)
+    assert bidirectional_kl(two, torch.cat([ref, ref], 1), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.439445, abs=1e-6)
