@@ -13,6 +13,7 @@ is printed. Peak memory: CUDA's max_memory_allocated on a GPU, the process's max
 
     python bench.py                      # CPU, batch 16, 30 timed steps
     python bench.py --device cuda --batch-size 32
+    python bench.py study                # the synthetic benchmark: every objective x 3 seeds -> out/study/
 """
 import argparse
 import json
@@ -104,6 +105,8 @@ def run_variant(args):
 
 
 def main():
+    if sys.argv[1:2] == ["study"]:
+        return study_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -125,6 +128,147 @@ def main():
         print(f"{v:8s} {r['ms_per_step']:9.1f} {r['pairs_per_s']:9.1f} {r['peak_mb']:9.0f} | {r['batch_ms']:6.1f} "
               f"{r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:6.1f}")
     print(f"speed-up of ours over naive: {results['naive']['ms_per_step'] / results['ours']['ms_per_step']:.2f}x")
+
+
+# -----------------------------------------------------------------------------
+# the study: every objective and ablation on the synthetic benchmark, several seeds, one table
+
+STUDY_ROWS = [  # (name, train.py flags); every row also gets --seed and its own --run-name
+    ("SFT on the chosen answers (control)", ["--objective", "sft"]),
+    ("DPO (text pairs, weights 1)", ["--objective", "dpo"]),
+    ("MMedPO, text pairs only", ["--strategies", "text"]),
+    ("MMedPO, visual pairs only", ["--strategies", "visual"]),
+    ("MMedPO (text + visual)", []),
+    ("MMedPO without CRS weights", ["--weighting", "none"]),
+    ("MMedPO, global noise", ["--noise", "global"]),
+    ("MMedPO, 3 judges in consensus", ["--judge", "rule:lenient", "--judge", "rule", "--judge", "rule:strict"]),
+    ("MMedPO + NLL of the chosen answer", ["--nll-weight", "1"]),
+    ("HSCR", ["--objective", "hscr"]),
+    ("FiRe-MPO", ["--objective", "fire"]),
+]
+STUDY_METRICS = [  # (column, how to read it from one evaluation, higher is better)
+    ("halluc", lambda m: m["prior_breaking"]["hallucination_rate"], False),
+    ("pb-acc", lambda m: m["prior_breaking"]["accuracy_breaking"], True),
+    ("prior-acc", lambda m: m["prior_breaking"]["accuracy_following"], True),
+    ("closed", lambda m: m["closed"], True),
+    ("open", lambda m: m["open"], True),
+    ("BLEU", lambda m: 100 * m["bleu_mean"], True),
+    ("ROUGE-L", lambda m: 100 * m["rouge_l"], True),
+    ("CHAIR", lambda m: m["report_findings"]["chair"], False),
+    ("omitted", lambda m: m["report_findings"]["omission"], False),
+]
+T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def mean_sd(xs):
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def paired_ci(xs, ys):
+    """Mean of the paired differences xs - ys and its 95 % t-interval (half-width; inf for one seed)."""
+    m, sd = mean_sd([x - y for x, y in zip(xs, ys)])
+    return m, T_975[len(xs)] * sd / len(xs) ** 0.5 if len(xs) in T_975 else float("inf")
+
+
+def run_study_row(out, seed, index, flags, log_path):
+    """One train.py run in this process (its output to log_path), reused when its flags are unchanged."""
+    import contextlib
+    import train
+    run_dir = os.path.join(out, f"seed{seed}", f"row{index}")
+    key_path, key = os.path.join(run_dir, "study_key.json"), {"flags": flags, "seed": seed}
+    if os.path.exists(key_path) and os.path.exists(os.path.join(run_dir, "metrics.json")):
+        with open(key_path) as f:
+            if json.load(f) == key:
+                with open(os.path.join(run_dir, "metrics.json")) as g:
+                    return json.load(g), True
+    os.makedirs(run_dir, exist_ok=True)
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+        train.main(["--out", os.path.join(out, f"seed{seed}"), "--run-name", f"row{index}", "--seed", str(seed)] + flags)
+    with open(key_path, "w") as f:
+        json.dump(key, f)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f), False
+
+
+def study_tables(rows, results, seeds):
+    """Markdown: every row's mean ± sd over seeds, then each row's paired difference from the base and
+    from the SFT control with 95 % intervals."""
+    names = ["base (before training)"] + [name for name, _ in rows]
+    value = lambda r, s, read: read(results[(0, s)]["before"] if r == 0 else results[(r - 1, s)]["after"])
+    lines = [f"Means ± standard deviations over seeds {', '.join(map(str, seeds))}.", "",
+             "| run | " + " | ".join(c for c, _, _ in STUDY_METRICS) + " |",
+             "|---|" + "---|" * len(STUDY_METRICS)]
+    for r, name in enumerate(names):
+        cells = [mean_sd([value(r, s, read) for s in seeds]) for _, read, _ in STUDY_METRICS]
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {sd:.3f}" if abs(m) < 10 else f"{m:.2f} ± {sd:.2f}"
+                                                for m, sd in cells) + " |")
+    shown = [c for c in STUDY_METRICS if c[0] in ("halluc", "pb-acc", "prior-acc", "closed", "open", "BLEU", "CHAIR")]
+    lines += ["", "Paired differences over seeds (mean [95 % interval]); **bold**: the interval excludes 0 in the "
+              "better direction.", "",
+              "| run | " + " | ".join(f"Δ{c} vs base" for c, _, _ in shown) + " | Δpb-acc vs SFT control |",
+              "|---|" + "---|" * (len(shown) + 1)]
+    fmt = lambda m, h, up: (f"**{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]**" if (m - h > 0 if up else m + h < 0)
+                            else f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]")
+    pb_read = STUDY_METRICS[1][1]
+    for r in range(1, len(names)):
+        cells = [fmt(*paired_ci([value(r, s, read) for s in seeds], [value(0, s, read) for s in seeds]), up)
+                 for _, read, up in shown]
+        cells.append(fmt(*paired_ci([value(r, s, pb_read) for s in seeds], [value(1, s, pb_read) for s in seeds]), True)
+                     if r > 1 else "")
+        lines.append(f"| {names[r]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), names
+
+
+def study_chart(names, results, seeds, path, width=980, bar=14):
+    """Horizontal bars, one pair per run: hallucination rate (red) and accuracy on prior-breaking items
+    (blue), mean over seeds with a line for ± one standard deviation."""
+    from PIL import Image, ImageDraw
+    reads = [("halluc", STUDY_METRICS[0][1], (200, 60, 60)), ("pb-acc", STUDY_METRICS[1][1], (60, 90, 200))]
+    left, top, row_h = 290, 40, 2 * bar + 10
+    img = Image.new("RGB", (width, top + row_h * len(names) + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), "prior-breaking test questions: hallucination rate (red) and accuracy (blue), mean ± sd", fill="black")
+    scale = width - left - 40
+    for r, name in enumerate(names):
+        y = top + r * row_h
+        d.text((10, y + bar // 2), name[:44], fill="black")
+        for j, (_, read, colour) in enumerate(reads):
+            vals = [read(results[(0, s)]["before"] if r == 0 else results[(r - 1, s)]["after"]) for s in seeds]
+            m, sd = mean_sd(vals)
+            y0 = y + j * bar
+            d.rectangle([left, y0, left + scale * m, y0 + bar - 2], fill=colour)
+            d.line([left + scale * max(0, m - sd), y0 + bar // 2, left + scale * min(1, m + sd), y0 + bar // 2], fill="black")
+            d.text((left + scale * m + 6, y0), f"{m:.2f}", fill="black")
+    for x in (0, 0.25, 0.5, 0.75, 1.0):
+        d.line([left + scale * x, top - 6, left + scale * x, top + row_h * len(names)], fill=(210, 210, 210))
+        d.text((left + scale * x - 8, top + row_h * len(names) + 6), f"{x:.2f}", fill="black")
+    img.save(path)
+
+
+def study_main(argv):
+    ap = argparse.ArgumentParser(description="the synthetic benchmark study: every objective and ablation over seeds")
+    ap.add_argument("--out", default="out/study", help="runs go to OUT/seedS/rowI; reused when their flags are unchanged")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers to run (default: all)")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = [STUDY_ROWS[int(i)] for i in args.rows.split(",")] if args.rows else STUDY_ROWS
+    os.makedirs(args.out, exist_ok=True)
+    results, t0 = {}, time.time()
+    for seed in seeds:
+        for i, (name, flags) in enumerate(rows):
+            t = time.time()
+            log_path = os.path.join(args.out, f"seed{seed}-row{i}.log")
+            results[(i, seed)], reused = run_study_row(args.out, seed, i, flags, log_path)
+            h = results[(i, seed)]["after"]["prior_breaking"]
+            print(f"seed {seed} | {name:38s} | halluc {h['hallucination_rate']:.3f} | pb-acc {h['accuracy_breaking']:.3f}"
+                  f" | {'reused' if reused else f'{time.time() - t:.0f}s'} | log {log_path}", flush=True)
+    table, names = study_tables(rows, results, seeds)
+    with open(os.path.join(args.out, "study.md"), "w") as f:
+        f.write(table + "\n")
+    study_chart(names, results, seeds, os.path.join(args.out, "study.png"))
+    print("\n" + table + f"\n\nwritten to {args.out}/study.md and study.png in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

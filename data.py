@@ -3,10 +3,12 @@ building of every objective's preference records (MMedPO's text and visual pairs
 HSCR's self-contrastive triplets), with the target model's generation and attention; their JSONL
 files; and the batches: records tokenised once and collated into one model batch.
 
-The synthetic set stands in for SLAKE / VQA-RAD: grayscale chest-like images (body, lung fields,
-ribs, spine, heart) with 0-2 findings among six kinds placed in named zones, each with its
-ground-truth mask, and closed (yes/no) and open questions whose answers are balanced so that the
-text alone tells nothing: a model must look at the image to beat the answer prior.
+The synthetic set stands in for SLAKE / VQA-RAD / IU-Xray: grayscale chest-like images (body, lung
+fields, ribs, spine, heart) with 0-2 findings among six kinds placed in named zones, each with its
+ground-truth mask; closed (yes/no) and open questions, and a short report. The SFT split teaches a
+language prior that the preference and test splits break ("Is there a X?" is usually "no" in SFT,
+half the time in test), so the tiny base hallucinates the way the paper describes: it answers from
+the question instead of the image.
 Convention: radiological view, the patient's right lung is on the image's left.
 
     python data.py            # writes a few example images and their questions to out/examples/
@@ -37,9 +39,9 @@ PROMPT_FORMATS = {  # {question} is the user's question; the image placeholder c
 }  # and "chat": the processor's own chat template, one user turn with an image and the question
 # generation caps (Strategy 1 sampling, evaluation) per dataset, in new tokens: released rejected answers
 # have a median of 11 words on SLAKE / VQA-RAD and 45 on IU-Xray, whose reference reports have 51
-SPLITS = {"synthetic": ("train", "test"), "slake": ("train", "validation", "test"), "vqa-rad": ("train", "test"),
+SPLITS = {"synthetic": ("train", "pref", "val", "test"), "slake": ("train", "validation", "test"), "vqa-rad": ("train", "test"),
           "iu-xray": ("train", "val", "test"), "mimic-cxr": ("train", "val", "test")}
-MAX_NEW_TOKENS = {"synthetic": (12, 16), "slake": (64, 64), "vqa-rad": (64, 64), "iu-xray": (256, 256),
+MAX_NEW_TOKENS = {"synthetic": (48, 48), "slake": (64, 64), "vqa-rad": (64, 64), "iu-xray": (256, 256),
                   "mimic-cxr": (256, 256)}
 
 
@@ -151,13 +153,22 @@ def make_report(findings):
     return " ".join(parts)
 
 
-def make_questions(findings, rng):
-    """Closed and open questions with balanced answers. Each: (question, answer, type, qtype)."""
+LUNG_FINDING_RATE = 0.65  # P(an image has a lung finding) under sample_findings: 0.4 * 1/2 + 0.6 * 3/4
+# P("yes") of "Is there a X?" per split. The SFT split teaches a language prior ("usually no"), which the
+# preference split and the test split break: a model that answers from the question says "no" to a
+# finding that is there. The other question types are balanced in every split.
+PRESENCE_YES = {"train": 0.3, "pref": 0.5, "val": 0.5, "test": 0.5}
+REPORT_PROMPT = "Describe the findings of this chest X-ray."
+
+
+def make_questions(findings, rng, presence_yes=0.5):
+    """Closed and open questions, and a report. `presence_yes` is P("yes") of the presence question;
+    the others are balanced. Each: (question, answer, type, qtype)."""
     present = {f["kind"]: f for f in findings}
     lung = [f for f in findings if f["kind"] != "cardiomegaly"]
     qs = []
-    # about 65 % of images have a lung finding: asking about one 77 % of the time balances yes/no
-    kind = rng.choice(lung)["kind"] if lung and rng.random() < 0.77 else rng.choice(
+    # ask about a finding that is there with probability presence_yes / P(any lung finding)
+    kind = rng.choice(lung)["kind"] if lung and rng.random() < presence_yes / LUNG_FINDING_RATE else rng.choice(
         [k for k in LUNG_KINDS if k not in present])
     qs.append((f"Is there a {kind}?", "yes" if kind in present else "no", "closed", "presence"))
     qs.append(("Is the heart enlarged?", "yes" if "cardiomegaly" in present else "no", "closed", "heart"))
@@ -170,11 +181,13 @@ def make_questions(findings, rng):
     kinds = [f["kind"] for f in lung]
     qs.append(("What abnormality is seen in the lungs?", " and ".join(sorted(kinds)) if kinds else "no abnormality",
                "open", "what"))
+    qs.append((REPORT_PROMPT, make_report(findings), "report", "report"))
     return qs
 
 
-def make_synthetic(n_images, seed=0, size=32, split="train"):
-    """Deterministic per (seed, split). returns (images, qa):
+def make_synthetic(n_images, seed=0, size=32, split="train", presence_yes=None):
+    """Deterministic per (seed, split). The split sets the presence prior (PRESENCE_YES: skewed in
+    'train', the SFT split; balanced in 'pref' and 'test') unless `presence_yes` is given. returns (images, qa):
     images: [{image_id, pixels (H, W) float32, mask (H, W) uint8 union of findings, findings, report}]
     qa:     [{id, image_id, question, answer, type, qtype}]"""
     rng = random.Random(f"{seed}-{split}")
@@ -189,7 +202,8 @@ def make_synthetic(n_images, seed=0, size=32, split="train"):
             mask |= m
         images.append({"image_id": image_id, "pixels": pixels, "mask": mask, "findings": findings,
                        "report": make_report(findings)})
-        for j, (q, a, t, qt) in enumerate(make_questions(findings, rng)):
+        yes = PRESENCE_YES.get(split, 0.5) if presence_yes is None else presence_yes
+        for j, (q, a, t, qt) in enumerate(make_questions(findings, rng, yes)):
             qa.append({"id": f"{image_id}-{j}", "image_id": image_id, "question": q, "answer": a,
                        "type": t, "qtype": qt})
     return images, qa
@@ -721,12 +735,25 @@ def write_noised(x, h, k, generator, name, out_dir):
     return paths
 
 
+def lesion_mask(store, image_id):
+    """The image's true lesion mask when the data has one (synthetic images; SLAKE's masks), else None."""
+    try:
+        return store.mask(image_id) if store.has_lesion(image_id) or isinstance(store, SyntheticStore) else None
+    except ValueError:
+        return None
+
+
 def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local", k=500, seed=0, log=print):
     """Strategy 2 (visual dispreference D_v): the same answer given to an image whose lesion is noised.
     store: SyntheticStore or FileStore (pixels, mask, path); heatmap: see `lesion_heatmap`; noise:
-    local, or global (h = 1). Items with an empty heatmap (nothing to noise), no mask, or a mask that
-    does not fit their image are skipped and counted. Noised images and heatmaps are PNGs under out_dir."""
+    local, or global (h = 1). The pair's clinical-relevance score is how much of the true lesion the
+    noise covers where the data has lesion masks (synthetic, SLAKE: a pair whose noise hides no lesion
+    is no hard negative), else the visual tool's confidence (for ground-truth mask heatmaps: the
+    lesion's contrast). Items with an empty heatmap (nothing to
+    noise), no mask, or a mask that does not fit their image are skipped and counted. Noised images and
+    heatmaps are PNGs under out_dir."""
     from collections import Counter
+    from noise import lesion_coverage
     gen = torch.Generator().manual_seed(seed)
     pairs, skipped = [], Counter()
     for it in items:
@@ -742,10 +769,13 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
             continue
         pid = f"visual-{it['id']}"
         noised_path, heatmap_path = write_noised(x, h, k, gen, pid, out_dir)
+        truth = None if heatmap == "mask" else lesion_mask(store, it["image_id"])  # a mask covers itself: use its contrast
+        relevance = lesion_coverage(h, truth) if truth is not None else float(confidence)
         pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
                       "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
-                      "rejected": it["answer"], "score": float(confidence), "weight": None,
-                      "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, '__name__', heatmap)}"})
+                      "rejected": it["answer"], "score": relevance, "weight": None,
+                      "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, '__name__', heatmap)}, score: " +
+                                    ("the noise's coverage of the true lesion" if truth is not None else "tool confidence")})
     log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
                                          if skipped else ""))
     return pairs

@@ -149,21 +149,83 @@ def vqa_metrics(items, predictions, scoring="ours"):
     if reports:
         b = bleu([p for p, _ in reports], [r for _, r in reports])
         result.update({"bleu": b, "bleu_mean": sum(b) / 4, "rouge_l": rouge_l([p for p, _ in reports], [r for _, r in reports]),
-                       "n_report": len(reports)})
+                       "n_report": len(reports),
+                       "report_findings": report_finding_metrics([p for p, _ in reports], [r for _, r in reports])})
     return result
 
 
 def answer_prior(train_items):
     """Majority answer per question text on the training split (the best a model that ignores the image
-    can do on questions it has seen); questions never seen get the majority answer of their type."""
+    can do on questions it has seen); questions never seen get the majority answer of their type.
+    returns predict(item) -> answer; predict.share(item) is that answer's share of the training answers
+    (how strong the language prior is)."""
     per_q, per_type = defaultdict(Counter), defaultdict(Counter)
     for it in train_items:
         per_q[it["question"]][it["answer"]] += 1
         per_type[it["type"]][it["answer"]] += 1
+    counts = lambda it: per_q.get(it["question"]) or per_type.get(it["type"])
+
     def predict(it):
-        c = per_q.get(it["question"]) or per_type.get(it["type"])
+        c = counts(it)
         return c.most_common(1)[0][0] if c else ""
+    predict.share = lambda it: (lambda c: c.most_common(1)[0][1] / sum(c.values()) if c else 0.0)(counts(it))
     return predict
+
+
+def hallucination_metrics(items, predictions, prior, min_share=0.64, scoring="ours"):
+    """The paper's failure, measured: a model that answers from what it learned about the question
+    instead of what is in the image. Among the VQA items whose question has a strong prior on the
+    training split (its majority answer has at least `min_share` of the answers; on the synthetic SFT
+    split the presence questions have 0.65-0.75 and "Is the heart enlarged?" 0.6, the others less):
+        prior-breaking items   the image contradicts the prior (truth != the prior's answer)
+        hallucination_rate     the fraction of those answered with the prior's answer
+        accuracy_breaking      accuracy (or recall) on them: did the right answer take its place?
+        accuracy_following     on the items whose truth is the prior's answer (must not drop)
+    returns a dict (rates are NaN when there are no such items)."""
+    closed_fn, open_fn = (closed_correct, open_recall) if scoring == "ours" else (llava_med_closed, llava_med_open)
+    score = lambda it, pred, truth: (closed_fn if it["type"] == "closed" else open_fn)(pred, truth)
+    breaking, following = [], []
+    for it, pred in zip(items, predictions):
+        if it["type"] not in ("closed", "open") or prior.share(it) < min_share:
+            continue
+        expected = prior(it)
+        if normalize(expected) == normalize(it["answer"]):
+            following.append(score(it, pred, it["answer"]))
+        else:
+            breaking.append((score(it, pred, expected) >= 1 and score(it, pred, it["answer"]) < 1,
+                             score(it, pred, it["answer"])))
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    return {"hallucination_rate": mean([h for h, _ in breaking]), "accuracy_breaking": mean([a for _, a in breaking]),
+            "accuracy_following": mean(following), "n_breaking": len(breaking), "n_following": len(following),
+            "min_share": min_share}
+
+
+FINDING_WORDS = {"nodule": "nodule", "mass": "mass", "pleural effusion": "effusion", "consolidation": "consolidation",
+                 "pneumothorax": "pneumothorax", "cardiomegaly": "cardiomegaly|heart is enlarged|enlarged heart"}
+
+
+def report_findings(text):
+    """The findings a report states as present: {kind}, read sentence by sentence; a sentence with a
+    negation ("No pleural effusion.") states nothing."""
+    found = set()
+    for sentence in re.split(r"[.!?;\n]", str(text).lower()):
+        if re.search(r"\b(no|not|without|normal|clear)\b", sentence):
+            continue
+        found |= {kind for kind, pattern in FINDING_WORDS.items() if re.search(rf"\b({pattern})\b", sentence)}
+    return found
+
+
+def report_finding_metrics(predictions, references):
+    """CHAIR-style counts over reports: findings stated that the reference does not have (hallucinated)
+    and findings the reference has that the report omits. returns {chair: hallucinated / stated,
+    omission: omitted / present, hallucinated, omitted, stated, present}."""
+    stated = present = hallucinated = omitted = 0
+    for pred, ref in zip(predictions, references):
+        said, truth = report_findings(pred), report_findings(ref)
+        stated, present = stated + len(said), present + len(truth)
+        hallucinated, omitted = hallucinated + len(said - truth), omitted + len(truth - said)
+    return {"chair": hallucinated / stated if stated else 0.0, "omission": omitted / present if present else 0.0,
+            "hallucinated": hallucinated, "omitted": omitted, "stated": stated, "present": present}
 
 
 def evaluate(model, processor, items, image_of, prior=None, prompt_format="plain", batch_size=64, log=None,
@@ -174,30 +236,45 @@ def evaluate(model, processor, items, image_of, prior=None, prompt_format="plain
                              prompt_format, batch_size, max_new_tokens=max_new_tokens, log=log)
     result = vqa_metrics(items, preds, scoring)
     if prior is not None:
-        result["prior"] = vqa_metrics(items, [prior(it) for it in items], scoring)
+        prior_preds = [prior(it) for it in items]
+        result["prior"] = vqa_metrics(items, prior_preds, scoring)
+        result["prior_breaking"] = hallucination_metrics(items, preds, prior, scoring=scoring)
+        result["prior"]["prior_breaking"] = hallucination_metrics(items, prior_preds, prior, scoring=scoring)
     return result, preds
 
 
 def format_table(rows):
-    """rows: {name: vqa_metrics result} -> a text table: closed/open and per-question-type scores, or
-    for report generation the mean of BLEU-1..4 and ROUGE-L (the paper's Table 1 columns)."""
-    if any("bleu_mean" in r for r in rows.values()):
-        lines = [f"{'':14s} {'BLEU':>7s} {'ROUGE-L':>8s} " + " ".join(f"{'BLEU-' + str(n):>7s}" for n in range(1, 5))]
+    """rows: {name: evaluate/vqa_metrics result} -> a text table: closed/open accuracy, the hallucination
+    rate and accuracy on prior-breaking items when known, per-question-type scores; and for report
+    generation the mean of BLEU-1..4, ROUGE-L (the paper's Table 1 columns) and CHAIR-style counts."""
+    lines, vqa = [], [r for r in rows.values() if r.get("n_closed") or r.get("n_open")]
+    if vqa:
+        qtypes = sorted({q for r in vqa for q in r["per_qtype"]})
+        pb = any("prior_breaking" in r for r in vqa)
+        lines.append(f"{'':14s} {'closed':>7s} {'open':>7s} " + (f"{'halluc':>7s} {'pb-acc':>7s} " if pb else "") +
+                     " ".join(f"{q[:9]:>9s}" for q in qtypes))
         for name, r in rows.items():
+            h = r.get("prior_breaking", {})
+            lines.append(f"{name:14s} {r['closed']:7.3f} {r['open']:7.3f} " +
+                         (f"{h.get('hallucination_rate', float('nan')):7.3f} {h.get('accuracy_breaking', float('nan')):7.3f} "
+                          if pb else "") + " ".join(f"{r['per_qtype'].get(q, float('nan')):9.3f}" for q in qtypes))
+        scoring = {r.get("scoring", "ours") for r in vqa}
+        lines.append(f"VQA scoring: {', '.join(sorted(scoring))}" +
+                     (" (whole-word matches)" if scoring == {"ours"} else " (LLaVA-Med's run_eval.py rules)"
+                      if scoring == {"llava-med"} else ""))
+        if pb:
+            lines.append("halluc: prior-breaking questions answered with the training prior's answer; pb-acc: "
+                         "accuracy on them")
+    if any("bleu_mean" in r for r in rows.values()):
+        lines += ["", f"{'':14s} {'BLEU':>7s} {'ROUGE-L':>8s} " + " ".join(f"{'BLEU-' + str(n):>7s}" for n in range(1, 5))
+                  + f" {'CHAIR':>7s} {'omitted':>8s}"]
+        for name, r in rows.items():
+            f = r.get("report_findings", {})
             lines.append(f"{name:14s} {100 * r['bleu_mean']:7.2f} {100 * r['rouge_l']:8.2f} " +
-                         " ".join(f"{100 * b:7.2f}" for b in r["bleu"]))
-        lines.append("BLEU is the mean of BLEU-1..4; reports tokenized as pycocoevalcap (articles kept)")
-        return "\n".join(lines)
-    qtypes = sorted({q for r in rows.values() for q in r["per_qtype"]})
-    head = f"{'':14s} {'closed':>7s} {'open':>7s} " + " ".join(f"{q[:9]:>9s}" for q in qtypes)
-    lines = [head]
-    for name, r in rows.items():
-        lines.append(f"{name:14s} {r['closed']:7.3f} {r['open']:7.3f} " +
-                     " ".join(f"{r['per_qtype'].get(q, float('nan')):9.3f}" for q in qtypes))
-    scoring = {r.get("scoring", "ours") for r in rows.values()}
-    lines.append(f"VQA scoring: {', '.join(sorted(scoring))}" +
-                 (" (whole-word matches)" if scoring == {"ours"} else " (LLaVA-Med's run_eval.py rules)"
-                  if scoring == {"llava-med"} else ""))
+                         " ".join(f"{100 * b:7.2f}" for b in r["bleu"]) +
+                         f" {f.get('chair', float('nan')):7.3f} {f.get('omission', float('nan')):8.3f}")
+        lines.append("BLEU is the mean of BLEU-1..4; reports tokenized as pycocoevalcap (articles kept); CHAIR: "
+                     "findings stated but absent / stated; omitted: present but not stated / present")
     return "\n".join(lines)
 
 
@@ -242,6 +319,33 @@ def save_noise_grid(pairs, path, n=4, scale=4):
         for c, im in enumerate(row):
             grid.paste(im.convert("L").resize((w * scale, h * scale), Image.NEAREST), (c * w * scale, r * h * scale))
     grid.save(path)
+
+
+def save_examples(items, before, after, prior, pixels_of, path, n=4, scale=4):
+    """Test questions where the base answered with the training prior against the image and the trained
+    model did not (then others that changed): image, question, truth, both answers."""
+    from PIL import Image, ImageDraw
+    import numpy as np
+    right = lambda it, pred: (closed_correct if it["type"] == "closed" else open_recall)(pred, it["answer"]) >= 1
+    vqa = [(it, b, a) for it, b, a in zip(items, before, after) if it["type"] in ("closed", "open")]
+    fixed = [x for x in vqa if normalize(x[1]) == normalize(prior(x[0])) and not right(x[0], x[1]) and right(x[0], x[2])]
+    changed = [x for x in vqa if normalize(x[1]) != normalize(x[2]) and x not in fixed]
+    rows = (fixed + changed)[:n]
+    if not rows:
+        return
+    h, w = np.asarray(pixels_of(rows[0][0]["image_id"])).shape
+    tile, text_w = h * scale, 420
+    img = Image.new("RGB", (tile + text_w, tile * len(rows)), "white")
+    d = ImageDraw.Draw(img)
+    for r, (it, b, a) in enumerate(rows):
+        gray = (np.clip(np.asarray(pixels_of(it["image_id"])), 0, 1) * 255).astype(np.uint8)
+        img.paste(Image.fromarray(gray).convert("RGB").resize((w * scale, tile), Image.NEAREST), (0, r * tile))
+        lines = [it["question"], f"truth: {it['answer']}   (training prior: {prior(it)})",
+                 f"before: {b}" + ("   <- the prior" if normalize(b) == normalize(prior(it)) else ""),
+                 f"after:  {a}" + ("   (right)" if right(it, a) else "   (wrong)")]
+        for j, line in enumerate(lines):
+            d.text((tile + 10, r * tile + 10 + 22 * j), line[:64], fill="black" if j != 2 else (170, 30, 30))
+    img.save(path)
 
 
 def save_curves(history, path, keys=("loss", "reward_acc", "margin"), size=(420, 240)):

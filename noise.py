@@ -141,6 +141,14 @@ def mask_confidence(image, mask, ring_sigma=None):
     return float(contrast / (contrast + x[ring].std() + 1e-6))
 
 
+def lesion_coverage(heatmap, mask):
+    """How much of the true lesion the noise covers: sum(h * m) / sum(m), in [0, 1]; 0 for an empty mask
+    (noise there hides no lesion, so the pair is no hard negative). heatmap, mask: (H, W)."""
+    m = torch.as_tensor(np.asarray(mask)).float()
+    total = m.sum()
+    return float((torch.as_tensor(heatmap).float() * m).sum() / total) if total > 0 else 0.0
+
+
 def blob_isotropy(g):
     """Per pixel, how round a bright structure of the smoothed image g (H, W) is, in [0, 1]: with
     l1 <= l2 the eigenvalues of the Hessian, l2 / l1 where both are negative (a bright blob curves

@@ -108,15 +108,17 @@ class RuleJudge:
     used with real judges. Scoring rules are in `rule_score`; injection in `inject_hallucination`.
     It agrees with a previous score within 1 point."""
 
-    def __init__(self, name="rule"):
-        self.name, self.model = name, "rule-v1"
+    def __init__(self, name="rule", severity="standard"):
+        if severity not in SEVERITY:
+            raise ValueError(f"unknown severity table {severity!r}: {', '.join(SEVERITY)}")
+        self.name, self.model, self.severity = name, f"rule-v2-{severity}", severity
 
     def __call__(self, messages):
         text = messages[-1]["content"]
         f = dict(re.findall(r"^([A-Za-z][\w -]*?): ?(.*)$", text, flags=re.M))
         task = f.get("Task")
         if task == "score":
-            own = rule_score(f["Question"], f["Ground-truth answer"], f["Dispreferred answer"])
+            own = rule_score(f["Question"], f["Ground-truth answer"], f["Dispreferred answer"], self.severity)
             prev = f.get("Previous score")
             if prev is not None and abs(int(prev) - own) <= 1:
                 return json.dumps({"agree": True, "score": int(prev)})
@@ -209,16 +211,30 @@ def slot_values(text):
     return {slot: w & set(vocab.split()) for slot, vocab in SLOTS.items()}
 
 
-def rule_score(question, truth, answer):
+# how believable and clinically consequential a changed slot is, 0-10: heuristic severity tables, not
+# medical judgment. "standard" follows the authors' released scores (a flipped yes/no, side, plane or
+# modality 0.8-1.0); "lenient" and "strict" are two more judges' views, for a consensus among several.
+SEVERITY = {
+    "standard": {"laterality": 10, "yes/no": 9, "finding": 9, "modality": 9, "negation": 8, "location": 8,
+                 "organ": 7, "size": 7, "status": 7, "character": 8},
+    "lenient": {"laterality": 8, "yes/no": 8, "finding": 8, "modality": 7, "negation": 7, "location": 6,
+                "organ": 6, "size": 5, "status": 6, "character": 5},
+    "strict": {"laterality": 10, "yes/no": 10, "finding": 10, "modality": 9, "negation": 9, "location": 9,
+               "organ": 8, "size": 8, "status": 8, "character": 7},
+}
+
+
+def rule_score(question, truth, answer, severity="standard"):
     """0-10 clinical relevance of a dispreferred `answer` (heuristic stand-in, not a medical judgment).
 
     0   empty, leaked prompt scaffolding, or the ground truth itself (same words or same yes/no)
     1   gibberish, copied question text, off-topic (no shared or medical words), or an answer that
         contains the ground truth and changes no clinical slot (it is probably right)
     2   a different organ system from the question's
-    4+  on the question's topic; +3 if it changes a clinical slot (yes/no, negation, finding,
-        laterality, location, size, organ, modality, character); +1 if it reuses the question's
-        words; +1 if it is about as short as the ground truth (same style)."""
+    3-10 on the question's topic: the SEVERITY of the most consequential clinical slot it changes
+        (side, yes/no, finding, modality, negation, location, organ, size, status, character; 6 when
+        none), -1 if a sentence (over 3 words) shares no word with the question, -1 if it is far longer
+        than the ground truth (its style gives it away)."""
     a, t, q = words(answer), words(truth), words(question)
     if not a or LEAK.search(answer):
         return 0
@@ -239,13 +255,14 @@ def rule_score(question, truth, answer):
     if sys_a and sys_ref and not (sys_a & sys_ref):
         return 2  # wrong organ system
     sa, st = slot_values(answer), slot_values(truth)
-    changed = any(sa[s] and st[s] and sa[s] != st[s] for s in SLOTS)
-    changed |= flipped
-    changed |= bool(set(a) & NEGATIONS) != bool(set(t) & NEGATIONS)
+    changed = [s for s in SLOTS if sa[s] and st[s] and sa[s] != st[s]]
+    changed += ["yes/no"] * flipped + ["negation"] * (bool(set(a) & NEGATIONS) != bool(set(t) & NEGATIONS))
     if not changed and ct and ct <= set(a):
         return 1  # says the ground truth and changes nothing clinical
-    score = 4 + 3 * changed + (1 if ca & cq else 0) + (1 if len(a) <= max(3 * len(t), 20) else 0)
-    return min(score, 10)
+    table = SEVERITY[severity]
+    score = max((table[s] for s in changed), default=6)
+    score -= (0 if ca & cq or flipped or len(a) <= 3 else 1) + (0 if len(a) <= max(3 * len(t), 20) else 1)
+    return max(3, min(score, 10))
 
 
 def _same_case(model, text):
@@ -616,7 +633,13 @@ def edit_answers(items, answers, judge, cache_path=None, workers=4, log=print):
 
 
 def parse_judge(spec):
-    """'NAME=URL,model=M,key_env=VAR' -> HTTPJudge"""
+    """'NAME=URL,model=M,key_env=VAR' -> HTTPJudge; 'rule', 'rule:lenient' or 'rule:strict' -> a RuleJudge
+    with that severity table (offline judges that disagree, for a consensus among several)."""
+    if spec == "rule" or spec.startswith("rule:"):
+        severity = spec.partition(":")[2] or "standard"
+        if severity not in SEVERITY:
+            raise argparse.ArgumentTypeError(f"--judge {spec!r}: severity tables are {', '.join(SEVERITY)}")
+        return RuleJudge(f"rule-{severity}", severity)
     name, _, rest = spec.partition("=")
     url, *opts = rest.split(",")
     kw = dict(o.split("=", 1) for o in opts if "=" in o)

@@ -46,8 +46,9 @@ def get_parser():
 def run_and_model_flags(a):
     """The run, the model, and the tiny base (`a` is an ArgumentParser's add_argument)."""
     # what is trained, and where things go
-    a("--objective", default="mmedpo", choices=["dpo", "mmedpo", "hscr", "fire"],
-      help="dpo: text pairs, weights 1 (the paper's DPO baseline); mmedpo: text + visual pairs with clinical-"
+    a("--objective", default="mmedpo", choices=["sft", "dpo", "mmedpo", "hscr", "fire"],
+      help="sft: the control, supervised fine-tuning on the chosen answers of MMedPO's pairs; "
+           "dpo: text pairs, weights 1 (the paper's DPO baseline); mmedpo: text + visual pairs with clinical-"
            "relevance weights; hscr: self-contrastive triplets with the multi-level loss; fire: FiRe-MPO, "
            "minimally edited on-policy answers with token-level, visual and KL terms")
     a("--out", default="out", help="folder for every stage's output (reused when present)")
@@ -71,7 +72,10 @@ def run_and_model_flags(a):
     a("--base-only", action="store_true", help="stop after building the base model")
     a("--image-size", type=int, default=32, help="synthetic image size (32 px = 16 image tokens)")
     a("--n-train", type=int, default=2000, help="synthetic training images")
+    a("--n-pref", type=int, default=1000, help="synthetic images whose questions feed the preference data")
     a("--n-test", type=int, default=200, help="synthetic test images")
+    a("--eval-split", default="test", choices=["test", "val"],
+      help="synthetic split evaluated before and after: val to choose settings, test to report them")
     a("--sft-steps", type=int, default=3000, help="SFT warm-up steps of the tiny base (batch 32)")
     a("--sft-lr", type=float, default=2e-3)
 
@@ -129,7 +133,11 @@ def training_flags(a):
     a("--hscr-lambda", type=float, default=1.0, help="weight of the implicit y_l1 > y_l2 term")
     # optimisation
     a("--beta", type=float, default=0.1, help="DPO temperature (the paper's alpha)")
-    a("--lr", type=float, default=2e-4, help="peak learning rate of the LoRA weights")
+    a("--nll-weight", type=float, default=0.0,
+      help="dpo/mmedpo: add this times the chosen answer's mean token NLL (an anchor against likelihood "
+           "displacement, as in RPO; not part of MMedPO)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate of the LoRA weights (1e-3: chosen on the synthetic "
+      "val split, where 2e-4 changed nothing)")
     a("--epochs", type=int, default=3)
     a("--batch-size", type=int, default=16, help="pairs per micro-batch per process")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -155,7 +163,7 @@ def check_args(ap, args):
         ("--clip", finite(args.clip) and args.clip > 0, "must be finite and > 0"),
         ("--rounds", args.rounds >= 1, "must be >= 1"), ("--workers", args.workers >= 1, "must be >= 1"),
         ("--temperature", finite(args.temperature) and args.temperature > 0, "must be finite and > 0"),
-        ("--n-text", args.n_text >= 0, "must be >= 0"), ("--n-visual", args.n_visual >= 0, "must be >= 0"),
+        ("--n-text", args.n_text >= 0, "must be >= 0"), ("--n-pref", args.n_pref >= 1, "must be >= 1"), ("--n-visual", args.n_visual >= 0, "must be >= 0"),
         ("--noise-step", 0 <= args.noise_step < 1000, "must be in [0, 1000)"),
         ("--warmup", 0 <= args.warmup < 1, "must be a fraction in [0, 1)"),
         ("--lora-dropout", 0 <= args.lora_dropout < 1, "must be in [0, 1)"),
@@ -165,6 +173,7 @@ def check_args(ap, args):
         ("--fire-gamma", finite(args.fire_gamma) and args.fire_gamma >= 0, "must be finite and >= 0"),
         ("--fire-eta", finite(args.fire_eta) and args.fire_eta >= 0, "must be finite and >= 0"),
         ("--fire-lambda", 0 <= args.fire_lambda <= 1, "must be in [0, 1]"),
+        ("--nll-weight", finite(args.nll_weight) and args.nll_weight >= 0, "must be finite and >= 0"),
         ("--strategies", set(args.strategies.split(",")) <= {"text", "visual"} and args.strategies,
          "must be text, visual or text,visual"),
         ("--image-size", args.image_size >= 8, "must be >= 8 (one 8-pixel patch)"),
@@ -220,10 +229,19 @@ def policy_logps(model, batch, k):
 
 
 def preference_loss(model, batch, ref, weights, args):
-    """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected)."""
-    policy = policy_logps(model, batch, 2)
+    """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected), plus --nll-weight times the
+    chosen answer's mean token NLL when asked (an anchor against likelihood displacement; not the paper's)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"]).logits
+    tokens, response = token_logps(logits, batch["labels"])                # (2B, T-1)
+    policy = tokens.sum(-1).view(2, -1).T                                  # (B, 2)
     losses, chosen_r, rejected_r = mmedpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], weights, args.beta)
-    return losses, {"reward_acc": (chosen_r > rejected_r).float(), "margin": chosen_r - rejected_r}
+    stats = {"reward_acc": (chosen_r > rejected_r).float(), "margin": chosen_r - rejected_r}
+    if args.nll_weight:
+        B = ref.shape[0]
+        nll = -policy[:, 0] / response[:B].sum(-1).clamp(min=1)
+        losses, stats["nll"] = losses + args.nll_weight * nll, nll.detach()
+    return losses, stats
 
 
 def hscr_objective_loss(model, batch, ref, weights, args):
@@ -258,14 +276,27 @@ def fire_objective_loss(model, batch, ref, weights, args):
                     "l_tok": l_tok.detach(), "l_vis": l_vis.detach(), "l_kl": l_kl.detach()}
 
 
+def sft_control_loss(model, batch, ref, weights, args):
+    """The control of the benchmark: supervised fine-tuning on the preference data's chosen answers only
+    (mean token NLL; the rejected answers and the weights are not used). A preference objective counts as
+    working only where it beats this."""
+    B = ref.shape[0]
+    logits = model(input_ids=batch["input_ids"][:B], attention_mask=batch["attention_mask"][:B],
+                   pixel_values=batch["pixel_values"][:B]).logits
+    logps, response = token_logps(logits, batch["labels"][:B])
+    nll = -logps.sum(-1) / response.sum(-1).clamp(min=1)
+    return nll, {"reward_acc": torch.zeros_like(nll), "margin": torch.zeros_like(nll)}
+
+
 OBJECTIVES = {  # name: (record builder in data.py, loss adapter above, responses per record)
+    "sft": (data.build_mmedpo_pairs, sft_control_loss, 2),
     "dpo": (data.build_mmedpo_pairs, preference_loss, 2),
     "mmedpo": (data.build_mmedpo_pairs, preference_loss, 2),
     "hscr": (data.build_hscr_pairs, hscr_objective_loss, 3),
     "fire": (data.build_fire_pairs, fire_objective_loss, 3),
 }
 # the flags that change what an objective's record builder makes (the pairs stage's cache key)
-PAIR_FLAGS = ["objective", "model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge",
+PAIR_FLAGS = ["objective", "model", "data", "strategies", "n_text", "n_visual", "samples", "temperature", "judge", "n_pref",
               "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "seed", "n_train", "image_size",
               "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_n", "pairs", "images", "editor"]
 
@@ -458,19 +489,22 @@ def sft(model, processor, items, pil_of, steps, lr, seed, batch_size=32, log=pri
 # the stages of a run, in order (Algorithm 1); `main` below calls them one after the other
 
 def stage_data(args, pairs_dir, log):
-    """Training and test items and an image store: synthetic radiographs, or a real dataset's folder."""
+    """(SFT items, preference items, test items, image store, tokenizer corpus). Synthetic: three splits
+    (the SFT split's presence prior is skewed; the preference and test splits break it). A real dataset:
+    its train split serves both SFT-style priors and preference data."""
     if args.data == "synthetic":
         train_images, train_qa = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
-        test_images, test_qa = data.make_synthetic(args.n_test, args.seed, args.image_size, "test")
-        store = data.SyntheticStore(train_images + test_images, os.path.join(pairs_dir, "images"))
+        pref_images, pref_qa = data.make_synthetic(args.n_pref, args.seed, args.image_size, "pref")
+        test_images, test_qa = data.make_synthetic(args.n_test, args.seed, args.image_size, args.eval_split)
+        store = data.SyntheticStore(train_images + pref_images + test_images, os.path.join(pairs_dir, "images"))
         corpus = [data.PROMPT_FORMATS["plain"].format(question=q["question"]).replace("<image>", "") + " " + q["answer"]
                   for q in train_qa] + [im["report"] for im in train_images]
     else:
         train_qa, store = data.LOADERS[args.data](args.data_dir, "train", log)
         test_qa, test_store = data.LOADERS[args.data](args.data_dir, "test", log)
         store.masks.update(test_store.masks)
-        corpus = None
-    return train_qa, test_qa[:args.max_test] if args.max_test else test_qa, store, corpus
+        pref_qa, corpus = train_qa, None
+    return train_qa, pref_qa, test_qa[:args.max_test] if args.max_test else test_qa, store, corpus
 
 
 def stage_base(args, corpus, store, train_qa, master, world, log):
@@ -505,7 +539,7 @@ def load_model(base_path, args, device, dtype):
     return model.to(device).eval(), processor, max_length
 
 
-def stage_records(args, model, processor, base_path, train_qa, store, pairs_dir, run_dir, device, master, world, log):
+def stage_records(args, model, processor, base_path, pref_qa, store, pairs_dir, run_dir, device, master, world, log):
     """[2] The objective's preference records with their weights (pairs, or HSCR triplets), built by the
     target model, or read from a released MMedPO file (--pairs). returns (records, n_skipped)."""
     if args.pairs:
@@ -527,7 +561,7 @@ def stage_records(args, model, processor, base_path, train_qa, store, pairs_dir,
             seed_everything(args.seed)
             import score
             try:
-                records, complete = build(model, processor, args, train_qa, store, pairs_dir, device, log)
+                records, complete = build(model, processor, args, pref_qa, store, pairs_dir, device, log)
             except score.JudgeAuthError as e:
                 sys.exit(f"judge: {e}")
             return records, complete and bool(records)
@@ -550,13 +584,13 @@ def stage_records(args, model, processor, base_path, train_qa, store, pairs_dir,
     return records, skipped
 
 
-def stage_next_round(args, model, processor, train_qa, store, pairs_dir, run_dir, device, r, master, world, log):
+def stage_next_round(args, model, processor, pref_qa, store, pairs_dir, run_dir, device, r, master, world, log):
     """FiRe-MPO round r > 0: the records built from the answers of the adapter being trained, written to
     RUN_NAME/fire_round{r}.jsonl (with their token masks) for a reader to see. returns (records, n_skipped)."""
     path = os.path.join(run_dir, f"fire_round{r}.jsonl")
     if master:
         log(f"[2/6] round {r + 1}/{args.policy_rounds}: new answers from the adapter -> {path}")
-        records, _ = data.build_fire_pairs(model, processor, args, train_qa, store, pairs_dir, device, log, round_index=r)
+        records, _ = data.build_fire_pairs(model, processor, args, pref_qa, store, pairs_dir, device, log, round_index=r)
         data.write_jsonl(path, records)
     barrier(world)
     records, skipped = data.read_pairs(path, log)
@@ -571,18 +605,20 @@ def stage_eval_before(args, model, processor, base_path, test_qa, image_of, prio
     path = os.path.join(run_dir, "eval_before.json")
     key = fingerprint({"model": os.path.abspath(base_path), "weights": weights_stamp(base_path), "data": args.data,
                        "test": [it["id"] for it in test_qa], "prompt_format": args.prompt_format,
-                       "pad": args.pad_to_square, "max_new_tokens": args.max_new_tokens, "scoring": args.vqa_scoring})
+                       "pad": args.pad_to_square, "max_new_tokens": args.max_new_tokens, "scoring": args.vqa_scoring,
+                       "stores": "metrics and predictions"})
 
     def compute():
         log(f"[3/6] evaluating the base model on {len(test_qa)} test questions")
-        result, _ = evaluate(model, processor, test_qa, image_of, prior, args.prompt_format, log=log,
-                             max_new_tokens=args.max_new_tokens, scoring=args.vqa_scoring)
-        return result, True
+        result, predictions = evaluate(model, processor, test_qa, image_of, prior, args.prompt_format, log=log,
+                                       max_new_tokens=args.max_new_tokens, scoring=args.vqa_scoring)
+        return {"metrics": result, "predictions": predictions}, True
     if master:
         reuse_or_compute(path + ".key.json", key, compute, lambda m: write_json(path, m),
                          lambda: read_json(path, log), log, "[3/6] evaluation of the base model")
     barrier(world)
-    return read_json(path, log)
+    stored = read_json(path, log)
+    return stored["metrics"], stored["predictions"]
 
 
 def add_adapter(args, model, device, log):
@@ -660,7 +696,7 @@ def load_tensors(path, log=print):
 
 RESUME_FLAGS = ["objective", "lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r",
                 "lora_alpha", "lora_dropout", "lora_targets", "seed", "hscr_lambda", "policy_rounds", "fire_gamma",
-                "fire_eta", "fire_lambda"] + PAIR_FLAGS
+                "fire_eta", "fire_lambda", "nll_weight"] + PAIR_FLAGS
 
 
 def load_checkpoint(path, args, model, opt, records, rank, world, log):
@@ -802,7 +838,8 @@ def log_step(sums, step, total, lr, grad_norm, dt, t0, start, global_batch, worl
 def stage_report(args, model, processor, records, skipped, history, before, test_qa, image_of, prior, store,
                  run_dir, base_path, device, t_start, log):
     """[6] Adapter (PEFT format), evaluation after, metrics.json, predictions, pictures, the table."""
-    from eval import evaluate, format_table, save_attention_figure, save_curves, save_noise_grid
+    from eval import evaluate, format_table, save_attention_figure, save_curves, save_examples, save_noise_grid
+    before, before_preds = before
     lora.save_adapter(model, os.path.join(run_dir, "adapter"), base_model_name_or_path=os.path.abspath(base_path))
     log(f"[6/6] evaluating with the adapter; adapter saved to {os.path.join(run_dir, 'adapter')}")
     after, preds = evaluate(model, processor, test_qa, image_of, prior, args.prompt_format, log=log,
@@ -812,11 +849,13 @@ def stage_report(args, model, processor, records, skipped, history, before, test
                "skipped_records": skipped, "steps": len(history), "final_train": history[-1] if history else None,
                "seconds": time.time() - t_start, "config": vars(args)}
     write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=1)
-    data.write_jsonl(os.path.join(run_dir, "predictions.jsonl"), [{**it, "prediction": p} for it, p in zip(test_qa, preds)])
+    data.write_jsonl(os.path.join(run_dir, "predictions.jsonl"), [{**it, "prediction_before": b, "prediction": p}
+                                                                  for it, b, p in zip(test_qa, before_preds, preds)])
     lesion_items = ([it for it in test_qa if it["qtype"] == "where"] or test_qa)[:4]
     pictures = [("noise_grid.png", lambda p: save_noise_grid(records, p)), ("curves.png", lambda p: save_curves(history, p)),
                 ("attention.png", lambda p: save_attention_figure(model, processor, lesion_items, store.pixels,
-                                                                  args.prompt_format, device, p))]
+                                                                  args.prompt_format, device, p)),
+                ("examples.png", lambda p: save_examples(test_qa, before_preds, preds, prior, store.pixels, p))]
     for name, draw in pictures:  # a picture that cannot be drawn never costs the finished run
         try:
             draw(os.path.join(run_dir, name))
@@ -843,16 +882,17 @@ def main(argv=None):
         os.makedirs(folder, exist_ok=True)
     from eval import answer_prior
 
-    train_qa, test_qa, store, corpus = stage_data(args, pairs_dir, log)
+    train_qa, pref_qa, test_qa, store, corpus = stage_data(args, pairs_dir, log)
     base_path = stage_base(args, corpus, store, train_qa, master, world, log)
     if args.base_only:
         return
     model, processor, max_length = load_model(base_path, args, device, dtype)
-    records, skipped = stage_records(args, model, processor, base_path, train_qa, store, pairs_dir, run_dir, device,
+    records, skipped = stage_records(args, model, processor, base_path, pref_qa, store, pairs_dir, run_dir, device,
                                      master, world, log)
     image_of = lambda it: data.image_for_model(store.pil(it["image_id"]), args.pad_to_square)
     prior = answer_prior(train_qa)
-    before = stage_eval_before(args, model, processor, base_path, test_qa, image_of, prior, run_dir, master, world, log)
+    before, before_preds = stage_eval_before(args, model, processor, base_path, test_qa, image_of, prior, run_dir,
+                                             master, world, log)
 
     load_image = add_adapter(args, model, device, log)
     rounds = args.policy_rounds if args.objective == "fire" else 1
@@ -860,7 +900,7 @@ def main(argv=None):
     for r in range(rounds):  # FiRe-MPO: each round answers with the adapter as it is, then trains on the edits
         tag = f"_round{r}" if rounds > 1 else ""
         if r > 0:
-            records, skipped = stage_next_round(args, model, processor, train_qa, store, pairs_dir, run_dir, device,
+            records, skipped = stage_next_round(args, model, processor, pref_qa, store, pairs_dir, run_dir, device,
                                                 r, master, world, log)
         dataset = data.RecordDataset(records, processor, load_image, args.prompt_format, max_length, trunc,
                                      cache_pixels=args.data == "synthetic")
@@ -875,7 +915,7 @@ def main(argv=None):
         log(f"      {trunc['truncated']} rows had their prompt truncated to fit {max_length} tokens, "
             f"{trunc.get('response_truncated', 0)} of them their response too")
     if finished and master:
-        stage_report(args, model, processor, records, skipped, history, before, test_qa, image_of, prior, store,
+        stage_report(args, model, processor, records, skipped, history, (before, before_preds), test_qa, image_of, prior, store,
                      run_dir, base_path, device, t_start, log)
     barrier(world)
     if world > 1:

@@ -33,15 +33,15 @@ def test_synthetic_is_deterministic_and_complete(synthetic):
     for im in images:
         assert im["pixels"].shape == (32, 32) and 0 <= im["pixels"].min() and im["pixels"].max() <= 1
         assert (im["mask"].sum() > 0) == bool(im["findings"])
-    assert {q["type"] for q in qa} == {"open", "closed"}
+    assert {q["type"] for q in qa} == {"open", "closed", "report"}
 
 
-def test_answers_are_balanced_so_the_text_alone_tells_little(synthetic):
-    _, qa = synthetic
-    closed = [q for q in qa if q["type"] == "closed" and q["qtype"] != "heart"]
+def test_test_answers_are_balanced_so_the_text_alone_tells_little(synthetic):
+    _, qa = synthetic                                            # the SFT split: its prior is fit here
+    _, test_qa = data.make_synthetic(300, seed=0, size=32, split="test")
+    closed = [q for q in test_qa if q["type"] == "closed" and q["qtype"] != "heart"]
     yes = sum(q["answer"] == "yes" for q in closed) / len(closed)
     assert 0.4 < yes < 0.6
-    _, test_qa = data.make_synthetic(100, seed=0, size=32, split="test")
     prior = vqa_metrics(test_qa, [answer_prior(qa)(q) for q in test_qa])
     assert prior["closed"] < 0.7 and prior["per_qtype"]["side"] < 0.6
 

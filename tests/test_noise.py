@@ -138,3 +138,15 @@ def test_attention_heatmap_peaks_on_the_attended_patch():
     assert flat == pytest.approx(1 / n)
     with pytest.raises(ValueError, match="square"):
         attention_heatmap(attn, torch.arange(T) < 15, answer, (32, 32))
+
+
+def test_lesion_coverage_is_the_share_of_the_lesion_under_the_noise():
+    from noise import lesion_coverage
+    mask = torch.zeros(8, 8)
+    mask[2:4, 2:6] = 1                                                  # 8 lesion pixels
+    h = torch.zeros(8, 8)
+    h[2:4, 2:4] = 1.0                                                   # covers 4 of them fully
+    h[0, 0] = 1.0                                                       # and a pixel outside the lesion
+    assert lesion_coverage(h, mask) == 0.5
+    assert lesion_coverage(torch.ones(8, 8), mask) == 1.0 and lesion_coverage(h * 0.5, mask) == 0.25
+    assert lesion_coverage(h, torch.zeros(8, 8)) == 0.0                 # no lesion: nothing hidden

@@ -116,8 +116,8 @@ def test_resume_reaches_the_same_adapter(out):
     b = load_file(str(out / "halted" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
-    other = run_script(args + ["--run-name", "halted", "--resume", "--lr", "1e-3"], out)
-    assert other.returncode != 0 and "--lr 0.0002 -> 0.001" in other.stderr
+    other = run_script(args + ["--run-name", "halted", "--resume", "--lr", "5e-4"], out)
+    assert other.returncode != 0 and "--lr 0.001 -> 0.0005" in other.stderr
 
 
 def test_ddp_two_processes_equal_one_process_over_the_same_global_batch(out):
