@@ -116,8 +116,12 @@ def test_resume_reaches_the_same_adapter(out):
     b = load_file(str(out / "halted" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    steps = [json.loads(l)["step"] for l in (out / "halted" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))                                     # no step logged twice
     other = run_script(args + ["--run-name", "halted", "--resume", "--lr", "5e-4"], out)
     assert other.returncode != 0 and "--lr 0.001 -> 0.0005" in other.stderr
+    other_data = run_script(args + ["--run-name", "halted", "--resume", "--n-text", "16"], out)
+    assert other_data.returncode != 0 and "--n-text 12 -> 16" in other_data.stderr
 
 
 def test_ddp_two_processes_equal_one_process_over_the_same_global_batch(out):
