@@ -30,11 +30,11 @@ import torch
 def setup(args):
     import data
     import lora
-    import train
-    images, qa = data.make_synthetic(64, 0, args.image_size)
+    import synthetic
+    images, qa = synthetic.make_synthetic(64, 0, args.image_size)
     corpus = [f"{q['question']}\nAnswer: {q['answer']}" for q in qa] + [im["report"] for im in images]
     torch.manual_seed(0)
-    model, processor = train.build_tiny(corpus, args.image_size)
+    model, processor = synthetic.build_tiny(corpus, args.image_size)
     model.to(args.device)
     lora.add_lora(model, r=8, alpha=16)
     pil = {im["image_id"]: data.to_pil(im["pixels"]) for im in images}
@@ -49,7 +49,8 @@ def run_variant(args):
     import data
     import lora
     from mmedpo import mmedpo_loss
-    from train import forward_logps, to_device
+    from data import forward_logps
+    from train import to_device
     model, processor, pairs, load = setup(args)
     device, B = torch.device(args.device), args.batch_size
     params = [p for p in model.parameters() if p.requires_grad]

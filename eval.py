@@ -29,6 +29,9 @@ import re
 import sys
 from collections import Counter, defaultdict
 
+import lora
+from data import attention_tool, format_prompt, generate_answers, response_ids
+
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
 VQA_SCORING = ("ours", "llava-med")
@@ -205,66 +208,172 @@ FINDING_WORDS = {"nodule": "nodule", "mass": "mass", "pleural effusion": "effusi
 
 
 def report_findings(text):
-    """The findings a report states as present: {kind}, read sentence by sentence; a sentence with a
-    negation ("No pleural effusion.") states nothing."""
+    """The findings a report states as present, read sentence by sentence: {(kind, place)}, place the
+    "side level" zone when the sentence names one ("a nodule in the right upper zone"), else None. A
+    sentence with a negation ("No pleural effusion.") states nothing."""
     found = set()
     for sentence in re.split(r"[.!?;\n]", str(text).lower()):
         if re.search(r"\b(no|not|without|normal|clear)\b", sentence):
             continue
-        found |= {kind for kind, pattern in FINDING_WORDS.items() if re.search(rf"\b({pattern})\b", sentence)}
+        zone = re.search(r"\b(right|left) (upper|middle|lower)\b", sentence)
+        found |= {(kind, zone.group(0) if zone else None) for kind, pattern in FINDING_WORDS.items()
+                  if re.search(rf"\b({pattern})\b", sentence)}
     return found
 
 
 def report_finding_metrics(predictions, references):
-    """CHAIR-style counts over reports: findings stated that the reference does not have (hallucinated)
-    and findings the reference has that the report omits. returns {chair: hallucinated / stated,
+    """CHAIR-style counts over reports. A stated finding is hallucinated unless the reference has that
+    finding at a compatible place (the same side and zone, or either without one); a reference finding is
+    omitted unless the report states it at a compatible place. returns {chair: hallucinated / stated,
     omission: omitted / present, hallucinated, omitted, stated, present}."""
+    fits = lambda a, b: a[0] == b[0] and (a[1] is None or b[1] is None or a[1] == b[1])
     stated = present = hallucinated = omitted = 0
     for pred, ref in zip(predictions, references):
         said, truth = report_findings(pred), report_findings(ref)
         stated, present = stated + len(said), present + len(truth)
-        hallucinated, omitted = hallucinated + len(said - truth), omitted + len(truth - said)
+        hallucinated += sum(not any(fits(s, t) for t in truth) for s in said)
+        omitted += sum(not any(fits(s, t) for s in said) for t in truth)
     return {"chair": hallucinated / stated if stated else 0.0, "omission": omitted / present if present else 0.0,
             "hallucinated": hallucinated, "omitted": omitted, "stated": stated, "present": present}
 
 
-def evaluate(model, processor, items, image_of, prior=None, prompt_format="plain", batch_size=64, log=None,
-             max_new_tokens=16, scoring="ours"):
-    """Greedy answers to every test item, scored; with the answer prior's score beside it if given."""
-    from data import generate_answers
-    preds = generate_answers(model, processor, [(image_of(it), it["question"]) for it in items],
-                             prompt_format, batch_size, max_new_tokens=max_new_tokens, log=log)
+def evaluate(model, processor, items, store, prior=None, prompt_format="plain", batch_size=64, log=None,
+             max_new_tokens=16, scoring="ours", probes=None):
+    """Greedy answers to every test item (and grounding probe), scored; with the answer prior's score
+    and the prior-breaking metrics beside it if a prior is given, and `grounding` if probes are given.
+    returns (result, predictions of `items`)."""
+    rows = [(store.for_model(it["image_id"]), it["question"]) for it in items + (probes or [])]
+    answers = generate_answers(model, processor, rows, prompt_format, batch_size, max_new_tokens=max_new_tokens, log=log)
+    preds = answers[:len(items)]
     result = vqa_metrics(items, preds, scoring)
     if prior is not None:
         prior_preds = [prior(it) for it in items]
         result["prior"] = vqa_metrics(items, prior_preds, scoring)
         result["prior_breaking"] = hallucination_metrics(items, preds, prior, scoring=scoring)
         result["prior"]["prior_breaking"] = hallucination_metrics(items, prior_preds, prior, scoring=scoring)
+    if probes:
+        margins = yes_no_margins(model, processor, rows[len(items):], prompt_format, batch_size)
+        result["grounding"] = grounding_metrics(probes, answers[len(items):], margins)
+        if prior is not None:
+            result["prior"]["grounding"] = grounding_metrics(probes, [prior(it) for it in probes], [0.0] * len(probes))
     return result, preds
 
 
+# -----------------------------------------------------------------------------
+# grounding: does the model answer from the image? (balanced presence probes, as POPE scores them)
+
+def pope_answer(text):
+    """yes or no, as the authors' eval_pope.py reads an answer: its first sentence, commas removed,
+    split on spaces; "No", "no" or "not" among the words means no, anything else yes."""
+    first = str(text).split(".")[0] if "." in str(text) else str(text)
+    return "no" if {"No", "no", "not"} & set(first.replace(",", "").split(" ")) else "yes"
+
+
+def pope_metrics(predictions, truths):
+    """POPE's accuracy, precision, recall, F1 and yes-ratio ("yes" is the positive class). F1 and recall
+    rise with a lean towards "yes": read them beside accuracy and the yes-ratio (0.5 on balanced probes
+    for an unbiased model)."""
+    pred = [pope_answer(p) == "yes" for p in predictions]
+    true = [str(t).strip().lower() != "no" for t in truths]
+    tp = sum(p and t for p, t in zip(pred, true))
+    fp = sum(p and not t for p, t in zip(pred, true))
+    fn = sum(t and not p for p, t in zip(pred, true))
+    n = len(pred)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": sum(p == t for p, t in zip(pred, true)) / n if n else float("nan"), "precision": precision,
+            "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": sum(pred) / n if n else float("nan"), "n": n}
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve of `scores` for binary `labels`: P(a positive outscores a negative),
+    ties counting one half (the Mann-Whitney U statistic). NaN without both classes."""
+    pos = [s for s, l in zip(scores, labels) if l]
+    neg = [s for s, l in zip(scores, labels) if not l]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def yes_no_margins(model, processor, rows, prompt_format="plain", batch_size=64):
+    """log P(yes) - log P(no) at the answer's first token, for rows of (PIL image, question): a
+    threshold-free reading of what the model would answer."""
+    import torch
+    tok = processor.tokenizer
+    yes, no = response_ids(tok, "yes")[0], response_ids(tok, "no")[0]
+    side, tok.padding_side = tok.padding_side, "left"  # the last position is the answer's first token
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    out = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            enc = processor(images=[im for im, _ in chunk], text=[format_prompt(processor, prompt_format, q) for _, q in chunk],
+                            return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                logits = model(**{**enc, "pixel_values": enc["pixel_values"].to(dtype)}).logits[:, -1].float()
+            logp = logits.log_softmax(-1)
+            out += (logp[:, yes] - logp[:, no]).tolist()
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def grounding_metrics(probes, predictions, margins):
+    """The grounding of a model on presence probes: POPE metrics of its answers, the AUROC of its
+    yes/no margin (present vs absent), and, where probes come in counterfactual pairs (the same image
+    with and without the finding), the share of pairs with both answers right (0 for an image-blind
+    model, which answers both alike)."""
+    truths = [it["answer"] for it in probes]
+    result = {"pope": pope_metrics(predictions, truths),
+              "auroc": auroc(margins, [str(t).strip().lower() != "no" for t in truths])}
+    pairs = defaultdict(list)
+    for it, pred in zip(probes, predictions):
+        if it.get("pair"):
+            pairs[it["pair"]].append(pope_answer(pred) == str(it["answer"]).strip().lower())
+    both = [all(v) for v in pairs.values() if len(v) == 2]
+    result["counterfactual"] = {"accuracy": sum(both) / len(both) if both else float("nan"), "n_pairs": len(both)}
+    return result
+
+
 def format_table(rows):
-    """rows: {name: evaluate/vqa_metrics result} -> a text table: closed/open accuracy, the hallucination
-    rate and accuracy on prior-breaking items when known, per-question-type scores; and for report
-    generation the mean of BLEU-1..4, ROUGE-L (the paper's Table 1 columns) and CHAIR-style counts."""
-    lines, vqa = [], [r for r in rows.values() if r.get("n_closed") or r.get("n_open")]
+    """rows: {name: evaluate/vqa_metrics result} -> a text table. First grounding, what the method claims
+    (POPE on balanced presence probes, the yes/no AUROC, counterfactual pairs), with the yes-ratio beside
+    it; then closed/open accuracy, the hallucination rate and accuracy on prior-breaking and prior-following
+    items, per-question-type scores; and for report generation BLEU, ROUGE-L and CHAIR-style counts."""
+    nan, lines = float("nan"), []
+    g = {name: r["grounding"] for name, r in rows.items() if "grounding" in r}
+    if g:
+        lines.append(f"{'grounding':14s} {'bal-acc':>7s} {'F1':>7s} {'prec':>7s} {'recall':>7s} {'yes%':>7s} "
+                     f"{'AUROC':>7s} {'cf-acc':>7s}")
+        for name, r in g.items():
+            p = r["pope"]
+            lines.append(f"{name:14s} {p['accuracy']:7.3f} {p['f1']:7.3f} {p['precision']:7.3f} {p['recall']:7.3f} "
+                         f"{p['yes_ratio']:7.3f} {r['auroc']:7.3f} {r['counterfactual']['accuracy']:7.3f}")
+        n = next(iter(g.values()))
+        lines += [f"{n['pope']['n']} balanced presence probes ({n['counterfactual']['n_pairs']} counterfactual pairs: the same "
+                  f"image with and without the finding); bal-acc, F1, yes%: POPE's scoring; AUROC of log P(yes) - log P(no); "
+                  f"cf-acc: both answers of a pair right (0 for an image-blind model)", ""]
+    vqa = [r for r in rows.values() if r.get("n_closed") or r.get("n_open")]
     if vqa:
         qtypes = sorted({q for r in vqa for q in r["per_qtype"]})
         pb = any("prior_breaking" in r for r in vqa)
-        lines.append(f"{'':14s} {'closed':>7s} {'open':>7s} " + (f"{'halluc':>7s} {'pb-acc':>7s} " if pb else "") +
-                     " ".join(f"{q[:9]:>9s}" for q in qtypes))
+        lines.append(f"{'':14s} {'closed':>7s} {'open':>7s} " + (f"{'halluc':>7s} {'pb-acc':>7s} {'pf-acc':>7s} " if pb else "")
+                     + " ".join(f"{q[:9]:>9s}" for q in qtypes))
         for name, r in rows.items():
             h = r.get("prior_breaking", {})
             lines.append(f"{name:14s} {r['closed']:7.3f} {r['open']:7.3f} " +
-                         (f"{h.get('hallucination_rate', float('nan')):7.3f} {h.get('accuracy_breaking', float('nan')):7.3f} "
-                          if pb else "") + " ".join(f"{r['per_qtype'].get(q, float('nan')):9.3f}" for q in qtypes))
+                         (f"{h.get('hallucination_rate', nan):7.3f} {h.get('accuracy_breaking', nan):7.3f} "
+                          f"{h.get('accuracy_following', nan):7.3f} " if pb else "") +
+                         " ".join(f"{r['per_qtype'].get(q, nan):9.3f}" for q in qtypes))
         scoring = {r.get("scoring", "ours") for r in vqa}
         lines.append(f"VQA scoring: {', '.join(sorted(scoring))}" +
                      (" (whole-word matches)" if scoring == {"ours"} else " (LLaVA-Med's run_eval.py rules)"
                       if scoring == {"llava-med"} else ""))
         if pb:
-            lines.append("halluc: prior-breaking questions answered with the training prior's answer; pb-acc: "
-                         "accuracy on them")
+            lines.append("halluc: prior-breaking questions answered with the training prior's answer (answering 'yes' to "
+                         "everything scores 0); pb-acc / pf-acc: accuracy where the image breaks / follows the prior")
     if any("bleu_mean" in r for r in rows.values()):
         lines += ["", f"{'':14s} {'BLEU':>7s} {'ROUGE-L':>8s} " + " ".join(f"{'BLEU-' + str(n):>7s}" for n in range(1, 5))
                   + f" {'CHAIR':>7s} {'omitted':>8s}"]
@@ -272,9 +381,9 @@ def format_table(rows):
             f = r.get("report_findings", {})
             lines.append(f"{name:14s} {100 * r['bleu_mean']:7.2f} {100 * r['rouge_l']:8.2f} " +
                          " ".join(f"{100 * b:7.2f}" for b in r["bleu"]) +
-                         f" {f.get('chair', float('nan')):7.3f} {f.get('omission', float('nan')):8.3f}")
+                         f" {f.get('chair', nan):7.3f} {f.get('omission', nan):8.3f}")
         lines.append("BLEU is the mean of BLEU-1..4; reports tokenized as pycocoevalcap (articles kept); CHAIR: "
-                     "findings stated but absent / stated; omitted: present but not stated / present")
+                     "findings stated but absent (or at the wrong side or zone) / stated; omitted: present but not stated")
     return "\n".join(lines)
 
 
@@ -286,8 +395,6 @@ def save_attention_figure(model, processor, items, pixels_of, fmt, device, path,
     and of the trained model, as in the paper's Figure 5."""
     import numpy as np
     from PIL import Image
-    import lora
-    from data import attention_tool
     tool = attention_tool(model, processor, fmt, pixels_of, device)
     rows = []
     for it in items:
@@ -373,6 +480,21 @@ def save_curves(history, path, keys=("loss", "reward_acc", "margin"), size=(420,
     img.save(path)
 
 
+def save_pictures(folder, model, processor, records, history, items, before, after, prior, store, fmt, device,
+                  log=print):
+    """The run's pictures: noised pairs, training curves, attention before/after, examples. A picture
+    that cannot be drawn is said and skipped: it never costs a finished run."""
+    lesion_items = ([it for it in items if it["qtype"] == "where"] or items)[:4]
+    pictures = [("noise_grid.png", lambda p: save_noise_grid(records, p)), ("curves.png", lambda p: save_curves(history, p)),
+                ("attention.png", lambda p: save_attention_figure(model, processor, lesion_items, store.pixels, fmt, device, p)),
+                ("examples.png", lambda p: save_examples(items, before, after, prior, store.pixels, p))]
+    for name, draw in pictures:
+        try:
+            draw(os.path.join(folder, name))
+        except Exception as e:
+            log(f"      {name} not drawn ({type(e).__name__}: {e})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Med-VQA / report evaluation of a model (and adapter), Table 1 columns")
     ap.add_argument("--model", required=True, help="folder with a saved LLaVA model and processor")
@@ -397,11 +519,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the predictions as JSONL here (to re-score them later)")
     args = ap.parse_args(argv)
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import checkpoint
     import data
-    import lora
+    import real_data
+    import synthetic
     if args.data != "synthetic" and not args.data_dir:
-        ap.error(f"--data {args.data} needs --data-dir: {data.DOWNLOAD_HINTS[args.data]}")
+        ap.error(f"--data {args.data} needs --data-dir: {real_data.DOWNLOAD_HINTS[args.data]}")
     bad = [(f, msg) for f, ok, msg in [
         ("--max-items", args.max_items is None or args.max_items >= 1, "must be >= 1 (leave it out for all items)"),
         ("--n-test", args.n_test >= 1, "must be >= 1"), ("--n-train", args.n_train >= 1, "must be >= 1"),
@@ -410,32 +533,35 @@ def main(argv=None):
         ("--split", args.split in data.SPLITS[args.data], f"must be one of {', '.join(data.SPLITS[args.data])}"),
         ("--model", os.path.isdir(args.model), "no such folder (pass the local path of a saved checkpoint)"),
         ("--adapter", args.adapter is None or os.path.isdir(args.adapter), "no such folder"),
-        ("--out", not (args.out and data.unwritable(args.out, False)), f"{args.out and data.unwritable(args.out, False)}")]
+        ("--out", not (args.out and checkpoint.unwritable(args.out, False)), f"{args.out and checkpoint.unwritable(args.out, False)}")]
         if not ok]
     if bad:
         ap.error("; ".join(f"{f} {args.__dict__[f[2:].replace('-', '_')]}: {msg}" for f, msg in bad))
-    processor = AutoProcessor.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(args.device)
+    model, processor = checkpoint.load_model(args.model, dtype, torch.device(args.device))
+    data.check_prompt_format(args.prompt_format, processor)
     if args.adapter:
         lora.load_adapter(model, args.adapter)
     if args.data == "synthetic":
-        _, train_items = data.make_synthetic(args.n_train, args.seed, args.image_size, "train")
-        images, items = data.make_synthetic(args.n_test, args.seed, args.image_size, args.split)
-        store = data.SyntheticStore(images, None)
+        _, train_items = synthetic.make_synthetic(args.n_train, args.seed, args.image_size, "train")
+        images, items = synthetic.make_synthetic(args.n_test, args.seed, args.image_size, args.split)
+        store = synthetic.SyntheticStore(images, None, args.pad_to_square)
+        probes = synthetic.counterfactual_probes(images, args.image_size, store, args.max_items)
     else:
-        train_items, _ = data.LOADERS[args.data](args.data_dir, "train")
-        items, store = data.LOADERS[args.data](args.data_dir, args.split)
+        train_items, _ = real_data.LOADERS[args.data](args.data_dir, "train")
+        items, store = real_data.LOADERS[args.data](args.data_dir, args.split)
+        store.pad = args.pad_to_square
+        probes = [it for it in items if it["type"] == "closed" and it["answer"].strip().lower() in ("yes", "no")]
     items = items[:args.max_items] if args.max_items else items
     if not items:
         sys.exit(f"no {args.split} items to evaluate in --data {args.data}")
-    image_of = lambda it: data.pad_to_square(store.pil(it["image_id"])) if args.pad_to_square else store.pil(it["image_id"])
     max_new_tokens = args.max_new_tokens or data.MAX_NEW_TOKENS[args.data][1]
-    result, preds = evaluate(model, processor, items, image_of, answer_prior(train_items), args.prompt_format,
-                             args.batch_size, log=print, max_new_tokens=max_new_tokens, scoring=args.vqa_scoring)
+    result, preds = evaluate(model, processor, items, store, answer_prior(train_items), args.prompt_format,
+                             args.batch_size, log=print, max_new_tokens=max_new_tokens, scoring=args.vqa_scoring,
+                             probes=probes)
     print(format_table({"model": result, "answer prior": result["prior"]}))
     if args.out:
-        data.write_jsonl(args.out, [{**it, "prediction": p} for it, p in zip(items, preds)])
+        checkpoint.write_jsonl(args.out, [{**it, "prediction": p} for it, p in zip(items, preds)])
         print(f"predictions written to {args.out}")
 
 

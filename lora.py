@@ -192,26 +192,33 @@ def load_adapter(model, path):
         if isinstance(targets, list):  # PEFT's other form: module-name suffixes
             targets = r"(.*\.)?(" + "|".join(re.escape(t) for t in targets) + ")"
         add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets)
-    tensors = load_file(weights_path)
+    load_lora_state_dict(model, load_file(weights_path), weights_path)
+    return config
+
+
+def load_lora_state_dict(model, state, where="state dict"):
+    """Copy adapter weights into the model's LoRA layers. Keys as `lora_state_dict` writes them, or with
+    PEFT's prefix and `.default.` names. Every key must match an adapter of the right shape and every
+    adapter must get its weights; anything else raises, naming the keys and `where` they came from (a
+    silently unmatched adapter would do nothing)."""
     expected = {k: v.shape for k, v in lora_state_dict(model).items()}
     loaded = {}
-    for key, value in tensors.items():
+    for key, value in state.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         if name not in expected:
-            raise KeyError(f"{weights_path}: key {key!r} matches no LoRA layer of the model "
+            raise KeyError(f"{where}: key {key!r} matches no LoRA layer of the model "
                            f"(expected keys like {PEFT_PREFIX}{next(iter(expected))!r})")
         if value.shape != expected[name]:
-            raise ValueError(f"{weights_path}: {key!r} has shape {tuple(value.shape)}, "
+            raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)}, "
                              f"the model's adapter has {tuple(expected[name])}")
         loaded[name] = value
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        raise KeyError(f"{weights_path}: no weights for {len(missing)} LoRA tensors, e.g. {missing[:3]}")
+        raise KeyError(f"{where}: no weights for {len(missing)} LoRA tensors, e.g. {missing[:3]}")
     modules = dict(lora_layers(model))
     with torch.no_grad():
         for name, value in loaded.items():
             module_name, _, which = name.rpartition(".lora_")  # "...q_proj", "A.weight"
             target = modules[module_name].lora_A if which.startswith("A") else modules[module_name].lora_B
             target.weight.copy_(value)
-    return config

@@ -205,8 +205,10 @@ def fire_visual_loss(policy_clean, ref_clean, policy_corrupt, ref_corrupt, beta=
 def bidirectional_kl(policy_logits, ref_logits, mask, lam=0.5):
     """Token-wise KL anchor, both directions, on the full next-token distributions:
 
-        L_KL = mean over the masked positions of [ lam * KL(ref || pi) + (1 - lam) * KL(pi || ref) ]
+        L_KL = sum over the masked positions of [ lam * KL(ref || pi) + (1 - lam) * KL(pi || ref) ]
 
+    summed, not averaged, over the response, as the authors' earlier RRPO sums its token-wise KL (a
+    mean shrinks the term by the response length and left it inert).
     policy_logits, ref_logits: (B, T, V); mask: (B, T) 0/1 (the response positions). The reference
     carries no gradient. returns (B,) float32 (0 for a row with no masked position)."""
     if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape:
@@ -218,4 +220,4 @@ def bidirectional_kl(policy_logits, ref_logits, mask, lam=0.5):
     kl_pi_ref = (logp.exp() * (logp - logq)).sum(-1)
     mask = mask.float()
     per_token = lam * kl_ref_pi + (1 - lam) * kl_pi_ref
-    return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return (per_token * mask).sum(-1)

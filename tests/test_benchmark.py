@@ -9,6 +9,8 @@ import bench
 import data
 import score
 from eval import answer_prior, hallucination_metrics, report_finding_metrics, report_findings
+import rule_judge
+import synthetic
 
 
 def yes_rate(qa):
@@ -17,9 +19,9 @@ def yes_rate(qa):
 
 
 def test_the_sft_split_teaches_a_prior_that_the_other_splits_break():
-    _, train = data.make_synthetic(2000, 0, 32, "train")
-    _, pref = data.make_synthetic(600, 0, 32, "pref")
-    _, test = data.make_synthetic(600, 0, 32, "test")
+    _, train = synthetic.make_synthetic(2000, 0, 32, "train")
+    _, pref = synthetic.make_synthetic(600, 0, 32, "pref")
+    _, test = synthetic.make_synthetic(600, 0, 32, "test")
     assert abs(yes_rate(train) - 0.3) < 0.06                   # SFT: "Is there a X?" is usually "no"
     assert abs(yes_rate(pref) - 0.5) < 0.06 and abs(yes_rate(test) - 0.5) < 0.06
     prior = answer_prior(train)
@@ -50,13 +52,17 @@ def test_hallucination_metrics_hand_counted():
 
 def test_report_findings_hand_counted():
     truth = "There is a nodule in the right upper zone. The heart is enlarged. No pleural effusion."
-    assert report_findings(truth) == {"nodule", "cardiomegaly"}
+    assert report_findings(truth) == {("nodule", "right upper"), ("cardiomegaly", None)}
     assert report_findings("The heart size is normal. No pleural effusion. The lungs are clear.") == set()
     said = "There is a mass in the right upper zone. There is a nodule in the left lower zone. The heart size is normal."
     m = report_finding_metrics([said, truth], [truth, truth])
-    # report 1 states {mass, nodule} against {nodule, cardiomegaly}: mass hallucinated, cardiomegaly omitted
-    assert (m["stated"], m["present"], m["hallucinated"], m["omitted"]) == (4, 4, 1, 1)
-    assert m["chair"] == 0.25 and m["omission"] == 0.25
+    # report 1 states {mass RU, nodule LL} against {nodule RU, cardiomegaly}: the mass is hallucinated, and so
+    # is the nodule at the wrong side and zone; the true nodule (RU) and the cardiomegaly are omitted
+    assert (m["stated"], m["present"], m["hallucinated"], m["omitted"]) == (4, 4, 2, 2)
+    assert m["chair"] == 0.5 and m["omission"] == 0.5
+    # a finding named without a place is not held to one
+    m = report_finding_metrics(["There is a nodule."], [truth])
+    assert (m["hallucinated"], m["omitted"]) == (0, 1)
 
 
 @pytest.mark.parametrize("question, truth, answer, expected", [
@@ -69,14 +75,14 @@ def test_report_findings_hand_counted():
     ("Where is the nodule?", "right upper", "right upper", 0),                     # the truth itself
 ])
 def test_rule_judge_grades_severity(question, truth, answer, expected):
-    assert score.rule_score(question, truth, answer) == expected
+    assert rule_judge.rule_score(question, truth, answer) == expected
 
 
 def test_several_rule_judges_disagree_and_their_consensus_is_a_mean():
     judges = [score.parse_judge(s) for s in ("rule:lenient", "rule", "rule:strict")]
     assert [j.name for j in judges] == ["rule-lenient", "rule-standard", "rule-strict"]
     q, t, a = "Where is the nodule?", "right upper", "right lower"
-    assert [score.rule_score(q, t, a, j.severity) for j in judges] == [6, 8, 9]
+    assert [rule_judge.rule_score(q, t, a, j.severity) for j in judges] == [6, 8, 9]
     r = score.consensus(judges, q, t, a, rounds=3)
     assert r["score"] not in (6.0, 8.0, 9.0) and 6 <= r["score"] <= 9             # a spread, not one value
     with pytest.raises(Exception, match="severity tables"):

@@ -6,29 +6,30 @@ import pytest
 import torch
 
 import data
+import synthetic
 from eval import answer_prior, vqa_metrics
 
 
 @pytest.fixture(scope="module")
-def synthetic():
-    return data.make_synthetic(300, seed=0, size=32)
+def world():
+    return synthetic.make_synthetic(300, seed=0, size=32)
 
 
 @pytest.fixture(scope="module")
-def processor(synthetic):
+def processor(world):
     import train
-    images, qa = synthetic
+    images, qa = world
     corpus = [f"{q['question']}\nAnswer: {q['answer']}" for q in qa] + [im["report"] for im in images]
-    return train.build_tiny(corpus, 32)[1]
+    return synthetic.build_tiny(corpus, 32)[1]
 
 
-def test_synthetic_is_deterministic_and_complete(synthetic):
-    images, qa = synthetic
-    again, qa2 = data.make_synthetic(300, seed=0, size=32)
+def test_synthetic_is_deterministic_and_complete(world):
+    images, qa = world
+    again, qa2 = synthetic.make_synthetic(300, seed=0, size=32)
     assert all(np.array_equal(a["pixels"], b["pixels"]) for a, b in zip(images, again)) and qa == qa2
-    other, _ = data.make_synthetic(3, seed=1, size=32)
+    other, _ = synthetic.make_synthetic(3, seed=1, size=32)
     assert not np.array_equal(other[0]["pixels"], images[0]["pixels"])
-    assert {f["kind"] for im in images for f in im["findings"]} == set(data.KINDS)
+    assert {f["kind"] for im in images for f in im["findings"]} == set(synthetic.KINDS)
     assert {len(im["findings"]) for im in images} == {0, 1, 2}
     for im in images:
         assert im["pixels"].shape == (32, 32) and 0 <= im["pixels"].min() and im["pixels"].max() <= 1
@@ -36,9 +37,9 @@ def test_synthetic_is_deterministic_and_complete(synthetic):
     assert {q["type"] for q in qa} == {"open", "closed", "report"}
 
 
-def test_test_answers_are_balanced_so_the_text_alone_tells_little(synthetic):
-    _, qa = synthetic                                            # the SFT split: its prior is fit here
-    _, test_qa = data.make_synthetic(300, seed=0, size=32, split="test")
+def test_test_answers_are_balanced_so_the_text_alone_tells_little(world):
+    _, qa = world                                            # the SFT split: its prior is fit here
+    _, test_qa = synthetic.make_synthetic(300, seed=0, size=32, split="test")
     closed = [q for q in test_qa if q["type"] == "closed" and q["qtype"] != "heart"]
     yes = sum(q["answer"] == "yes" for q in closed) / len(closed)
     assert 0.4 < yes < 0.6
@@ -48,16 +49,16 @@ def test_test_answers_are_balanced_so_the_text_alone_tells_little(synthetic):
 
 def test_lesion_brightens_its_mask():
     rng = np.random.default_rng(0)
-    clean, _ = data.render_radiograph([], 64, np.random.default_rng(0))
-    sick, masks = data.render_radiograph([{"kind": "mass", "side": "right", "level": "upper"}], 64,
+    clean, _ = synthetic.render_radiograph([], 64, np.random.default_rng(0))
+    sick, masks = synthetic.render_radiograph([{"kind": "mass", "side": "right", "level": "upper"}], 64,
                                          np.random.default_rng(0))
     m = masks[0].astype(bool)
     assert m.sum() > 20 and m[:, :32].sum() == m.sum()  # patient's right = image left
     assert (sick[m] - clean[m]).mean() > 0.3
 
 
-def test_collation_masks_prompt_image_and_padding(synthetic, processor):
-    images, qa = synthetic
+def test_collation_masks_prompt_image_and_padding(world, processor):
+    images, qa = world
     pil = data.to_pil(images[0]["pixels"])
     rows = [(pil, "Is there a nodule?", "yes"), (pil, "Where is the mass?", "right upper")]
     b = data.encode_rows(processor, rows)
@@ -78,8 +79,8 @@ def test_collation_masks_prompt_image_and_padding(synthetic, processor):
     assert b["attention_mask"][0].sum() < b["attention_mask"][1].sum()        # right padding on the short row
 
 
-def test_chat_template_prompts(synthetic, processor):
-    pil = data.to_pil(synthetic[0][0]["pixels"])
+def test_chat_template_prompts(world, processor):
+    pil = data.to_pil(world[0][0]["pixels"])
     with pytest.raises(ValueError, match="no chat template"):
         data.encode_rows(processor, [(pil, "Is there a mass?", "yes")], prompt_format="chat")
     processor.chat_template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
@@ -92,15 +93,15 @@ def test_chat_template_prompts(synthetic, processor):
     assert torch.equal(chat["input_ids"], plain["input_ids"]) and torch.equal(chat["labels"], plain["labels"])
 
 
-def test_records_collate_response_major_with_their_own_images(synthetic, processor, tmp_path):
-    images, _ = synthetic
+def test_records_collate_response_major_with_their_own_images(world, processor, tmp_path):
+    images, _ = world
     paths = []
     for i in range(2):
         paths.append(str(tmp_path / f"{i}.png"))
         data.to_pil(images[i]["pixels"]).save(paths[-1])
     pairs = [{"image": paths[0], "rejected_image": paths[1], "prompt": "Is there a mass?", "chosen": "no", "rejected": "no"},
              {"image": paths[1], "rejected_image": None, "prompt": "Is there a mass?", "chosen": "yes", "rejected": "no"}]
-    load = lambda p: data.to_pil(data.load_image(p))
+    load = lambda p: data.to_pil(data.read_image(p))
     dataset = data.RecordDataset(pairs, processor, load)
     b = data.collate_records([dataset[0], dataset[1]], processor.tokenizer.pad_token_id)
     px = b["pixel_values"]
@@ -117,21 +118,20 @@ def test_records_collate_response_major_with_their_own_images(synthetic, process
     assert data.record_rows(triplet) == [(paths[1], "yes"), (paths[1], "no"), (paths[1], "mass")]
 
 
-def test_truncation_keeps_image_tokens_and_the_response(synthetic, processor):
-    pil = data.to_pil(synthetic[0][0]["pixels"])
+def test_truncation_keeps_image_tokens_and_the_response(world, processor):
+    pil = data.to_pil(world[0][0]["pixels"])
     long_q = "Is there a nodule or a mass or a pleural effusion in the left lung or the right lung?"
     full = data.encode_rows(processor, [(pil, long_q, "yes")])
-    stats = {}
-    cut = data.encode_rows(processor, [(pil, long_q, "yes")], max_length=full["input_ids"].shape[1] - 5, stats=stats)
-    assert stats == {"truncated": 1} and cut["input_ids"].shape[1] == full["input_ids"].shape[1] - 5
+    cut = data.encode_rows(processor, [(pil, long_q, "yes")], max_length=full["input_ids"].shape[1] - 5)
+    assert full["truncated"].tolist() == [0] and cut["truncated"].tolist() == [1]
+    assert cut["input_ids"].shape[1] == full["input_ids"].shape[1] - 5
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert (cut["input_ids"] == image_id).sum() == 16
     assert torch.equal(cut["labels"][cut["labels"] != -100], full["labels"][full["labels"] != -100])
     # a response that cannot fit even with the whole question gone is cut at its end, and counted
     long_answer = "there is a small nodule in the right upper zone and a pleural effusion in the left lower zone"
-    stats = {}
-    cut = data.encode_rows(processor, [(pil, "Where?", long_answer)], max_length=30, stats=stats)
-    assert cut["input_ids"].shape[1] == 30 and stats["response_truncated"] == 1
+    cut = data.encode_rows(processor, [(pil, "Where?", long_answer)], max_length=30)
+    assert cut["input_ids"].shape[1] == 30 and cut["truncated"].tolist() == [2]
     assert (cut["input_ids"] == image_id).sum() == 16
     with pytest.raises(ValueError, match="image tokens alone"):
         data.encode_rows(processor, [(pil, long_q, "yes")], max_length=10)
@@ -155,32 +155,32 @@ def test_read_pairs_skips_and_names_bad_lines(tmp_path):
     assert skipped == 5 and len(pairs) == 2 and pairs[1]["score"] is None
     assert any(":2: skipped, not JSON" in m for m in messages)
     assert any(":3: skipped" in m and "chosen" in m for m in messages)
-    assert any(":4: no usable score" in m for m in messages)
+    assert any("1 text pairs have no score" in m for m in messages)   # one summary line, not one per pair
     assert any(":6: skipped" in m and "gone.png" in m for m in messages)
     assert any(":7: skipped" in m and "corrupt.png" in m for m in messages)
 
 
 def test_load_image_names_a_missing_or_corrupt_file(tmp_path):
     with pytest.raises(ValueError, match="nope.png"):
-        data.load_image(str(tmp_path / "nope.png"))
+        data.read_image(str(tmp_path / "nope.png"))
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="bad.png"):
-        data.load_image(str(tmp_path / "bad.png"))
+        data.read_image(str(tmp_path / "bad.png"))
 
 
-def test_visual_pairs_noise_inside_the_mask_only(synthetic, tmp_path):
-    images, qa = synthetic
+def test_visual_pairs_noise_inside_the_mask_only(world, tmp_path):
+    images, qa = world
     by_id = {im["image_id"]: im for im in images}
     items = [q for q in qa if by_id[q["image_id"]]["findings"]][:3] + \
             [q for q in qa if not by_id[q["image_id"]]["findings"]][:1]
-    store = data.SyntheticStore(images, str(tmp_path / "images"))
+    store = synthetic.SyntheticStore(images, str(tmp_path / "images"))
     logs = []
     pairs = data.build_visual_pairs(items, store, str(tmp_path), heatmap="mask", log=logs.append)
     assert len(pairs) == 3 and "1 empty heatmap" in logs[0]  # the image without findings has nothing to noise
     for p, it in zip(pairs, items):
         assert p["chosen"] == p["rejected"] == it["answer"] and p["source"] == "visual" and 0 < p["score"] < 1
-        assert data.load_image(p["heatmap"]).max() == 1.0               # the heatmap file is named in the pair
-        clean, noised = data.load_image(p["image"]), data.load_image(p["rejected_image"])
+        assert data.read_image(p["heatmap"]).max() == 1.0               # the heatmap file is named in the pair
+        clean, noised = data.read_image(p["image"]), data.read_image(p["rejected_image"])
         mask = by_id[it["image_id"]]["mask"].astype(bool)
         far = ~(torch.nn.functional.max_pool2d(torch.tensor(mask, dtype=torch.float32)[None, None], 7, 1, 3)[0, 0] > 0).numpy()
         assert np.array_equal(clean[far], noised[far])                  # untouched away from the lesion

@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import train
+import real_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_mmedpo_vqa-rad_sample.json")
@@ -48,7 +49,7 @@ def slake(tmp_path):
 
 def test_slake_loader_keeps_english_and_counts_what_it_skips(slake):
     logs = []
-    items, store = data.load_slake(str(slake), "train", logs.append)
+    items, store = real_data.load_slake(str(slake), "train", logs.append)
     assert [it["answer"] for it in items] == ["Left", "Yes", "No"]
     assert [it["type"] for it in items] == ["open", "closed", "closed"]
     assert any("1 (missing image)" in l and "1 (no answer)" in l and "1 (not English)" in l for l in logs)
@@ -62,7 +63,7 @@ def test_slake_loader_keeps_english_and_counts_what_it_skips(slake):
 
 
 def test_visual_pairs_on_slake_skip_a_mask_of_the_wrong_size(slake, tmp_path):
-    items, store = data.load_slake(str(slake), "train", lambda s: None)
+    items, store = real_data.load_slake(str(slake), "train", lambda s: None)
     logs = []
     pairs = data.build_visual_pairs(items, store, str(tmp_path / "pairs"), heatmap="mask", log=logs.append)
     assert len(pairs) == 2 and "1 mask does not fit" in logs[-1]
@@ -71,9 +72,9 @@ def test_visual_pairs_on_slake_skip_a_mask_of_the_wrong_size(slake, tmp_path):
 
 def test_missing_dataset_says_what_to_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="Download SLAKE"):
-        data.load_slake(str(tmp_path), "train")
+        real_data.load_slake(str(tmp_path), "train")
     with pytest.raises(FileNotFoundError, match="VQA_RAD Dataset Public.json"):
-        data.load_vqa_rad(str(tmp_path), "train")
+        real_data.load_vqa_rad(str(tmp_path), "train")
 
 
 def test_vqa_rad_test_split_is_the_test_phrase_types(tmp_path):
@@ -86,8 +87,8 @@ def test_vqa_rad_test_split_is_the_test_phrase_types(tmp_path):
         rec("Is there a mass?", "yes", "CLOSED", "freeform"), rec("Is there a mass", "Yes", "CLOSED", "para"),
         rec("Where is the mass?", "left lobe", "OPEN", "test_freeform", "synpic2.jpg"),
         rec("What is wrong?", "effusion", "OPEN", "test_para", "missing.jpg")]))
-    train_items, _ = data.load_vqa_rad(str(root), "train", lambda s: None)
-    test_items, store = data.load_vqa_rad(str(root), "test", lambda s: None)
+    train_items, _ = real_data.load_vqa_rad(str(root), "train", lambda s: None)
+    test_items, store = real_data.load_vqa_rad(str(root), "test", lambda s: None)
     assert len(train_items) == 2 and [it["answer"] for it in test_items] == ["left lobe"]
     assert test_items[0]["type"] == "open" and os.path.isfile(store.path(test_items[0]["image_id"]))
 
@@ -103,7 +104,7 @@ def test_r2gen_layout_reports(tmp_path, name):
            "test": [{"id": "CXR2_1_IM-0002", "report": "Mild cardiomegaly.", "image_path": ["CXR2_1_IM-0002/0.png"],
                      "split": "test"}]}
     (root / "annotation.json").write_text(json.dumps(ann))
-    items, store = data.LOADERS[name](str(root), "train", lambda s: None)
+    items, store = real_data.LOADERS[name](str(root), "train", lambda s: None)
     assert len(items) == 1 and items[0]["type"] == "report" and "describe" in items[0]["question"].lower()
     assert items[0]["answer"] == "The heart is normal. No effusion."
     from eval import format_table, vqa_metrics
@@ -124,7 +125,7 @@ def released(tmp_path):
 def test_released_file_reads_and_skips_leaks_and_missing_images(released):
     path, images, records = released
     logs = []
-    pairs, skipped = data.read_released_pairs(path, images, logs.append)
+    pairs, skipped = real_data.read_released_pairs(path, images, logs.append)
     # record 1055's chosen answer leaks the curation prompt but ends in its Original Answer: recovered
     assert skipped == 1 and len(pairs) == 11 and any("not found" in l for l in logs)
     assert pairs[0]["id"] == "released-1055" and pairs[0]["chosen"] == "DWI"
@@ -136,12 +137,12 @@ def test_released_file_reads_and_skips_leaks_and_missing_images(released):
 
 
 def test_recover_chosen_only_when_unambiguous():
-    assert data.recover_chosen("Question: Does the picture contain heart?\n Yes") == "Yes"
+    assert real_data.recover_chosen("Question: Does the picture contain heart?\n Yes") == "Yes"
     scaffold = "Question: What is this?\n-Original Answer: X-Ray\n-Candidate Answer1: CT\n\n X-Ray"
-    assert data.recover_chosen(scaffold) == "X-Ray"
-    assert data.recover_chosen(scaffold.replace("\n\n X-Ray", "\n\n CT")) is None    # disagrees with the original
-    assert data.recover_chosen("-Original Answer: X-Ray\n-Candidate Answer1: CT") is None  # ends in scaffolding
-    assert data.recover_chosen("Yes") is None                                           # nothing to recover
+    assert real_data.recover_chosen(scaffold) == "X-Ray"
+    assert real_data.recover_chosen(scaffold.replace("\n\n X-Ray", "\n\n CT")) is None    # disagrees with the original
+    assert real_data.recover_chosen("-Original Answer: X-Ray\n-Candidate Answer1: CT") is None  # ends in scaffolding
+    assert real_data.recover_chosen("Yes") is None                                           # nothing to recover
 
 
 def test_released_rejected_scaffolding_is_still_skipped(tmp_path):
@@ -152,14 +153,14 @@ def test_released_rejected_scaffolding_is_still_skipped(tmp_path):
                                       {"from": "gpt", "value": "Question: q?\n No"}], "weighted_score": 0.5}
     (tmp_path / "r.json").write_text(json.dumps([rec]))
     logs = []
-    pairs, skipped = data.read_released_pairs(str(tmp_path / "r.json"), str(tmp_path), logs.append)
+    pairs, skipped = real_data.read_released_pairs(str(tmp_path / "r.json"), str(tmp_path), logs.append)
     assert (len(pairs), skipped) == (0, 1) and "in the rejected answer" in logs[0] and "id 7" in logs[0]
 
 
 def test_export_to_the_common_preference_layout(released, tmp_path):
     path, images, _ = released
-    pairs, _ = data.read_released_pairs(path, images, lambda s: None)
-    data.export_pairs(data.assign_weights(pairs), str(tmp_path / "export.jsonl"))
+    pairs, _ = real_data.read_released_pairs(path, images, lambda s: None)
+    real_data.export_pairs(data.assign_weights(pairs), str(tmp_path / "export.jsonl"))
     rows = [json.loads(l) for l in (tmp_path / "export.jsonl").read_text().splitlines()]
     assert len(rows) == 11 and set(rows[0]) >= {"prompt", "chosen", "rejected", "images"}
     assert rows[0]["prompt"].startswith("<image>\n") and os.path.isfile(rows[0]["images"][0])
@@ -172,7 +173,7 @@ def test_train_on_the_released_file_through_model(released, tmp_path):
                 "--epochs", "1", "--n-test", "4", "--export-pairs", str(tmp_path / "export.jsonl"), "--weighting", "raw"])
     metrics = json.loads((out / "mmedpo" / "metrics.json").read_text())
     assert metrics["steps"] == 5 and metrics["records"]["text"] == 11
-    pairs, _ = data.read_pairs(str(out / "mmedpo" / "pairs.jsonl"))
+    pairs, _ = data.read_pairs(str(out / "mmedpo" / "records.jsonl"))     # what was trained on, with its weights
     released = {f"released-{r['id']}": r["weighted_score"] for r in json.load(open(path))}
     assert all(p["weight"] == released[p["id"]] for p in pairs)  # --weighting raw: the authors' weights as released
     assert any(p["weight"] == 0.0 for p in pairs)

@@ -15,6 +15,8 @@ import data
 import eval as evaluation
 import score
 import train
+import checkpoint
+import real_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
@@ -71,7 +73,8 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_records(tmp_path, monke
     def nan_loss(model, batch, ref, weights, args):
         losses, stats = train.preference_loss(model, batch, ref, weights, args)
         return losses * float("nan"), stats
-    monkeypatch.setitem(train.OBJECTIVES, "mmedpo", (data.build_mmedpo_pairs, nan_loss, 2))
+    builder, _, k, weighting = train.OBJECTIVES["mmedpo"]
+    monkeypatch.setitem(train.OBJECTIVES, "mmedpo", (builder, nan_loss, k, weighting))
     with pytest.raises(SystemExit, match=r"step 1: non-finite loss or gradient \(records \['"):
         train.main(["--out", str(tmp_path)] + SMALL)
     assert not (tmp_path / "mmedpo" / "adapter").exists() and not (tmp_path / "mmedpo" / "checkpoint.pt").exists()
@@ -107,13 +110,13 @@ def test_stage_files_unreadable_or_incomplete_are_recomputed(tmp_path):
     key_path, calls = str(tmp_path / "stage.key.json"), []
     (tmp_path / "stage.key.json").write_text('{"key": "ab')            # torn by a kill
     compute = lambda: (calls.append(1), (41, False))[1]
-    value = train.reuse_or_compute(key_path, "k", compute, lambda v: None, lambda: 41, lambda m: calls.append(m), "stage")
+    value = checkpoint.cached(key_path, "k", compute, lambda v: None, lambda: 41, lambda m: calls.append(m), "stage")
     assert value == 41 and any("unreadable" in str(c) for c in calls)
     assert not os.path.exists(key_path)                                 # incomplete: not marked done
     n = calls.count(1)
-    train.reuse_or_compute(key_path, "k", lambda: (42, True), lambda v: None, lambda: 42, lambda m: None, "stage")
+    checkpoint.cached(key_path, "k", lambda: (42, True), lambda v: None, lambda: 42, lambda m: None, "stage")
     assert os.path.exists(key_path)
-    assert train.reuse_or_compute(key_path, "k", compute, lambda v: None, lambda: 42, lambda m: None, "stage") == 42
+    assert checkpoint.cached(key_path, "k", compute, lambda v: None, lambda: 42, lambda m: None, "stage") == 42
     assert calls.count(1) == n                                          # reused, not computed again
 
 
@@ -219,7 +222,7 @@ def test_score_cli_exits_non_zero_when_pairs_failed(tmp_path, monkeypatch):
 def test_sixteen_bit_png_keeps_its_range(tmp_path):
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
-    pixels = data.load_image(str(tmp_path / "ramp16.png"))
+    pixels = data.read_image(str(tmp_path / "ramp16.png"))
     assert pixels.max() == 1.0 and pixels.min() == 0.0 and abs(pixels.mean() - 0.5) < 1e-3
 
 
@@ -237,7 +240,7 @@ def test_a_broken_released_file_names_itself(tmp_path, content):
     path = tmp_path / "released.json"
     path.write_bytes(content)
     with pytest.raises(ValueError, match="released.json"):
-        data.read_released_pairs(str(path), str(tmp_path))
+        real_data.read_released_pairs(str(path), str(tmp_path))
 
 
 def test_released_scores_and_paths_are_checked_per_record(tmp_path):
@@ -252,7 +255,7 @@ def test_released_scores_and_paths_are_checked_per_record(tmp_path):
     path = tmp_path / "released.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())               # a BOM is fine
     logs = []
-    pairs, skipped = data.read_released_pairs(str(path), str(images), logs.append)
+    pairs, skipped = real_data.read_released_pairs(str(path), str(images), logs.append)
     assert [p["score"] for p in pairs] == [0.5, None, None, None] and skipped == 1
     for i in (2, 3, 4):
         assert any(f"id {i})" in l and "not a number in [0, 1]" in l for l in logs)

@@ -8,6 +8,8 @@ import torch
 import data
 import score
 import train
+import rule_judge
+import fire
 
 
 @pytest.mark.parametrize("question, truth, answer, edited", [
@@ -19,7 +21,7 @@ import train
     ("What modality is this?", "MRI", "This is a CT scan.", "This is a MRI scan."),              # words kept
 ])
 def test_rule_editor_swaps_only_the_wrong_slot(question, truth, answer, edited):
-    text, how = score.rule_edit(question, truth, answer)
+    text, how = rule_judge.rule_edit(question, truth, answer)
     assert text == edited and how != "right"
 
 
@@ -27,13 +29,13 @@ def test_rule_editor_swaps_only_the_wrong_slot(question, truth, answer, edited):
     ("Is there a mass?", "yes", "Yes, there is."), ("Where is the mass?", "right upper", "right upper zone"),
     ("Is the heart enlarged?", "no", "No"), ("What abnormality is seen?", "no abnormality", "no abnormality")])
 def test_rule_editor_never_changes_a_right_answer(question, truth, answer):
-    assert score.rule_edit(question, truth, answer) == (None, "right")
-    assert score.edit_answer(score.RuleJudge(), question, truth, answer)[0] is None
+    assert rule_judge.rule_edit(question, truth, answer) == (None, "right")
+    assert score.edit_answer(rule_judge.RuleJudge(), question, truth, answer)[0] is None
 
 
 def test_an_answer_with_nothing_to_swap_becomes_the_truth_and_says_so():
-    assert score.rule_edit("What abnormality?", "no abnormality", "nodule") == ("no abnormality", "rewritten: no slot to swap")
-    assert score.rule_edit("Is the heart enlarged?", "no", "Yes, it is enlarged.")[0] == "no"  # never "No, it is enlarged."
+    assert rule_judge.rule_edit("What abnormality?", "no abnormality", "nodule") == ("no abnormality", "rewritten: no slot to swap")
+    assert rule_judge.rule_edit("Is the heart enlarged?", "no", "Yes, it is enlarged.")[0] == "no"  # never "No, it is enlarged."
 
 
 def test_an_llm_editor_that_leaks_falls_back_to_the_rule_editor():
@@ -43,15 +45,15 @@ def test_an_llm_editor_that_leaks_falls_back_to_the_rule_editor():
         def __call__(self, messages):
             return "Question: Where is the nodule?\nOriginal Answer: right middle"
     text, how = score.edit_answer(Leaky(), "Where is the nodule?", "right middle", "left middle")
-    assert text == "right middle" and "rule editor" in how and score.clean_answer(text) == text
+    assert text == "right middle" and "rule editor" in how and rule_judge.clean_answer(text) == text
 
 
 def test_edit_masks_from_the_diff():
-    assert data.edit_masks(["right", "lung", "nodule"], ["left", "lung", "nodule"]) == ([1, 0, 0], [1, 0, 0])
+    assert fire.edit_masks(["right", "lung", "nodule"], ["left", "lung", "nodule"]) == ([1, 0, 0], [1, 0, 0])
     # an insertion marks y_w only, a deletion y_l only
-    assert data.edit_masks(["no", "large", "mass"], ["no", "mass"]) == ([0, 1, 0], [0, 0])
-    assert data.edit_masks(["mass"], ["large", "mass"]) == ([0], [1, 0])
-    assert data.edit_masks(["a", "b"], ["a", "b"]) == ([0, 0], [0, 0])
+    assert fire.edit_masks(["no", "large", "mass"], ["no", "mass"]) == ([0, 1, 0], [0, 0])
+    assert fire.edit_masks(["mass"], ["large", "mass"]) == ([0], [1, 0])
+    assert fire.edit_masks(["a", "b"], ["a", "b"]) == ([0, 0], [0, 0])
 
 
 def test_fire_runs_end_to_end_with_masked_records_and_two_rounds(tmp_path):
@@ -77,10 +79,10 @@ def test_edit_mask_lands_on_the_edited_label_positions(tmp_path):
     processor = AutoProcessor.from_pretrained(train.os.path.join(train.os.path.dirname(train.__file__), "assets", "tiny-base"))
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
     y_w, y_l = "right upper", "left upper"
-    m_w, m_l = data.edit_masks(data.response_tokens(processor.tokenizer, y_w), data.response_tokens(processor.tokenizer, y_l))
+    m_w, m_l = fire.edit_masks(data.response_ids(processor.tokenizer, y_w), data.response_ids(processor.tokenizer, y_l))
     rec = {"image": str(tmp_path / "a.png"), "corrupted_image": str(tmp_path / "a.png"), "prompt": "Where is the mass?",
            "chosen": y_w, "rejected": y_l, "mask_chosen": m_w, "mask_rejected": m_l}
-    rows = data.RecordDataset([rec], processor, lambda p: data.to_pil(data.load_image(p)))[0]
+    rows = data.RecordDataset([rec], processor, lambda p: data.to_pil(data.read_image(p)))[0]
     assert len(rows) == 3
     for row, mask in zip(rows, (m_w, m_l, m_w)):
         response = row["labels"] != data.IGNORE_INDEX

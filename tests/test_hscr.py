@@ -1,12 +1,14 @@
 """HSCR's pair building: visual-token dropout, contrastive decoding with replacement, the levels, and
 the objective end to end on the tiny default.  python -m pytest -q tests/test_hscr.py"""
 import json
+import math
 import os
 
 import torch
 
 import data
 import train
+import hscr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,46 +17,65 @@ def test_visual_token_dropout_hides_only_image_tokens():
     image = torch.tensor([[False, True, True, True, True, True, True, True, True, True, True, False, False]] * 3)
     mask = torch.ones(3, 13, dtype=torch.long)
     mask[2, -1] = 0                                                   # padding stays padding
-    out = data.visual_token_dropout(mask, image, 0.7, torch.Generator().manual_seed(0))
+    out = hscr.visual_token_dropout(mask, image, 0.7, torch.Generator().manual_seed(0))
     assert torch.equal(out[~image], mask[~image])                     # text and padding untouched
     assert ((out == 0) & image).sum(1).tolist() == [7, 7, 7]          # round(0.7 * 10) per row
     assert not torch.equal(out[0], out[1])                            # each row draws its own positions
-    assert torch.equal(data.visual_token_dropout(mask, image, 0.0), mask)
+    assert torch.equal(hscr.visual_token_dropout(mask, image, 0.0), mask)
 
 
-def scripted(full_tokens, blind_tokens, V=6):
-    """next_logits for one row: step t's full argmax is full_tokens[t], its image-blind argmax blind_tokens[t]."""
+def scripted(full_next, blind_next, V=8):
+    """next_logits for one row: the full-image argmax after a prefix is full_next[prefix], the image-blind
+    argmax blind_next[prefix] (prefix a tuple of token ids)."""
     def next_logits(rows, prefixes):
-        t = len(prefixes[0])
         full, dropped = torch.zeros(len(rows), V), torch.zeros(len(rows), V)
-        full[:, full_tokens[min(t, len(full_tokens) - 1)]] = 3.0
-        dropped[:, blind_tokens[min(t, len(blind_tokens) - 1)]] = 3.0
+        for j, prefix in enumerate(prefixes):
+            full[j, full_next[tuple(prefix)]] = 3.0
+            dropped[j, blind_next[tuple(prefix)]] = 3.0
         return full, dropped
     return next_logits
 
 
-def test_decoding_replaces_exactly_the_coupled_steps():
-    EOS = 0
-    fn = scripted([1, 2, 3, EOS], [1, 4, 5, EOS])   # steps 1 and 2 depend on the image, steps 0 and 3 do not
-    answers, shifts = data.decode_with_replacement(fn, 1, [set()], 10, EOS)
-    assert answers == [[1, 2, 3]] and len(shifts[0]) == 4
-    assert shifts[0][0] == 0 and shifts[0][3] == 0 and shifts[0][1] > 1 and shifts[0][2] > 1
-    assert data.decode_with_replacement(fn, 1, [{1}], 10, EOS)[0] == [[1, 4, 3]]
-    assert data.decode_with_replacement(fn, 1, [{1, 2}], 10, EOS)[0] == [[1, 4, 5]]
-    assert data.decode_with_replacement(fn, 1, [{0}], 10, EOS)[0] == [[1, 2, 3]]   # same argmax: no change
-    assert data.decode_with_replacement(fn, 1, [set()], 2, EOS)[0] == [[1, 2]]     # the cap
+EOS = 0
+# steps 1 and 2 depend on the image (the blind argmax differs), steps 0 and 3 do not; after the blind
+# token 4 the model goes on differently (6, or 7 without the image): re-scoring must follow that path
+FULL = {(): 1, (1,): 2, (1, 2): 3, (1, 2, 3): EOS, (1, 4): 6, (1, 4, 6): EOS, (1, 4, 7): EOS, (1, 2, 5): EOS}
+BLIND = {(): 1, (1,): 4, (1, 2): 5, (1, 2, 3): EOS, (1, 4): 7, (1, 4, 6): EOS, (1, 4, 7): EOS, (1, 2, 5): EOS}
 
 
-def test_levels_take_the_largest_shifts():
-    assert data.hscr_levels([0.1, 2.0, 0.5, 3.0], n=10) == ({3, 1}, {3, 1, 2, 0})
-    assert data.hscr_levels([0.1, 2.0, 0.5, 3.0], n=2) == ({3}, {3, 1})
-    assert data.hscr_levels([0.4], n=10) == (set(), {0})              # one step: y_l1 is the greedy answer
+def test_greedy_decoding_scores_every_step():
+    fn = scripted(FULL, BLIND)
+    answers, rewards, replaced = hscr.decode_levels(fn, 1, [0], [math.inf], 10, EOS)
+    assert answers == [[1, 2, 3]] and replaced == [0] and len(rewards[0]) == 4
+    assert rewards[0][0] == 0 and rewards[0][3] == 0 and rewards[0][1] > 1 and rewards[0][2] > 1
+    assert hscr.decode_levels(fn, 1, [0], [math.inf], 2, EOS)[0] == [[1, 2]]          # the cap
 
 
-def test_hscr_runs_end_to_end_and_logs_three_margins(tmp_path):
+def test_replacement_follows_the_new_trajectory_within_the_budget():
+    fn = scripted(FULL, BLIND)
+    _, rewards, _ = hscr.decode_levels(fn, 1, [0], [math.inf], 10, EOS)
+    r = rewards[0][1]
+    assert hscr.decode_levels(fn, 1, [1], [r], 10, EOS)[0] == [[1, 4, 6]]        # one step: the rest greedy
+    # two steps: the second is chosen on the text as it now stands ((1, 4) -> blind 7), not by the old index
+    # (which would have emitted 5, the blind token after (1, 2))
+    answers, _, replaced = hscr.decode_levels(fn, 1, [2], [r], 10, EOS)
+    assert answers == [[1, 4, 7]] and replaced == [2]
+    # a step whose blind argmax equals the greedy token is never counted as replaced
+    assert hscr.decode_levels(fn, 1, [5], [0.0], 10, EOS)[2] == [2]
+    assert hscr.decode_levels(fn, 1, [5], [r + 1], 10, EOS)[0] == [[1, 2, 3]]      # below the threshold: greedy
+
+
+def test_level_plan_budgets_and_thresholds():
+    assert hscr.level_plan([0.1, 2.0, 0.5, 3.0], (0.25, 0.75)) == [(1, 3.0), (3, 0.5)]
+    assert hscr.level_plan([0.4, 0.2], (0.34, 0.67)) == [(1, 0.4), (2, 0.2)]      # yes + EOS: 1 step, then 2
+
+
+def test_hscr_runs_end_to_end_and_logs_three_margins(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--objective", "hscr", "--n-text", "96", "--n-test", "6", "--batch-size", "4",
             "--epochs", "1", "--hscr-p", "1.0"]
     train.main(args)
+    printed = capsys.readouterr().out
+    assert "levels equal (y_l1 = y_l2) in" in printed and "steps replaced:" in printed
     records, _ = data.read_pairs(str(tmp_path / "pairs" / "hscr.jsonl"))
     assert records and all(r["source"] == "hscr" and r["rejected2"] for r in records)
     assert all(r["chosen"] != r["rejected"] and r["chosen"] != r["rejected2"] for r in records)

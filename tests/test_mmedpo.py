@@ -216,7 +216,9 @@ def test_bidirectional_kl_hand_values_and_gradient_through_the_policy_only():
     ref_leaf = ref.clone().requires_grad_()
     bidirectional_kl(pol, ref_leaf, mask).sum().backward()
     assert pol.grad is not None and pol.grad.abs().sum() > 0 and ref_leaf.grad is None
-    # masked positions do not count; the mean is over the masked ones
+    # masked positions do not count; the KL is summed over the masked ones (RRPO), not averaged
     two = torch.cat([pol.detach(), ref], 1)                                # position 2 equals the reference
-    assert bidirectional_kl(two, torch.cat([ref, ref], 1), torch.tensor([[1.0, 1.0]])).item() == pytest.approx(0.439445 / 2, abs=1e-6)
-    assert bidirectional_kl(two, torch.cat([ref, ref], 1), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.439445, abs=1e-6)
+    assert bidirectional_kl(two, torch.cat([ref, ref], 1), torch.tensor([[1.0, 1.0]])).item() == pytest.approx(0.439445, abs=1e-6)
+    assert bidirectional_kl(two, torch.cat([ref, ref], 1), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-7)
+    twice = torch.cat([pol.detach(), pol.detach()], 1)
+    assert bidirectional_kl(twice, torch.cat([ref, ref], 1), torch.tensor([[1.0, 1.0]])).item() == pytest.approx(2 * 0.439445, abs=1e-6)

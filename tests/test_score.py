@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import score
+import rule_judge
 
 # 12 records of the authors' released VQA-RAD preference file (aiming-lab/MMedPO, data/)
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_mmedpo_vqa-rad_sample.json")
@@ -205,18 +206,24 @@ def test_http_garbage_reply_abstains(server_factory):
     assert len(srv.requests) == 4  # 2 rounds x (ask + one corrective retry)
 
 
-def test_connection_refused_fails_the_pair_with_a_reason(tmp_path):
+def test_an_unreachable_server_stops_the_work_early_naming_it(tmp_path):
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens here now
     j = score.HTTPJudge("dead", f"http://127.0.0.1:{port}/v1", "m", max_retries=1, backoff=0.01, timeout=1)
-    logs = []
-    out = score.score_pairs([{"prompt": "q?", "chosen": "yes", "rejected": "no"}], [j],
-                            str(tmp_path / "cache.jsonl"), log=logs.append)
-    assert out[0]["status"] == "failed" and "ConnectionError" in out[0]["reason"]
-    assert any("1 failed" in line for line in logs)
+    pairs = [{"prompt": f"q{i}?", "chosen": "yes", "rejected": "no"} for i in range(20)]
+    calls = []
+    real = score.HTTPJudge.__call__
+    monkey = lambda self, messages: (calls.append(1), real(self, messages))[1]
+    score.HTTPJudge.__call__ = monkey
+    try:
+        with pytest.raises(score.JudgeUnreachable, match=f"cannot connect to http://127.0.0.1:{port}"):
+            score.score_pairs(pairs, [j], str(tmp_path / "cache.jsonl"), workers=2, log=lambda m: None)
+    finally:
+        score.HTTPJudge.__call__ = real
+    assert len(calls) <= 4          # the first items of each worker, not all 20 pairs times the retries
     assert not (tmp_path / "cache.jsonl").read_text()  # failures are not cached: the next run asks again
 
 
@@ -298,13 +305,13 @@ BAD_ANSWERS = ["", "asdkj qwrtp zxcvbnm", "The weather is sunny and the market c
 
 
 def test_rule_judge_prefers_believable_errors_on_the_released_records():
-    records = [r for r in fixture_records() if score.clean_answer(r["conversations"][1]["value"])]
+    records = [r for r in fixture_records() if rule_judge.clean_answer(r["conversations"][1]["value"])]
     assert len(records) == 11
     for r in records:
         q = r["conversations"][0]["value"].replace("<image>", "").strip()
         truth, rejected = r["conversations"][1]["value"], r["rejected_conversations"][1]["value"]
-        good = score.rule_score(q, truth, rejected)
-        bad = [score.rule_score(q, truth, b) for b in BAD_ANSWERS + [truth, q]]
+        good = rule_judge.rule_score(q, truth, rejected)
+        bad = [rule_judge.rule_score(q, truth, b) for b in BAD_ANSWERS + [truth, q]]
         assert good >= 7 and max(bad) <= 1, (r["id"], good, bad)
 
 
@@ -317,15 +324,15 @@ def test_rule_judge_prefers_believable_errors_on_the_released_records():
     ("Which side is the pneumothorax on?", "left", "right", "The spleen and the liver are fine."),
 ])
 def test_rule_judge_hand_cases(question, truth, plausible, implausible):
-    assert score.rule_score(question, truth, plausible) >= 7
-    assert score.rule_score(question, truth, implausible) <= 2
+    assert rule_judge.rule_score(question, truth, plausible) >= 7
+    assert rule_judge.rule_score(question, truth, implausible) <= 2
 
 
 def test_rule_judge_speaks_the_prompt_protocol():
-    r = score.consensus([score.RuleJudge("r1"), score.RuleJudge("r2")], "Where is the mass?",
+    r = score.consensus([rule_judge.RuleJudge("r1"), rule_judge.RuleJudge("r2")], "Where is the mass?",
                         "right lower zone", "left lower zone")
     assert r["consensus"] and r["score"] >= 7 and [h["agreed"] for h in r["history"]] == [False, True]
-    rule = score.RuleJudge()
+    rule = rule_judge.RuleJudge()
     assert score.select_dispreferred(rule, "Where is the mass?", "right lower zone",
                                      ["right lower zone", "left lower zone", "asdf"]) == 1
     assert score.select_dispreferred(rule, "Is the heart enlarged?", "Yes", ["Yes", "yes, it is"]) is None
@@ -341,10 +348,10 @@ def test_rule_judge_speaks_the_prompt_protocol():
 ])
 def test_injection_is_wrong_on_topic_and_deterministic(question, truth):
     for seed in range(4):
-        fake = score.inject_hallucination(question, truth, seed)
-        assert score.words(fake) != score.words(truth)
-        assert fake == score.inject_hallucination(question, truth, seed)
-        assert score.rule_score(question, truth, fake) >= 5, fake  # on topic: not off-topic/wrong organ
+        fake = rule_judge.inject_hallucination(question, truth, seed)
+        assert rule_judge.words(fake) != rule_judge.words(truth)
+        assert fake == rule_judge.inject_hallucination(question, truth, seed)
+        assert rule_judge.rule_score(question, truth, fake) >= 5, fake  # on topic: not off-topic/wrong organ
 
 
 def test_write_hallucination_falls_back_on_a_leaked_or_identical_reply():
@@ -359,10 +366,10 @@ def test_write_hallucination_falls_back_on_a_leaked_or_identical_reply():
 
 def test_leaked_scaffolding_in_the_released_data_is_caught():
     leaked = [r["id"] for r in fixture_records()
-              if score.clean_answer(r["conversations"][1]["value"]) is None
-              or score.clean_answer(r["rejected_conversations"][1]["value"]) is None]
+              if rule_judge.clean_answer(r["conversations"][1]["value"]) is None
+              or rule_judge.clean_answer(r["rejected_conversations"][1]["value"]) is None]
     assert leaked == [1055]
-    assert score.clean_answer("Answer: left lower zone") == "left lower zone"
+    assert rule_judge.clean_answer("Answer: left lower zone") == "left lower zone"
 
 
 def test_an_echoed_key_is_scrubbed_even_where_the_error_text_is_cut(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 import data
 import lora
 import train
+import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-train", "60", "--n-test", "6", "--sft-steps", "30", "--n-text", "12", "--n-visual", "8",
@@ -40,7 +41,9 @@ def test_end_to_end_writes_every_stage(out, capsys):
     pairs, skipped = data.read_pairs(str(out / "pairs" / "mmedpo.jsonl"))
     assert skipped == 0 and {p["source"] for p in pairs} == {"text", "visual"}
     assert all(os.path.exists(p["rejected_image"]) for p in pairs if p["source"] == "visual")
-    assert all(0.75 <= p["weight"] <= 1.25 for p in pairs)
+    assert all(p["weight"] is None for p in pairs)                       # the stage file holds the scores
+    weighted, _ = data.read_pairs(str(out / "mmedpo" / "records.jsonl"))  # the weighting step: the run's records
+    assert [p["id"] for p in weighted] == [p["id"] for p in pairs] and all(0.75 <= p["weight"] <= 1.25 for p in weighted)
     assert all(p["rejected"] != p["chosen"] for p in pairs if p["source"] == "text")
     for name in ("noise_grid.png", "curves.png", "log.jsonl", "checkpoint.pt", "adapter/adapter_config.json"):
         assert (out / "mmedpo" / name).exists(), name
@@ -77,7 +80,7 @@ def ref_logps(model, processor, pairs, load, batch_size):
     dataset = data.RecordDataset(pairs, processor, load)
     batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
     with torch.no_grad():
-        return torch.cat([train.forward_logps(model, b).view(2, -1).T
+        return torch.cat([data.forward_logps(model, b).view(2, -1).T
                           for b in train.record_loader(dataset, batches, processor.tokenizer.pad_token_id, 0)])
 
 
@@ -87,7 +90,7 @@ def test_precomputed_reference_equals_reference_inside_the_step(out):
     model = AutoModelForImageTextToText.from_pretrained(out / "base").eval()
     pairs, _ = data.read_pairs(str(out / "pairs" / "mmedpo.jsonl"))
     pairs = pairs[:8]
-    load = lambda p: data.to_pil(data.load_image(p))
+    load = lambda p: data.to_pil(data.read_image(p))
     base = ref_logps(model, processor, pairs, load, 3)
     lora.add_lora(model, r=4, alpha=8)
     with torch.no_grad():
@@ -164,7 +167,7 @@ def test_bad_flags_are_named():
 
 
 def test_lr_schedule():
-    assert train.get_lr(0, 1.0, 4, 100) == pytest.approx(0.25)
-    assert train.get_lr(3, 1.0, 4, 100) == pytest.approx(1.0)
-    assert train.get_lr(52, 1.0, 4, 100) == pytest.approx(0.5)
-    assert train.get_lr(100, 1.0, 4, 100) == pytest.approx(0.0)
+    assert checkpoint.get_lr(0, 1.0, 4, 100) == pytest.approx(0.25)
+    assert checkpoint.get_lr(3, 1.0, 4, 100) == pytest.approx(1.0)
+    assert checkpoint.get_lr(52, 1.0, 4, 100) == pytest.approx(0.5)
+    assert checkpoint.get_lr(100, 1.0, 4, 100) == pytest.approx(0.0)

@@ -1,0 +1,234 @@
+"""How a run survives: one atomic writer, content keys, one `cached` helper for every stage's output,
+training checkpoints, a lock against a second writer, and loading a saved model folder.
+
+Every file a run writes goes through `atomic_write` (a temporary file in the same folder, then a
+rename), so a kill leaves either the old file or the new one, never a torn one; a full disk is said
+as such, with the file named, and the old file is kept. A stage's output is reused only when a key
+file written *after* it holds the same key, and the key is built from the content the output depends
+on (`fingerprint`, `file_digest`), never from a path that can be rewritten.
+
+    python -m pytest -q tests/test_checkpoint.py
+
+torch + stdlib (transformers inside `load_model`).
+"""
+import errno
+import hashlib
+import json
+import math
+import os
+
+import torch
+
+
+class DiskFull(OSError):
+    """The disk filled up while a file was written; the previous version of that file is kept."""
+
+
+def atomic_write(path, write, mode="w"):
+    """Write `path` by calling write(f) on a temporary file beside it, then renaming it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFull(errno.ENOSPC, f"the disk is full: {path} was not written (its previous version, "
+                                         f"if any, is kept; every file finished before it is kept)") from None
+        raise
+
+
+def write_json(path, obj, indent=None):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=indent))
+
+
+def write_jsonl(path, records):
+    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
+
+
+def read_json(path, log=print):
+    """The JSON in `path`, or None if it is absent or unreadable (the stage is then redone)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        log(f"      {path} is unreadable ({e}); recomputing it")
+        return None
+
+
+def save_tensors(obj, path):
+    """torch.save of tensors and plain values only (read back by `load_tensors`), atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def load_tensors(path, log=print):
+    """A file written by save_tensors, read with weights_only=True: a pickle that would run code, or a
+    torn file, is refused with a message and treated as absent."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # UnpicklingError for planted code, RuntimeError/EOFError for a torn file
+        log(f"      {path} is not a plain tensor file and was not loaded ({type(e).__name__}: {str(e)[:160]})")
+        return None
+
+
+def unwritable(path, is_folder):
+    """Why `path` (a folder, or a file) cannot be written, or None: checked before any work is done."""
+    if os.path.exists(path):
+        if is_folder != os.path.isdir(path):
+            return "exists and is not a folder" if is_folder else "is a folder"
+        return None if os.access(path, os.W_OK) else "is not writable"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, so nothing can be created under it"
+    return None if os.access(parent, os.W_OK) else f"{parent} is not writable"
+
+
+# -----------------------------------------------------------------------------
+# content keys and the stage cache
+
+def fingerprint(obj):
+    """A short hash of any JSON-able value: the key under which a stage's output is stored."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+_DIGESTS = {}  # (path, size, mtime_ns) -> digest: each file is read once per process while it is unchanged
+
+
+def file_digest(path):
+    """A hash of the file's bytes (None for a missing file): two files with equal bytes get equal
+    digests wherever they lie, and a file rewritten in place gets a new one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if stamp not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[stamp] = h.hexdigest()[:24]
+    return _DIGESTS[stamp]
+
+
+def weights_stamp(folder):
+    """Names, sizes and modification times (ns) of a model folder's weight files: rewriting a weight file
+    changes its time, and hashing a 7B model's 14 GB on every run would cost more than it protects."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
+    return [(f, os.path.getsize(os.path.join(folder, f)), os.stat(os.path.join(folder, f)).st_mtime_ns) for f in files]
+
+
+def cached(key_path, key, compute, save, load, log, what):
+    """Reuse a stage's output or compute it. `load()` is used when `key_path` holds `key` (the key is
+    written after the output, so a kill in between means 'not done'); else `value, complete = compute()`,
+    `save(value)`, and the key is written only if complete. The old key is removed before computing: an
+    old key must never vouch for a changed output. returns the value."""
+    stored = read_json(key_path, log)
+    if stored is not None and stored.get("key") == key:
+        value = load()
+        if value is not None:
+            log(f"{what}: reused ({key_path})")
+            return value
+    if os.path.exists(key_path):
+        os.remove(key_path)
+    value, complete = compute()
+    save(value)
+    if complete:
+        write_json(key_path, {"key": key})
+    else:
+        log(f"      {what} is incomplete: it will be computed again on the next run")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# training checkpoints, seeds and the schedule (same command, same result), the run's lock, a model folder
+
+def save_checkpoint(path, lora_state, optimizer, step, history, rng_states, config, inputs):
+    """Adapter weights, optimizer, step, history, every process's RNG, the config and a fingerprint of
+    the inputs (records with their weights, the model, the encoding): tensors and plain values only."""
+    save_tensors({"lora": {k: v.cpu() for k, v in lora_state.items()}, "optimizer": optimizer.state_dict(),
+                  "step": step, "history": history, "rng": rng_states, "config": config, "inputs": inputs}, path)
+
+
+def check_checkpoint(ck, config, inputs, flags):
+    """The reasons a checkpoint cannot be resumed by this run: each flag in `flags` whose value differs,
+    and changed inputs. A resume continues only the same computation."""
+    changed = [f"--{k.replace('_', '-')} {ck['config'].get(k)} -> {config.get(k)}" for k in flags
+               if ck["config"].get(k) != config.get(k)]
+    if ck["config"].get("world") != config.get("world"):
+        changed.append(f"processes {ck['config'].get('world')} -> {config.get('world')}")
+    for name, value in inputs.items():
+        if ck.get("inputs", {}).get(name) != value:
+            changed.append(f"the {name} differ")
+    return changed
+
+
+def seed_everything(seed):
+    """Each stage that draws random numbers starts from the run's seed, so that whether an earlier stage
+    was computed or reused from disk changes nothing after it."""
+    import random
+    import numpy as np
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def get_lr(step, max_lr, warmup, total):
+    """Linear warmup for `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as the run lives: a second run into the same
+    folder is refused at once instead of racing on its files. The OS releases it when the process dies."""
+
+    def __init__(self, folder):
+        import fcntl
+        os.makedirs(folder, exist_ok=True)
+        self.path, self.file = os.path.join(folder, ".lock"), None
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise RuntimeError(f"{folder} is in use by another run (lock {self.path}); wait for it, or use "
+                               f"another --out or --run-name") from None
+        self.file = f
+
+    def release(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def load_model(path, dtype, device, trust_remote_code=False):
+    """(model in eval mode on `device`, processor) of a saved checkpoint folder."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")):
+        raise ValueError(f"{path}: no processor files (preprocessor_config.json); save the processor with the model")
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), processor

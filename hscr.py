@@ -1,0 +1,191 @@
+"""HSCR (Hierarchical Self-Contrastive Rewarding, arXiv 2506.00805), whole: its records and its loss.
+
+The published summary gives no equations; this is our reading, and every free value (p, the level
+fractions, lambda) is ours, not the paper's. Hide a fraction p of the image tokens (D_p(v)); at each
+decoding step the reward r_t = log pi(y_t | v) - log pi(y_t | D_p(v)) says how much the emitted token
+owes to the image. Dispreferred answers replace the most image-coupled steps by the image-blind argmax,
+at two levels: y_l1 replaces a fraction f1 of the greedy answer's steps, y_l2 a larger fraction f2.
+The loss prefers y_w (the ground truth) over both and y_l1 over y_l2 (`mmedpo.hscr_loss`).
+
+How the steps are chosen: the greedy answer's rewards fix, per level, a budget n_l = ceil(f_l * L) (L
+its steps, EOS included) and a threshold (the n_l-th largest reward). Each level is then decoded anew,
+and r_t is *re-scored along the new trajectory*: a step is replaced while budget is left and its own
+reward reaches the threshold and the blind argmax differs. Replacing by index would point at the wrong
+tokens as soon as the text has diverged.
+
+A yes/no answer has one content step, so its two levels cannot differ: HSCR builds its triplets on the
+questions with a longer answer (where, what, reports), and counts the triplets whose levels coincide.
+
+    python train.py --objective hscr
+
+Tests:  python -m pytest -q tests/test_hscr.py
+"""
+import math
+import random
+import time
+
+import torch
+
+import data
+from mmedpo import hscr_loss, hscr_step_scores
+from rule_judge import polarity, words
+
+
+def build_hscr_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=print):
+    """HSCR triplets for --n-text questions of the preference split whose answer is not a bare yes/no
+    (weights 1). returns (triplets, True)."""
+    longer = [it for it in pool if not polarity(it["answer"])]
+    items = random.Random(cfg.seed).sample(longer, min(cfg.n_text, len(longer)))
+    fractions = cfg.hscr_levels
+    log(f"HSCR: contrastive decoding on {len(items)} questions with answers longer than yes/no "
+        f"(p={cfg.hscr_p}, levels {fractions[0]} and {fractions[1]} of the steps)")
+    triplets = build_hscr_triplets(model, processor, items, store, cfg.prompt_format, cfg.hscr_p, fractions,
+                                   cfg.sample_max_new_tokens, cfg.seed, log=log)
+    return triplets, True
+
+
+def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p=0.7, fractions=(0.34, 0.67),
+                        max_new_tokens=12, seed=0, batch_size=64, log=print):
+    """The triplets (y_w = ground truth, y_l1, y_l2) of `items`. A triplet is dropped (and counted) when
+    y_w coincides with y_l1 or y_l2: it holds no preference. One where y_l1 = y_l2 is kept and counted
+    (its implicit term is a constant ln 2 and it trains as one pair counted twice).
+    returns records {id, source: hscr, image, prompt, chosen, rejected, rejected2, ...}."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    tok = processor.tokenizer
+    image_token_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    gen = torch.Generator().manual_seed(seed)
+    triplets, same, one_level, replaced, t0 = [], 0, 0, [0, 0], time.time()
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        prompts, pixels = prompt_batch(processor, [(store.for_model(it["image_id"]), it["question"]) for it in chunk],
+                                       prompt_format)
+        blind_keep = []  # per row: the attention mask of its prompt under D_p(v), fixed for all its steps
+        for ids in prompts:
+            t = torch.tensor([ids])
+            blind_keep.append(visual_token_dropout(torch.ones_like(t), t == image_token_id, p, gen)[0])
+
+        def next_logits(rows, prefixes):
+            """Next-token logits of the rows' answer prefixes with the full image, and with D_p(v)."""
+            seqs = [prompts[i] + prefix for i, prefix in zip(rows, prefixes)]
+            T = max(len(s) for s in seqs)
+            ids = torch.full((2 * len(rows), T), tok.pad_token_id, dtype=torch.long)
+            att = torch.zeros((2 * len(rows), T), dtype=torch.long)
+            for j, (i, s) in enumerate(zip(rows, seqs)):
+                for r in (j, j + len(rows)):  # full image rows, then dropped-image rows
+                    ids[r, :len(s)], att[r, :len(s)] = torch.tensor(s), 1
+                att[j + len(rows), :len(prompts[i])] = blind_keep[i]
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=att.to(device),
+                               pixel_values=pixels[rows + rows].to(device, dtype)).logits
+            last = torch.tensor([len(s) - 1 for s in seqs] * 2, device=device)
+            out = logits[torch.arange(len(last), device=device), last].float().cpu()
+            return out[:len(rows)], out[len(rows):]
+
+        n, eos = len(chunk), tok.eos_token_id
+        greedy, rewards, _ = decode_levels(next_logits, n, [0] * n, [math.inf] * n, max_new_tokens, eos)
+        plans = [level_plan(r, fractions) for r in rewards]
+        levels = []
+        for level in range(2):
+            answers, _, used = decode_levels(next_logits, n, [pl[level][0] for pl in plans],
+                                             [pl[level][1] for pl in plans], max_new_tokens, eos)
+            levels.append(answers)
+            replaced[level] += sum(used)
+        for it, y, y1, y2 in zip(chunk, greedy, *levels):
+            y, y1, y2 = (tok.decode(a, skip_special_tokens=True).strip() for a in (y, y1, y2))
+            chosen = y if words(y) == words(it["answer"]) else it["answer"]
+            if words(chosen) in (words(y1), words(y2)):
+                same += 1
+                continue
+            one_level += words(y1) == words(y2)
+            triplets.append({"id": f"hscr-{it['id']}", "source": "hscr", "image": store.path(it["image_id"]),
+                             "rejected_image": None, "prompt": it["question"], "chosen": chosen, "rejected": y1,
+                             "rejected2": y2, "score": None, "weight": None,
+                             "provenance": f"HSCR decoding, greedy answer {y!r}, p={p}, levels {list(fractions)}"})
+        if log and (start // batch_size) % 4 == 3:
+            done = start + len(chunk)
+            log(f"  HSCR {done}/{len(items)} | {done / (time.time() - t0):.0f} questions/s")
+    model.train(was_training)
+    share = one_level / max(1, len(triplets))
+    log(f"HSCR triplets: {len(triplets)} of {len(items)} questions ({same} dropped: y_w equals a dispreferred answer); "
+        f"levels equal (y_l1 = y_l2) in {one_level} ({share:.0%}); steps replaced: {replaced[0]} for y_l1, "
+        f"{replaced[1]} for y_l2")
+    return triplets
+
+
+def level_plan(rewards, fractions):
+    """Per level, (budget, threshold) from the greedy answer's step rewards: the budget is
+    ceil(f * L) steps, the threshold the budget-th largest reward. [0.1, 2.0, 0.5, 3.0] with fractions
+    (0.25, 0.75) -> [(1, 3.0), (3, 0.5)]."""
+    order = sorted(rewards, reverse=True)
+    plan = []
+    for f in fractions:
+        budget = min(len(order), math.ceil(f * len(order)))
+        plan.append((budget, order[budget - 1] if budget else math.inf))
+    return plan
+
+
+def decode_levels(next_logits, n_rows, budgets, thresholds, max_new_tokens, eos_id):
+    """Greedy decoding of `n_rows` answers with the full image, where at each step of row i the image-
+    blind argmax is emitted instead of the greedy token when row i has budget left, the step's reward
+    r_t (of the greedy token, on the prefix decoded so far) reaches thresholds[i], and the two differ.
+
+    next_logits(rows, prefixes) -> (full (len(rows), V), dropped (len(rows), V)): next-token logits of
+    the given rows' answer prefixes (lists of token ids) with the full and the dropped image.
+    returns (answers: token-id lists without EOS, rewards: per row r_t of every step taken (EOS step
+    included), replaced: per row how many steps were replaced)."""
+    answers, rewards, active = [[] for _ in range(n_rows)], [[] for _ in range(n_rows)], list(range(n_rows))
+    budgets, replaced = list(budgets), [0] * n_rows
+    for t in range(max_new_tokens):
+        if not active:
+            break
+        full, dropped = next_logits(active, [answers[i] for i in active])
+        greedy, blind = full.argmax(-1), dropped.argmax(-1)
+        _, reward = hscr_step_scores(full, dropped, greedy)
+        still = []
+        for j, i in enumerate(active):
+            token = int(greedy[j])
+            if budgets[i] > 0 and float(reward[j]) >= thresholds[i] and int(blind[j]) != token:
+                token, budgets[i], replaced[i] = int(blind[j]), budgets[i] - 1, replaced[i] + 1
+            rewards[i].append(float(reward[j]))
+            if token == eos_id:
+                continue
+            answers[i].append(token)
+            still.append(i)
+        active = still
+    return answers, rewards, replaced
+
+
+def visual_token_dropout(attention_mask, image_positions, p, generator=None):
+    """D_p(v) of HSCR: hide a fraction p of each row's image-token positions from attention.
+
+    attention_mask: (N, T) 0/1; image_positions: (N, T) bool. Exactly round(p * n_image) positions of
+    each row, drawn with `generator`, are set to 0; text and padding positions are left as they are.
+    returns a new (N, T) mask."""
+    out = attention_mask.clone()
+    for i in range(out.shape[0]):
+        where = image_positions[i].nonzero().flatten()
+        k = int(round(p * len(where)))
+        if k:
+            out[i, where[torch.randperm(len(where), generator=generator)[:k]]] = 0
+    return out
+
+
+def prompt_batch(processor, rows, prompt_format):
+    """Encoded prompts (no response) of (PIL image, question) rows: input_ids as lists without padding,
+    and pixel_values (N, 3, H, W)."""
+    enc = processor(images=[im for im, _ in rows], text=[data.format_prompt(processor, prompt_format, q) for _, q in rows],
+                    return_tensors="pt", padding=True)
+    ids = [enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist() for i in range(len(rows))]
+    return ids, enc["pixel_values"]
+
+
+
+def hscr_objective_loss(model, batch, ref, weights, args):
+    """HSCR's multi-level loss on a batch of 3B rows (y_w, y_l1, y_l2; response-major)."""
+    policy = data.policy_logps(model, batch, 3)
+    losses, m = hscr_loss(policy[:, 0], policy[:, 1], policy[:, 2], ref[:, 0], ref[:, 1], ref[:, 2], args.beta,
+                          args.hscr_lambda, weights)
+    return losses, {"reward_acc": (m["margin_w_l1"] > 0).float(), "margin": m["margin_w_l1"],
+                    "margin_w_l2": m["margin_w_l2"], "margin_l1_l2": m["margin_l1_l2"]}
