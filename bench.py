@@ -24,7 +24,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
+
+import checkpoint
 
 
 def setup(args):
@@ -108,6 +111,8 @@ def run_variant(args):
 def main():
     if sys.argv[1:2] == ["study"]:
         return study_main(sys.argv[2:])
+    if sys.argv[1:2] == ["sweep"]:
+        return sweep_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -132,33 +137,41 @@ def main():
 
 
 # -----------------------------------------------------------------------------
-# the study: every objective and ablation on the synthetic benchmark, several seeds, one table
+# the study: every objective and ablation on the synthetic benchmark, equal budgets, two base models x
+# several seeds, one table; and the validation sweeps behind the chosen settings
 
-STUDY_ROWS = [  # (name, train.py flags); every row also gets --seed and its own --run-name
+STUDY_ROWS = [  # (name, train.py flags); every run also gets --steps (equal budgets), --seed and --base
     ("SFT on the chosen answers (control)", ["--objective", "sft"]),
     ("DPO (text pairs, weights 1)", ["--objective", "dpo"]),
+    ("MMedPO (text + visual)", []),
     ("MMedPO, text pairs only", ["--strategies", "text"]),
     ("MMedPO, visual pairs only", ["--strategies", "visual"]),
-    ("MMedPO (text + visual)", []),
     ("MMedPO without CRS weights", ["--weighting", "none"]),
     ("MMedPO, global noise", ["--noise", "global"]),
-    ("MMedPO, 3 judges in consensus", ["--judge", "rule:lenient", "--judge", "rule", "--judge", "rule:strict"]),
-    ("MMedPO + NLL of the chosen answer", ["--nll-weight", "1"]),
     ("HSCR", ["--objective", "hscr"]),
     ("FiRe-MPO", ["--objective", "fire"]),
 ]
-STUDY_METRICS = [  # (column, how to read it from one evaluation, higher is better)
+CONTRASTS = [  # (what is compared, row, against row)
+    ("MMedPO vs SFT control", "MMedPO (text + visual)", "SFT on the chosen answers (control)"),
+    ("MMedPO vs DPO", "MMedPO (text + visual)", "DPO (text pairs, weights 1)"),
+    ("visual pairs vs none", "MMedPO (text + visual)", "MMedPO, text pairs only"),
+    ("CRS weights vs none", "MMedPO (text + visual)", "MMedPO without CRS weights"),
+    ("local vs global noise", "MMedPO (text + visual)", "MMedPO, global noise"),
+]
+STUDY_METRICS = [  # (column, how to read it from one evaluation, higher is better); grounding first
+    ("bal-acc", lambda m: m["grounding"]["pope"]["accuracy"], True),
+    ("cf-acc", lambda m: m["grounding"]["counterfactual"]["accuracy"], True),
+    ("AUROC", lambda m: m["grounding"]["auroc"], True),
+    ("yes%", lambda m: m["grounding"]["pope"]["yes_ratio"], None),
     ("halluc", lambda m: m["prior_breaking"]["hallucination_rate"], False),
-    ("pb-acc", lambda m: m["prior_breaking"]["accuracy_breaking"], True),
-    ("prior-acc", lambda m: m["prior_breaking"]["accuracy_following"], True),
+    ("pf-acc", lambda m: m["prior_breaking"]["accuracy_following"], True),
     ("closed", lambda m: m["closed"], True),
     ("open", lambda m: m["open"], True),
     ("BLEU", lambda m: 100 * m["bleu_mean"], True),
-    ("ROUGE-L", lambda m: 100 * m["rouge_l"], True),
     ("CHAIR", lambda m: m["report_findings"]["chair"], False),
-    ("omitted", lambda m: m["report_findings"]["omission"], False),
 ]
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262, 11: 2.228,
+         12: 2.201, 13: 2.179, 16: 2.131, 21: 2.086}
 
 
 def mean_sd(xs):
@@ -167,17 +180,25 @@ def mean_sd(xs):
 
 
 def paired_ci(xs, ys):
-    """Mean of the paired differences xs - ys and its 95 % t-interval (half-width; inf for one seed)."""
+    """Mean of the paired differences xs - ys and its 95 % t-interval (half-width; inf for one run)."""
     m, sd = mean_sd([x - y for x, y in zip(xs, ys)])
     return m, T_975[len(xs)] * sd / len(xs) ** 0.5 if len(xs) in T_975 else float("inf")
 
 
-def run_study_row(out, seed, index, flags, log_path):
-    """One train.py run in this process (its output to log_path), reused when its flags are unchanged."""
+def slug(name):
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:48]
+
+
+def run_study_row(out, base, base_path, seed, name, flags, steps, log_path):
+    """One train.py run in this process (its output to log_path), reused when its flags are unchanged.
+    Its folder is named for the row, so that the order of --rows never mislabels a result."""
     import contextlib
     import train
-    run_dir = os.path.join(out, f"seed{seed}", f"row{index}")
-    key_path, key = os.path.join(run_dir, "study_key.json"), {"flags": flags, "seed": seed}
+    seed_dir = os.path.join(out, f"base{base}", f"seed{seed}")
+    run_dir = os.path.join(seed_dir, slug(name))
+    argv = ["--out", seed_dir, "--run-name", slug(name), "--seed", str(seed), "--base", base_path,
+            "--steps", str(steps)] + flags
+    key_path, key = os.path.join(run_dir, "study_key.json"), {"argv": argv}
     if os.path.exists(key_path) and os.path.exists(os.path.join(run_dir, "metrics.json")):
         with open(key_path) as f:
             if json.load(f) == key:
@@ -185,58 +206,72 @@ def run_study_row(out, seed, index, flags, log_path):
                     return json.load(g), True
     os.makedirs(run_dir, exist_ok=True)
     with open(log_path, "w") as log, contextlib.redirect_stdout(log):
-        train.main(["--out", os.path.join(out, f"seed{seed}"), "--run-name", f"row{index}", "--seed", str(seed)] + flags)
-    with open(key_path, "w") as f:
-        json.dump(key, f)
+        train.main(argv)
+    checkpoint.write_json(key_path, key)
     with open(os.path.join(run_dir, "metrics.json")) as f:
         return json.load(f), False
 
 
-def study_tables(rows, results, seeds):
-    """Markdown: every row's mean ± sd over seeds, then each row's paired difference from the base and
-    from the SFT control with 95 % intervals."""
-    names = ["base (before training)"] + [name for name, _ in rows]
-    value = lambda r, s, read: read(results[(0, s)]["before"] if r == 0 else results[(r - 1, s)]["after"])
-    lines = [f"Means ± standard deviations over seeds {', '.join(map(str, seeds))}.", "",
-             "| run | " + " | ".join(c for c, _, _ in STUDY_METRICS) + " |",
-             "|---|" + "---|" * len(STUDY_METRICS)]
-    for r, name in enumerate(names):
-        cells = [mean_sd([value(r, s, read) for s in seeds]) for _, read, _ in STUDY_METRICS]
+def value(results, name, run, read):
+    """A metric of one run of a row; the row "base (before training)" is the SFT control's 'before'."""
+    if name == BASE_ROW:
+        return read(results[(STUDY_ROWS[0][0], run)]["before"])
+    return read(results[(name, run)]["after"])
+
+
+BASE_ROW = "base (before training)"
+
+
+def study_tables(names, results, runs):
+    """Markdown: every row's mean ± sd over the runs (base model x seed), then each row's paired
+    difference from the base and from the SFT control, then the contrasts, with 95 % intervals."""
+    fmt_ci = lambda m, h, up: (f"**{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]**" if up is not None and (m - h > 0 if up else m + h < 0)
+                               else f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]")
+    lines = [f"Means ± standard deviations over {len(runs)} runs (base model, seed): {', '.join(f'{b}/{s}' for b, s in runs)}.",
+             "", "| run | " + " | ".join(c for c, _, _ in STUDY_METRICS) + " |", "|---|" + "---|" * len(STUDY_METRICS)]
+    for name in [BASE_ROW] + names:
+        cells = [mean_sd([value(results, name, r, read) for r in runs]) for _, read, _ in STUDY_METRICS]
         lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {sd:.3f}" if abs(m) < 10 else f"{m:.2f} ± {sd:.2f}"
                                                 for m, sd in cells) + " |")
-    shown = [c for c in STUDY_METRICS if c[0] in ("halluc", "pb-acc", "prior-acc", "closed", "open", "BLEU", "CHAIR")]
-    lines += ["", "Paired differences over seeds (mean [95 % interval]); **bold**: the interval excludes 0 in the "
-              "better direction.", "",
-              "| run | " + " | ".join(f"Δ{c} vs base" for c, _, _ in shown) + " | Δpb-acc vs SFT control |",
-              "|---|" + "---|" * (len(shown) + 1)]
-    fmt = lambda m, h, up: (f"**{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]**" if (m - h > 0 if up else m + h < 0)
-                            else f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]")
-    pb_read = STUDY_METRICS[1][1]
-    for r in range(1, len(names)):
-        cells = [fmt(*paired_ci([value(r, s, read) for s in seeds], [value(0, s, read) for s in seeds]), up)
-                 for _, read, up in shown]
-        cells.append(fmt(*paired_ci([value(r, s, pb_read) for s in seeds], [value(1, s, pb_read) for s in seeds]), True)
-                     if r > 1 else "")
-        lines.append(f"| {names[r]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), names
+    shown = [c for c in STUDY_METRICS if c[0] in ("bal-acc", "cf-acc", "AUROC", "yes%", "halluc", "pf-acc", "closed")]
+    diff = lambda a, b, read: paired_ci([value(results, a, r, read) for r in runs], [value(results, b, r, read) for r in runs])
+    sft = STUDY_ROWS[0][0]
+    lines += ["", "Paired differences over the runs (mean [95 % interval]); **bold**: the interval excludes 0 in the "
+              "better direction.", "", "| run | " + " | ".join(f"Δ{c} vs base" for c, _, _ in shown) +
+              " | Δbal-acc vs SFT | Δcf-acc vs SFT |", "|---|" + "---|" * (len(shown) + 2)]
+    for name in names:
+        cells = [fmt_ci(*diff(name, BASE_ROW, read), up) for _, read, up in shown]
+        cells += [fmt_ci(*diff(name, sft, STUDY_METRICS[i][1]), True) if name != sft and sft in names else ""
+                  for i in (0, 1)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    contrasts = [c for c in CONTRASTS if c[1] in names and c[2] in names]
+    if contrasts:
+        lines += ["", "The questions (paired over the same runs):", "",
+                  "| contrast | Δbal-acc | Δcf-acc | ΔAUROC | Δhalluc | Δclosed |", "|---|---|---|---|---|---|"]
+        for what, a, b in contrasts:
+            cells = [fmt_ci(*diff(a, b, read), up) for col, read, up in STUDY_METRICS
+                     if col in ("bal-acc", "cf-acc", "AUROC", "halluc", "closed")]
+            lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def study_chart(names, results, seeds, path, width=980, bar=14):
-    """Horizontal bars, one pair per run: hallucination rate (red) and accuracy on prior-breaking items
-    (blue), mean over seeds with a line for ± one standard deviation."""
+def study_chart(names, results, runs, path, width=980, bar=14):
+    """Horizontal bars, one group per row: balanced presence accuracy (blue), counterfactual accuracy
+    (green) and the hallucination rate (red), mean over runs with a line for ± one standard deviation."""
     from PIL import Image, ImageDraw
-    reads = [("halluc", STUDY_METRICS[0][1], (200, 60, 60)), ("pb-acc", STUDY_METRICS[1][1], (60, 90, 200))]
-    left, top, row_h = 290, 40, 2 * bar + 10
+    reads = [(STUDY_METRICS[0][1], (60, 90, 200)), (STUDY_METRICS[1][1], (60, 160, 90)), (STUDY_METRICS[4][1], (200, 60, 60))]
+    names = [BASE_ROW] + names
+    left, top, row_h = 290, 40, 3 * bar + 10
     img = Image.new("RGB", (width, top + row_h * len(names) + 30), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 10), "prior-breaking test questions: hallucination rate (red) and accuracy (blue), mean ± sd", fill="black")
+    d.text((10, 10), "balanced presence accuracy (blue), counterfactual pairs both right (green), hallucination rate "
+                     "(red): mean ± sd", fill="black")
     scale = width - left - 40
-    for r, name in enumerate(names):
-        y = top + r * row_h
-        d.text((10, y + bar // 2), name[:44], fill="black")
-        for j, (_, read, colour) in enumerate(reads):
-            vals = [read(results[(0, s)]["before"] if r == 0 else results[(r - 1, s)]["after"]) for s in seeds]
-            m, sd = mean_sd(vals)
+    for i, name in enumerate(names):
+        y = top + i * row_h
+        d.text((10, y + bar), name[:44], fill="black")
+        for j, (read, colour) in enumerate(reads):
+            m, sd = mean_sd([value(results, name, r, read) for r in runs])
             y0 = y + j * bar
             d.rectangle([left, y0, left + scale * m, y0 + bar - 2], fill=colour)
             d.line([left + scale * max(0, m - sd), y0 + bar // 2, left + scale * min(1, m + sd), y0 + bar // 2], fill="black")
@@ -247,30 +282,143 @@ def study_chart(names, results, seeds, path, width=980, bar=14):
     img.save(path)
 
 
-def study_main(argv):
-    ap = argparse.ArgumentParser(description="the synthetic benchmark study: every objective and ablation over seeds")
-    ap.add_argument("--out", default="out/study", help="runs go to OUT/seedS/rowI; reused when their flags are unchanged")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--rows", default=None, help="comma-separated row numbers to run (default: all)")
-    args = ap.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    rows = [STUDY_ROWS[int(i)] for i in args.rows.split(",")] if args.rows else STUDY_ROWS
-    os.makedirs(args.out, exist_ok=True)
-    results, t0 = {}, time.time()
-    for seed in seeds:
-        for i, (name, flags) in enumerate(rows):
-            t = time.time()
-            log_path = os.path.join(args.out, f"seed{seed}-row{i}.log")
-            results[(i, seed)], reused = run_study_row(args.out, seed, i, flags, log_path)
-            h = results[(i, seed)]["after"]["prior_breaking"]
-            print(f"seed {seed} | {name:38s} | halluc {h['hallucination_rate']:.3f} | pb-acc {h['accuracy_breaking']:.3f}"
-                  f" | {'reused' if reused else f'{time.time() - t:.0f}s'} | log {log_path}", flush=True)
-    table, names = study_tables(rows, results, seeds)
-    with open(os.path.join(args.out, "study.md"), "w") as f:
-        f.write(table + "\n")
-    study_chart(names, results, seeds, os.path.join(args.out, "study.png"))
-    print("\n" + table + f"\n\nwritten to {args.out}/study.md and study.png in {time.time() - t0:.0f}s")
+def int_list(text):
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: numbers >= 0, each once")
+    return values
 
+
+def study_bases(out, bases, log=print):
+    """The base models of the study: base 0 is the shipped tiny base; base b > 0 is built once (SFT
+    warm-up with seed b, about 4.5 min) under OUT/base{b}/model."""
+    import synthetic
+    paths = {}
+    for b in bases:
+        paths[b] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-base") if b == 0 else \
+            os.path.join(out, f"base{b}", "model")
+        if not os.path.exists(os.path.join(paths[b], "config.json")):
+            log(f"building base model {b} (seed {b}) -> {paths[b]}")
+            synthetic.build_base(paths[b], seed=b, log=lambda *a: None)
+    return paths
+
+
+def study_main(argv):
+    ap = argparse.ArgumentParser(description="the synthetic benchmark study: every objective and ablation, equal budgets")
+    ap.add_argument("--out", default="out/study", help="runs go to OUT/baseB/seedS/ROW; reused when their flags are unchanged")
+    ap.add_argument("--bases", type=int_list, default=[0, 1], help="base models: 0 the shipped one, b > 0 built with seed b")
+    ap.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3])
+    ap.add_argument("--rows", type=int_list, default=None, help=f"row numbers 0..{len(STUDY_ROWS) - 1} (default: all)")
+    ap.add_argument("--steps", type=int, default=144, help="optimizer steps of every row (MMedPO's 3 epochs)")
+    args = ap.parse_args(argv)
+    if args.rows and max(args.rows) >= len(STUDY_ROWS):
+        ap.error(f"--rows: row numbers are 0..{len(STUDY_ROWS) - 1}")
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+    rows = [STUDY_ROWS[i] for i in args.rows] if args.rows else STUDY_ROWS
+    os.makedirs(args.out, exist_ok=True)
+    bases, results, t0 = study_bases(args.out, args.bases), {}, time.time()
+    runs = [(b, s) for b in args.bases for s in args.seeds]
+    for b, s in runs:
+        for name, flags in rows:
+            t = time.time()
+            log_path = os.path.join(args.out, f"base{b}-seed{s}-{slug(name)}.log")
+            results[(name, (b, s))], reused = run_study_row(args.out, b, bases[b], s, name, flags, args.steps, log_path)
+            g = results[(name, (b, s))]["after"]["grounding"]
+            print(f"base {b} seed {s} | {name:38s} | bal-acc {g['pope']['accuracy']:.3f} | cf-acc "
+                  f"{g['counterfactual']['accuracy']:.3f} | {'reused' if reused else f'{time.time() - t:.0f}s'}", flush=True)
+    names = [name for name, _ in rows]
+    if STUDY_ROWS[0][0] not in names:  # the base row is read from the SFT control's "before"
+        for b, s in runs:
+            results[(STUDY_ROWS[0][0], (b, s))], _ = run_study_row(args.out, b, bases[b], s, *STUDY_ROWS[0], args.steps,
+                                                                    os.path.join(args.out, f"base{b}-seed{s}-sft.log"))
+    table = study_tables(names, results, runs)
+    checkpoint.write_json(os.path.join(args.out, "study.json"),
+                          [{"row": name, "base": b, "seed": s, **{c: read(results[(name, (b, s))]["after"]) for c, read, _ in STUDY_METRICS},
+                            "before": {c: read(results[(name, (b, s))]["before"]) for c, read, _ in STUDY_METRICS}}
+                           for name in names for b, s in runs], indent=1)
+    with open(os.path.join(args.out, "study.md"), "w") as f:
+        f.write(f"python bench.py study --bases {','.join(map(str, args.bases))} --seeds {','.join(map(str, args.seeds))} "
+                f"--steps {args.steps}\n\n" + table + "\n")
+    study_chart(names, results, runs, os.path.join(args.out, "study.png"))
+    print("\n" + table + f"\n\nwritten to {args.out}/study.md, study.json and study.png in {time.time() - t0:.0f}s")
+
+
+
+def noise_sweep(base_path, steps=(250, 500, 750, 900, 999), heatmaps=("detector", "mask"), n=128, folder="out/study"):
+    """Does Strategy 2's noise hide the lesion from the base model? On val-split questions whose answer
+    states a finding, per heatmap and diffusion step: the drop of log P(y_w) from the clean to the noised
+    image (median, share above 1 nat) and the share of greedy answers the noise changes. No training."""
+    import tempfile
+    import data
+    import synthetic
+    from train import record_loader
+    model, processor = checkpoint.load_model(base_path, torch.float32, torch.device("cpu"))
+    images, qa = synthetic.make_synthetic(200, 0, 32, "val")
+    store = synthetic.SyntheticStore(images, tempfile.mkdtemp())
+    items = [it for it in qa if it["type"] != "report" and not data.states_absence(it["answer"])][:n]
+    rows, quiet = [], lambda *a: None
+    for heatmap in heatmaps:
+        for k in steps:
+            pairs = data.build_visual_pairs(items, store, tempfile.mkdtemp(), heatmap, "local", k, 0, log=quiet)
+            data.answer_change(model, processor, pairs, "plain", False, 48, log=quiet)
+            dataset = data.RecordDataset(pairs, processor, data.model_image_reader(False))
+            batches = [list(range(i, min(i + 64, len(pairs)))) for i in range(0, len(pairs), 64)]
+            with torch.no_grad():
+                logps = torch.cat([data.policy_logps(model, batch, 2) for batch in
+                                   record_loader(dataset, batches, processor.tokenizer.pad_token_id, 0)])
+            drop = (logps[:, 0] - logps[:, 1]).numpy()
+            rows.append((heatmap, k, len(pairs), float(np.median(drop)), float((drop > 1).mean()),
+                         float(np.mean([p["answer_changes"] for p in pairs]))))
+            print(f"noise {heatmap:8s} k={k:3d}: {rows[-1][2]} pairs | median drop {rows[-1][3]:.3f} nats | "
+                  f"> 1 nat {rows[-1][4]:.0%} | answer changed {rows[-1][5]:.0%}", flush=True)
+    return ["| heatmap | k | pairs | median log P(y_w|x) - log P(y_w|x*) | share > 1 nat | greedy answer changed |",
+            "|---|---|---|---|---|---|"] + [f"| {h} | {k} | {n} | {m:.3f} | {s:.0%} | {c:.0%} |" for h, k, n, m, s, c in rows]
+
+
+def sweep_main(argv):
+    """The validation runs behind the chosen settings, written with their commands to OUT/sweep.md:
+    the noise's effect on the base model (no training), then MMedPO on the val split over learning rates
+    and noise steps. The test split is never read."""
+    import contextlib
+    import train
+    ap = argparse.ArgumentParser(description="validation sweeps behind the default settings (val split only)")
+    ap.add_argument("--out", default="out/study")
+    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    ap.add_argument("--noise-steps", default="500,999")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-base")
+    lines = ["# Validation sweeps (val split; the test split is never read)", "", f"python bench.py sweep --lrs {args.lrs} "
+             f"--noise-steps {args.noise_steps}", "", "## Does the noise hide the lesion from the base model?", ""]
+    lines += noise_sweep(base, folder=args.out)
+    lines += ["", "## MMedPO on the val split (base 0, seed 0, default flags otherwise)", "",
+              "| flags | bal-acc | cf-acc | AUROC | yes% | halluc | pf-acc | closed |", "|---|---|---|---|---|---|---|---|"]
+    grid = [["--lr", lr] for lr in args.lrs.split(",")] + [["--noise-step", k] for k in args.noise_steps.split(",")
+                                                             if k != "500"]
+    for flags in grid:
+        out = os.path.join(args.out, "sweep", "-".join(flags).strip("-"))
+        with open(out + ".log" if os.path.isdir(os.path.dirname(out)) else os.devnull, "w") as log, \
+                contextlib.redirect_stdout(log):
+            os.makedirs(out, exist_ok=True)
+            train.main(["--out", out, "--eval-split", "val"] + flags)
+        with open(os.path.join(out, "mmedpo", "metrics.json")) as f:
+            m = json.load(f)
+        a, g = m["after"], m["after"]["grounding"]
+        cells = [g["pope"]["accuracy"], g["counterfactual"]["accuracy"], g["auroc"], g["pope"]["yes_ratio"],
+                 a["prior_breaking"]["hallucination_rate"], a["prior_breaking"]["accuracy_following"], a["closed"]]
+        lines.append(f"| {' '.join(flags)} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        print(lines[-1], flush=True)
+    bg = m["before"]["grounding"]
+    lines.append(f"| (the base, before training) | {bg['pope']['accuracy']:.3f} | {bg['counterfactual']['accuracy']:.3f} | "
+                 f"{bg['auroc']:.3f} | {bg['pope']['yes_ratio']:.3f} | {m['before']['prior_breaking']['hallucination_rate']:.3f}"
+                 f" | {m['before']['prior_breaking']['accuracy_following']:.3f} | {m['before']['closed']:.3f} |")
+    with open(os.path.join(args.out, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"written to {os.path.join(args.out, 'sweep.md')}")
 
 if __name__ == "__main__":
     main()

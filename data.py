@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from PIL import Image, ImageStat, UnidentifiedImageError
 
 import score
 from checkpoint import atomic_write
@@ -78,13 +79,11 @@ def format_prompt(processor, prompt_format, question):
 
 def to_pil(pixels):
     """(H, W) float in [0, 1] (values outside are clipped) -> 8-bit grayscale PIL image."""
-    from PIL import Image
     return Image.fromarray((np.clip(np.asarray(pixels, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8), "L")
 
 
 def pad_to_square(image):
     """LLaVA's preprocessing: pad a PIL image to a square with its mean colour, centred."""
-    from PIL import Image, ImageStat
     w, h = image.size
     if w == h:
         return image
@@ -116,7 +115,6 @@ def read_image(path):
 
 @lru_cache(maxsize=1024)
 def _read_image(path, size, mtime_ns):
-    from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I;16") or im.mode == "I":   # 16-bit grayscale (common in medical PNGs)
@@ -409,6 +407,7 @@ def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
         stacked = torch.stack([a[0] for a in out.attentions[-layers:]]).float().cpu()  # (layers, heads, T, T)
         return attention_heatmap(stacked, batch["input_ids"][0] == image_token,
                                  batch["labels"][0] != IGNORE_INDEX, np.asarray(pixels).shape)
+    model_attention.tool_name = "attention"
     return model_attention
 
 
@@ -486,7 +485,7 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
         pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
                       "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
                       "rejected": it["answer"], "score": relevance, "weight": None,
-                      "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, '__name__', heatmap)}, score: {how}"})
+                      "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, 'tool_name', heatmap)}, score: {how}"})
     log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
                                          if skipped else ""))
     return pairs

@@ -495,6 +495,25 @@ def save_pictures(folder, model, processor, records, history, items, before, aft
             log(f"      {name} not drawn ({type(e).__name__}: {e})")
 
 
+def check_eval_args(ap, args):
+    """Every flag checked before anything is loaded, naming the flag."""
+    import checkpoint
+    import data
+    import real_data
+    bad = [(f, msg) for f, ok, msg in [
+        ("--max-items", args.max_items is None or args.max_items >= 1, "must be >= 1 (leave it out for all items)"),
+        ("--n-test", args.n_test >= 1, "must be >= 1"), ("--n-train", args.n_train >= 1, "must be >= 1"),
+        ("--batch-size", args.batch_size >= 1, "must be >= 1"),
+        ("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "must be >= 1"),
+        ("--split", args.split in data.SPLITS[args.data], f"must be one of {', '.join(data.SPLITS[args.data])}"),
+        ("--model", os.path.isdir(args.model), "no such folder (pass the local path of a saved checkpoint)"),
+        ("--adapter", args.adapter is None or os.path.isdir(args.adapter), "no such folder"),
+        ("--out", not (args.out and checkpoint.unwritable(args.out, False)), f"{args.out and checkpoint.unwritable(args.out, False)}")]
+        if not ok]
+    if bad:
+        ap.error("; ".join(f"{f} {args.__dict__[f[2:].replace('-', '_')]}: {msg}" for f, msg in bad))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Med-VQA / report evaluation of a model (and adapter), Table 1 columns")
     ap.add_argument("--model", required=True, help="folder with a saved LLaVA model and processor")
@@ -525,18 +544,7 @@ def main(argv=None):
     import synthetic
     if args.data != "synthetic" and not args.data_dir:
         ap.error(f"--data {args.data} needs --data-dir: {real_data.DOWNLOAD_HINTS[args.data]}")
-    bad = [(f, msg) for f, ok, msg in [
-        ("--max-items", args.max_items is None or args.max_items >= 1, "must be >= 1 (leave it out for all items)"),
-        ("--n-test", args.n_test >= 1, "must be >= 1"), ("--n-train", args.n_train >= 1, "must be >= 1"),
-        ("--batch-size", args.batch_size >= 1, "must be >= 1"),
-        ("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "must be >= 1"),
-        ("--split", args.split in data.SPLITS[args.data], f"must be one of {', '.join(data.SPLITS[args.data])}"),
-        ("--model", os.path.isdir(args.model), "no such folder (pass the local path of a saved checkpoint)"),
-        ("--adapter", args.adapter is None or os.path.isdir(args.adapter), "no such folder"),
-        ("--out", not (args.out and checkpoint.unwritable(args.out, False)), f"{args.out and checkpoint.unwritable(args.out, False)}")]
-        if not ok]
-    if bad:
-        ap.error("; ".join(f"{f} {args.__dict__[f[2:].replace('-', '_')]}: {msg}" for f, msg in bad))
+    check_eval_args(ap, args)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, processor = checkpoint.load_model(args.model, dtype, torch.device(args.device))
     data.check_prompt_format(args.prompt_format, processor)

@@ -50,7 +50,6 @@ def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p
     y_w coincides with y_l1 or y_l2: it holds no preference. One where y_l1 = y_l2 is kept and counted
     (its implicit term is a constant ln 2 and it trains as one pair counted twice).
     returns records {id, source: hscr, image, prompt, chosen, rejected, rejected2, ...}."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     tok = processor.tokenizer
     image_token_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
     gen = torch.Generator().manual_seed(seed)
@@ -66,22 +65,7 @@ def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p
             t = torch.tensor([ids])
             blind_keep.append(visual_token_dropout(torch.ones_like(t), t == image_token_id, p, gen)[0])
 
-        def next_logits(rows, prefixes):
-            """Next-token logits of the rows' answer prefixes with the full image, and with D_p(v)."""
-            seqs = [prompts[i] + prefix for i, prefix in zip(rows, prefixes)]
-            T = max(len(s) for s in seqs)
-            ids = torch.full((2 * len(rows), T), tok.pad_token_id, dtype=torch.long)
-            att = torch.zeros((2 * len(rows), T), dtype=torch.long)
-            for j, (i, s) in enumerate(zip(rows, seqs)):
-                for r in (j, j + len(rows)):  # full image rows, then dropped-image rows
-                    ids[r, :len(s)], att[r, :len(s)] = torch.tensor(s), 1
-                att[j + len(rows), :len(prompts[i])] = blind_keep[i]
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=att.to(device),
-                               pixel_values=pixels[rows + rows].to(device, dtype)).logits
-            last = torch.tensor([len(s) - 1 for s in seqs] * 2, device=device)
-            out = logits[torch.arange(len(last), device=device), last].float().cpu()
-            return out[:len(rows)], out[len(rows):]
+        next_logits = contrast_logits(model, prompts, pixels, blind_keep, tok.pad_token_id)
 
         n, eos = len(chunk), tok.eos_token_id
         greedy, rewards, _ = decode_levels(next_logits, n, [0] * n, [math.inf] * n, max_new_tokens, eos)
@@ -112,6 +96,27 @@ def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p
         f"levels equal (y_l1 = y_l2) in {one_level} ({share:.0%}); steps replaced: {replaced[0]} for y_l1, "
         f"{replaced[1]} for y_l2")
     return triplets
+
+
+def contrast_logits(model, prompts, pixels, blind_keep, pad_id):
+    """next_logits(rows, prefixes) -> (full, dropped): the next-token logits (len(rows), V) of the rows'
+    answer prefixes with the full image and with D_p(v) (blind_keep[i]: row i's prompt attention mask),
+    in one forward of 2 * len(rows) right-padded sequences."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+
+    def next_logits(rows, prefixes):
+        seqs = [prompts[i] + prefix for i, prefix in zip(rows, prefixes)]
+        ids = data.right_pad(seqs + seqs, pad_id)
+        att = data.right_pad([[1] * len(s) for s in seqs + seqs], 0)
+        for j, i in enumerate(rows):  # the dropped-image rows hide their image tokens
+            att[len(rows) + j, :len(prompts[i])] = blind_keep[i]
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device),
+                           pixel_values=pixels[rows + rows].to(device, dtype)).logits
+        last = torch.tensor([len(s) - 1 for s in seqs] * 2, device=device)
+        out = logits[torch.arange(len(last), device=device), last].float().cpu()
+        return out[:len(rows)], out[len(rows):]
+    return next_logits
 
 
 def level_plan(rewards, fractions):

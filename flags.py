@@ -1,0 +1,234 @@
+"""The command line of train.py: every flag with its default and its help, and the checks that stop a
+bad value at start-up, naming the flag, before anything is loaded. `python train.py --help` prints it.
+
+Numbers are checked by their argparse type (finite, in range); paths, judge specs and combinations by
+`check_args`, which also resolves the derived values (the run name, DPO's settings, generation caps).
+
+    python train.py --help
+
+Tests:  python -m pytest -q tests/test_reliability.py tests/test_faults.py
+"""
+import argparse
+import math
+import os
+
+import torch
+
+import checkpoint
+import data
+import lora
+import real_data
+import score
+
+
+
+def number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite int or float within [lo, hi] (open ends where asked)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+                (hi is not None and (v >= hi if hi_open else v > hi)):
+            rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number in {rng}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POS_INT, NONNEG_INT, POS, NONNEG = number(int, 1), number(int, 0), number(float, 0, lo_open=True), number(float, 0)
+FRACTION, OPEN_FRACTION = number(float, 0, 1), number(float, 0, 1, hi_open=True)
+
+
+def two_fractions(text):
+    """'F1,F2' with 0 < F1 < F2 <= 1 (HSCR's two levels)."""
+    try:
+        f1, f2 = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two numbers F1,F2") from None
+    if not 0 < f1 < f2 <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must satisfy 0 < F1 < F2 <= 1")
+    return [f1, f2]
+
+
+def get_parser():
+    ap = argparse.ArgumentParser(description="Clinical-aware multimodal preference optimization (MMedPO, HSCR, FiRe-MPO)")
+    for add_flags in (run_and_model_flags, data_flags, preference_flags, optimisation_flags):
+        add_flags(ap.add_argument)
+    return ap
+
+
+def run_and_model_flags(a):
+    """The run, the model, and the tiny base (`a` is an ArgumentParser's add_argument)."""
+    # what is trained, and where things go
+    a("--objective", default="mmedpo", choices=["sft", "dpo", "mmedpo", "hscr", "fire"],
+      help="sft: the control, SFT on the chosen answers of MMedPO's pairs; dpo: text pairs, weights 1 (the paper's "
+           "baseline); mmedpo: text + visual pairs with clinical-relevance weights; hscr: self-contrastive triplets; "
+           "fire: FiRe-MPO, minimally edited on-policy answers")
+    a("--out", default="out", help="folder for every stage's output (reused when its inputs are unchanged)")
+    a("--run-name", default=None, help="subfolder of --out for this training run (default: the objective)")
+    a("--resume", action="store_true", help="continue from RUN_NAME/checkpoint.pt (same flags and inputs only)")
+    # model
+    a("--model", default=None, help="a transformers LLaVA checkpoint folder; default: the tiny built-in model")
+    a("--prompt-format", default="plain", help="plain, vicuna (LLaVA's v1 conversation, as the MMedPO authors trained "
+      "LLaVA-Med v1.5), mistral, chat (the processor's chat template), or a string with <image> and {question}")
+    a("--pad-to-square", action="store_true", help="pad images to a square (LLaVA's preprocessing) before the processor")
+    a("--trust-remote-code", action="store_true", help="allow a checkpoint's own code (off unless asked)")
+    a("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="gradient checkpointing; auto: on CUDA")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    a("--max-length", type=number(int, 8), default=None, help="prompt+response tokens (default: the model's context)")
+    # the tiny base model (only without --model): built once with the SFT warm-up, then reused
+    a("--base", default="assets/tiny-base", help="folder of the tiny base model (reused if present, else built)")
+    a("--rebuild-base", action="store_true", help="build the tiny base again even if --base exists")
+    a("--base-only", action="store_true", help="stop after building the base model")
+    a("--image-size", type=number(int, 8), default=32, help="synthetic image size (32 px = 16 image tokens)")
+    a("--n-train", type=POS_INT, default=2000, help="synthetic SFT images (and the answer prior)")
+    a("--n-pref", type=POS_INT, default=1000, help="synthetic images whose questions feed the preference data")
+    a("--n-test", type=POS_INT, default=200, help="synthetic test images")
+    a("--eval-split", default="test", choices=["test", "val"], help="val to choose settings, test to report them")
+    a("--sft-steps", type=POS_INT, default=3000, help="SFT warm-up steps of the tiny base (batch 32)")
+    a("--sft-lr", type=POS, default=2e-3)
+
+
+def data_flags(a):
+    """The dataset and the evaluation."""
+    a("--data", default="synthetic", choices=["synthetic", *real_data.LOADERS], help="dataset")
+    a("--data-dir", default=None, help="folder of a downloaded dataset")
+    a("--max-test", type=POS_INT, default=None, help="evaluate on at most this many test items (default: all)")
+    a("--max-new-tokens", type=POS_INT, default=None,
+      help="generation cap when evaluating; default per task: 48 synthetic, 64 Med-VQA, 256 reports")
+    a("--sample-max-new-tokens", type=POS_INT, default=None,
+      help="generation cap when sampling answers for pairs; default per task: 48 synthetic, 64 Med-VQA, 256 reports")
+    a("--vqa-scoring", default="ours", choices=["ours", "llava-med"],
+      help="ours (whole words) or llava-med (LLaVA-Med run_eval.py's substring rules, as in published tables)")
+
+
+def preference_flags(a):
+    """MMedPO's preference data and scores; HSCR's and FiRe-MPO's free values."""
+    a("--pairs", default=None, help="train on a released MMedPO preference file (JSON) instead of building pairs")
+    a("--images", default=None, help="image folder of --pairs")
+    a("--export-pairs", default=None, help="also write the pairs as {prompt, chosen, rejected, images} JSONL here")
+    a("--strategies", default="text,visual", help="mmedpo: text (D_t), visual (D_v), or text,visual")
+    a("--n-text", type=NONNEG_INT, default=512, help="questions turned into text pairs (HSCR, FiRe-MPO: their records)")
+    a("--n-visual", type=NONNEG_INT, default=256, help="questions turned into visual pairs")
+    a("--samples", type=POS_INT, default=3, help="answers sampled per question for Strategy 1")
+    a("--temperature", type=POS, default=1.0, help="sampling temperature for Strategy 1")
+    a("--judge", "--judges", action="append", default=[], metavar="NAME=URL,model=M[,key_env=VAR]",
+      help="OpenAI-compatible scoring judge (repeat, in order), or rule, rule:lenient, rule:strict; default: rule")
+    a("--selector", default=None, metavar="NAME=URL,model=M[,key_env=VAR]",
+      help="the strong LLM that selects or writes the hallucination (the paper's GPT-4o); default: the first judge")
+    a("--editor", default=None, metavar="NAME=URL,model=M[,key_env=VAR]",
+      help="FiRe-MPO: the LLM that minimally corrects the policy's answers; default: the offline rule editor")
+    a("--workers", type=POS_INT, default=4, help="pairs scored (or answers edited) concurrently")
+    a("--rounds", type=POS_INT, default=5, help="consensus rounds")
+    a("--weighting", default="z", choices=list(data.WEIGHTINGS), help="z: the paper's Z(.) per source; raw: the score "
+      "as it is (the authors' trainer on their released weighted_score); none: every weight 1")
+    a("--no-crs", action="store_true", help="the same as --weighting none")
+    a("--noise", default="local", choices=["local", "global"], help="lesion-localized or whole-image noise")
+    a("--noise-step", type=number(int, 0, 1000, hi_open=True), default=500,
+      help="diffusion step k of the noise, in [0, 1000); the README's sweep chose it on the val split")
+    a("--heatmap", default="detector", choices=["detector", "mask", "attention"],
+      help="where the lesion is: the DoG detector, ground-truth masks, or the model's own attention")
+    a("--visual-score", default="confidence", choices=["confidence", "coverage"],
+      help="a visual pair's score: the visual tool's confidence (the paper), or coverage, an ORACLE: how much of "
+           "the true lesion the noise covers")
+    # FiRe-MPO and HSCR (our readings; these values are ours, not the papers')
+    a("--policy-rounds", type=POS_INT, default=2, help="FiRe-MPO: rounds; the answers are sampled anew from the adapter "
+      "at the start of each (a fresh optimizer each round; the reference stays the base)")
+    a("--fire-gamma", type=NONNEG, default=0.1, help="weight of the visual-contrastive term L_vis")
+    a("--fire-eta", type=NONNEG, default=0.1, help="weight of the token-wise KL term L_KL (summed over the response)")
+    a("--fire-lambda", type=FRACTION, default=0.5, help="L_KL = lambda KL(ref||pi) + (1 - lambda) KL(pi||ref)")
+    a("--hscr-p", type=FRACTION, default=0.7, help="fraction of image tokens hidden by visual-token dropout")
+    a("--hscr-levels", type=two_fractions, default=[0.34, 0.67],
+      help="F1,F2: the shares of the greedy answer's steps that y_l1 and y_l2 may replace")
+    a("--hscr-lambda", type=NONNEG, default=1.0, help="weight of the implicit y_l1 > y_l2 term")
+
+
+def optimisation_flags(a):
+    """The optimisation, LoRA, checkpoints."""
+    a("--beta", type=POS, default=0.1, help="DPO temperature (the paper's alpha)")
+    a("--nll-weight", type=NONNEG, default=0.0, help="dpo/mmedpo: add this times the chosen answer's mean token NLL "
+      "(an anchor against likelihood displacement, as in RPO; not part of MMedPO)")
+    a("--lr", type=POS, default=1e-3, help="peak learning rate of the LoRA weights (chosen on the val split)")
+    a("--epochs", type=POS_INT, default=3)
+    a("--steps", type=POS_INT, default=None, help="optimizer steps, overriding --epochs (equal budgets across objectives)")
+    a("--batch-size", type=POS_INT, default=16, help="records per micro-batch per process")
+    a("--grad-accum", type=POS_INT, default=1, help="micro-batches per optimizer step")
+    a("--warmup", type=OPEN_FRACTION, default=0.03, help="warmup, as a fraction of the steps")
+    a("--clip", type=POS, default=1.0, help="gradient-norm clipping")
+    a("--lora-r", type=POS_INT, default=8)
+    a("--lora-alpha", type=POS, default=16)
+    a("--lora-dropout", type=OPEN_FRACTION, default=0.05)
+    a("--lora-targets", default=lora.DEFAULT_TARGETS, help="regex of module names to adapt")
+    a("--loader-workers", type=NONNEG_INT, default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+    a("--ckpt-every", type=POS_INT, default=50, help="checkpoint every N optimizer steps")
+    a("--halt-at-step", type=POS_INT, default=None,
+      help="stop after the checkpoint of step N (to split a run across sessions); continue with --resume")
+    a("--seed", type=NONNEG_INT, default=0)
+
+
+def inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_args(ap, args):
+    """What argparse's types cannot see: combinations, paths, specs. Resolves the derived values."""
+    if set(args.strategies.split(",")) - {"text", "visual"} or not args.strategies:
+        ap.error(f"--strategies {args.strategies}: must be text, visual or text,visual")
+    for flag, specs in (("--judge", args.judge), ("--selector", [args.selector]), ("--editor", [args.editor])):
+        for spec in filter(None, specs):
+            try:
+                score.parse_judge(spec, flag)
+            except argparse.ArgumentTypeError as e:
+                ap.error(str(e))
+    if args.model and not os.path.isdir(args.model):
+        ap.error(f"--model {args.model}: no such folder (download the checkpoint and pass its local path)")
+    if args.data != "synthetic" and not args.data_dir:
+        ap.error(f"--data {args.data} needs --data-dir: {real_data.DOWNLOAD_HINTS[args.data]}")
+    if args.data != "synthetic" and not args.model:
+        ap.error(f"--data {args.data} needs --model: the tiny built-in model only knows the synthetic vocabulary")
+    try:
+        data.check_prompt_format(args.prompt_format)
+    except ValueError as e:
+        ap.error(f"--prompt-format: {e}")
+    if bool(args.pairs) != bool(args.images):
+        ap.error("--pairs and --images go together (the released file names its images relative to --images)")
+    if args.pairs and not os.path.isfile(args.pairs):
+        ap.error(f"--pairs {args.pairs}: no such file")
+    if args.pairs and args.objective in ("hscr", "fire"):
+        ap.error(f"--pairs holds released MMedPO pairs; --objective {args.objective} builds its own records")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    args.run_name = args.run_name or args.objective
+    if args.run_name in (".", "..", "pairs") or os.sep in args.run_name or not args.run_name.strip():
+        ap.error(f"--run-name {args.run_name!r}: a plain folder name inside --out (not '.', '..', 'pairs', no '/')")
+    for flag, path, is_folder in [("--out", args.out, True), ("--export-pairs", args.export_pairs, False)]:
+        problem = path and checkpoint.unwritable(path, is_folder)
+        if problem:
+            ap.error(f"{flag} {path}: {problem}")
+    if args.export_pairs:  # an output never replaces an input or a stage file
+        inputs = [("--pairs", args.pairs, False), ("--images", args.images, True), ("--data-dir", args.data_dir, True),
+                  ("--model", args.model, True), ("--base", args.base, True),
+                  ("a stage folder", os.path.join(args.out, "pairs"), True),
+                  ("the run folder", os.path.join(args.out, args.run_name), True)]
+        for what, path, folder in inputs:
+            if path and (inside(args.export_pairs, path) if folder else os.path.realpath(args.export_pairs) == os.path.realpath(path)):
+                ap.error(f"--export-pairs {args.export_pairs}: lies in {what} {path}; an output must not replace an input")
+    if args.no_crs:
+        args.weighting = "none"
+    if args.objective == "dpo":  # the paper's DPO baseline: text pairs, no weights
+        args.strategies, args.weighting = "text", "none"
+    sample_cap, eval_cap = data.MAX_NEW_TOKENS[args.data]
+    args.sample_max_new_tokens = args.sample_max_new_tokens or sample_cap
+    args.max_new_tokens = args.max_new_tokens or eval_cap
+
+
+def parse_args(argv=None):
+    ap = get_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    return args

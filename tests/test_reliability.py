@@ -1,0 +1,226 @@
+"""No input overwritten, no finished round lost, no key written from a reply, no silent resume, every
+value a user types checked before work starts, caches keyed on content.
+python -m pytest -q tests/test_reliability.py"""
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import data
+import real_data
+import score
+import train
+from test_score import Server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
+SMALL = ["--n-train", "60", "--n-test", "4", "--n-text", "12", "--n-visual", "8", "--batch-size", "4", "--epochs", "1"]
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def make(**kw):
+        servers.append(Server(**kw))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
+
+
+# -----------------------------------------------------------------------------
+# every value a user types is checked before work starts, naming its flag
+
+@pytest.mark.parametrize("flags, named", [
+    (["--seed", "-1"], "--seed"), (["--lora-alpha", "0"], "--lora-alpha"), (["--max-test", "0"], "--max-test"),
+    (["--n-train", "0"], "--n-train"), (["--steps", "0"], "--steps"), (["--hscr-levels", "0.7,0.3"], "--hscr-levels"),
+    (["--fire-eta", "nan"], "--fire-eta"), (["--run-name", "../elsewhere"], "--run-name"),
+    (["--judge", "bogus"], "--judge"), (["--selector", "x=ftp://h/v1,model=m"], "--selector"),
+    (["--editor", "x=http://h:/v1,model=m"], "--editor"), (["--judge", "x=http://h/v1,model=m,timeout=-1"], "timeout"),
+    (["--judge", "x=http://h/v1,model=m,timeout=inf"], "timeout"), (["--judge", "x=http://h/v1,model=m,max_tokens=0"], "max_tokens"),
+    (["--judge", "x=http://h:99999/v1,model=m"], "--judge")])
+def test_bad_values_are_refused_before_anything_loads(flags, named, capsys, monkeypatch):
+    monkeypatch.setattr(train, "stage_data", lambda run: pytest.fail("work started"))
+    with pytest.raises(SystemExit):
+        train.main(flags)
+    assert named in capsys.readouterr().err
+
+
+def test_an_output_never_replaces_an_input_or_a_stage_file(tmp_path, capsys):
+    released = tmp_path / "released.json"
+    released.write_text("[]")
+    for target in (released, tmp_path / "out" / "pairs" / "mmedpo.jsonl", tmp_path / "out" / "mmedpo" / "x.jsonl"):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path / "out"), "--pairs", str(released), "--images", str(tmp_path),
+                        "--export-pairs", str(target)])
+        assert "--export-pairs" in capsys.readouterr().err
+    assert released.read_text() == "[]"
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("{}\n")
+    with pytest.raises(SystemExit):
+        score.main(["--pairs", str(pairs), "--out", str(pairs)])
+    assert "would be overwritten" in capsys.readouterr().err and pairs.read_text() == "{}\n"
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    lock = checkpoint.RunLock(str(tmp_path / "mmedpo"))
+    try:
+        with pytest.raises(SystemExit, match="in use by another run"):
+            train.main(["--out", str(tmp_path)] + SMALL)
+    finally:
+        lock.release()
+
+
+def test_a_full_disk_is_said_and_the_old_file_kept(tmp_path):
+    path = tmp_path / "metrics.json"
+    checkpoint.write_json(str(path), {"old": 1})
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(checkpoint.DiskFull, match="the disk is full"):
+        checkpoint.atomic_write(str(path), full)
+    assert json.loads(path.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["metrics.json"]
+
+
+# -----------------------------------------------------------------------------
+# caches key on content
+
+def test_the_reference_key_follows_image_content_at_an_unchanged_path(tmp_path):
+    img = tmp_path / "noised.png"
+    data.save_png(data.to_pil(np.zeros((8, 8))), str(img))
+    records = [{"image": str(img), "rejected_image": str(img), "prompt": "q?", "chosen": "yes", "rejected": "yes"}]
+    run = train.Run(train.parse_args(["--out", str(tmp_path)]), 0, 1, torch.device("cpu"), torch.float32, "", "")
+    before = train.reference_key(run, TINY_BASE, records, 2, 64)
+    data.save_png(data.to_pil(np.ones((8, 8))), str(img))          # the noise step changed: same path, new pixels
+    assert train.reference_key(run, TINY_BASE, records, 2, 64) != before
+    data.save_png(data.to_pil(np.zeros((8, 8))), str(img))
+    assert train.reference_key(run, TINY_BASE, records, 2, 64) == before
+
+
+def test_a_resume_continues_only_the_same_computation(tmp_path):
+    records = [{"image": "a.png", "prompt": "q?", "chosen": "yes", "rejected": "no", "weight": 1.0}]
+    run = train.Run(train.parse_args(["--out", str(tmp_path)]), 0, 1, torch.device("cpu"), torch.float32, "", "")
+    inputs = train.inputs_of(run, TINY_BASE, records, 64)
+    config = {**vars(run.args), "world": 1}
+    ck = {"config": config, "inputs": inputs}
+    assert checkpoint.check_checkpoint(ck, config, inputs, train.RESUME_FLAGS) == []
+    reweighted = train.inputs_of(run, TINY_BASE, [{**records[0], "weight": 1.2}], 64)   # a healthy judge, new weights
+    assert checkpoint.check_checkpoint(ck, config, reweighted, train.RESUME_FLAGS) == ["the records differ"]
+    longer = train.inputs_of(run, TINY_BASE, records, 128)
+    assert checkpoint.check_checkpoint(ck, {**config, "max_length": 128}, longer, train.RESUME_FLAGS) == \
+        ["--max-length None -> 128", "the encoding differ"]
+
+
+def test_truncation_is_counted_with_loader_workers(tmp_path, capsys):
+    train.main(["--out", str(tmp_path), "--base", TINY_BASE, "--max-length", "28", "--loader-workers", "2"] + SMALL)
+    printed = capsys.readouterr().out
+    assert "rows had their prompt truncated to fit 28 tokens" in printed
+
+
+# -----------------------------------------------------------------------------
+# replies: checked before they are stored or used
+
+def test_a_reply_holding_the_key_is_a_failed_reply_and_never_stored(server, tmp_path, monkeypatch):
+    secret = "sk-echoed-back-4242"
+    monkeypatch.setenv("MMEDPO_TEST_KEY", secret)
+    srv = server(reply=lambda body: f'{{"score": 8}} (you sent Bearer {secret})')
+    j = score.HTTPJudge("med", srv.url, "m", key_env="MMEDPO_TEST_KEY", max_retries=1, backoff=0.01)
+    cache = tmp_path / "cache.jsonl"
+    out = score.score_pairs([{"prompt": "q?", "chosen": "yes", "rejected": "no"}], [j], str(cache), log=lambda m: None)
+    assert out[0]["status"] == "failed" and "holds the API key" in out[0]["reason"] and secret not in out[0]["reason"]
+    assert secret not in cache.read_text()
+    edits = score.edit_answers([{"question": "q?", "answer": "yes"}], ["no"], j, str(tmp_path / "edits.jsonl"),
+                               log=lambda m: None)
+    assert edits[0]["status"] == "failed" and secret not in (tmp_path / "edits.jsonl").read_text()
+
+
+class Editor:
+    name, model = "llm", "m"
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def __call__(self, messages):
+        return self.reply
+
+
+@pytest.mark.parametrize("reply, why", [("NaN", "not a minimal edit"), ("yes", "the wrong yes/no"),
+                                        ("The lungs are clear and the heart is normal in size.", "not a minimal edit")])
+def test_an_llm_edit_gets_the_rule_editors_checks(reply, why):
+    question, truth = ("Is there a nodule?", "no") if why == "the wrong yes/no" else \
+        ("Where is the mass?", "right upper")
+    answer = "yes" if truth == "no" else "there is a mass in the left upper zone"
+    edited, how = score.edit_answer(Editor(reply), question, truth, answer)
+    assert f"rejected: {why}" in how and edited != reply
+
+
+def test_a_json_nan_content_is_a_malformed_reply(server):
+    srv = server(script=[(200, float("nan"), {}, 0)])   # {"content": NaN}
+    j = score.HTTPJudge("med", srv.url, "m", max_retries=1, backoff=0.01)
+    with pytest.raises(score.JudgeError, match="malformed reply"):
+        j([{"role": "user", "content": "x"}])
+
+
+def test_non_object_cache_lines_are_named_and_skipped(tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    good = {"key": "k1", "status": "scored", "score": 7.0}
+    cache.write_text("\n".join(["[1, 2]", "null", '"x"', json.dumps(good), json.dumps({"key": 3})]) + "\n")
+    said = []
+    loaded = score.load_cache(str(cache), said.append)
+    assert loaded == {"k1": good}
+    assert [m.split(": ")[0] for m in said] == [f"{cache}:{n}" for n in (1, 2, 3, 5)]
+
+
+# -----------------------------------------------------------------------------
+# data files: no file outside --images is opened, no FIFO blocks the run
+
+def test_released_images_outside_the_folder_or_special_are_never_opened(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    os.mkfifo(images / "pipe.png")
+    os.symlink("/etc/passwd", images / "link.png")
+    record = lambda i, image: {"id": i, "image": image, "weighted_score": 0.5,
+                               "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "yes"}],
+                               "rejected_conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "no"}]}
+    path = tmp_path / "released.json"
+    path.write_text(json.dumps([record(1, "/etc/passwd"), record(2, "link.png"), record(3, "pipe.png")]))
+    opened = []
+    real = data._read_image
+    monkeypatch.setattr(data, "_read_image", lambda p, *a: (opened.append(p), real(p, *a))[1])
+    said = []
+    pairs, skipped = real_data.read_released_pairs(str(path), str(images), said.append)
+    assert pairs == [] and skipped == 3 and opened == []
+    assert sum("outside --images" in m for m in said) == 2 and any("pipe.png not found or unreadable" in m for m in said)
+
+
+# -----------------------------------------------------------------------------
+# finished work is never lost, and old results never stand beside a new adapter
+
+def test_a_later_fire_round_that_cannot_train_keeps_the_last_rounds_adapter(tmp_path, capsys, monkeypatch):
+    real = train.build_fire_pairs
+
+    def fewer(*a, round_index=0, **k):
+        records, complete = real(*a, round_index=round_index, **k)
+        return (records[:1] if round_index else records), complete
+    monkeypatch.setattr(train, "build_fire_pairs", fewer)
+    train.main(["--out", str(tmp_path), "--objective", "fire", "--n-text", "96", "--n-test", "4", "--batch-size", "4",
+                "--epochs", "1", "--policy-rounds", "2"])
+    printed = capsys.readouterr().out
+    assert "fewer than one global batch (4): the run ends with round 1's adapter" in printed
+    assert (tmp_path / "fire" / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "fire" / "metrics.json").read_text())["objective"] == "fire"
+
+
+def test_a_rerun_that_dies_after_the_adapter_leaves_no_old_metrics(tmp_path, monkeypatch):
+    args = ["--out", str(tmp_path)] + SMALL
+    train.main(args)
+    assert (tmp_path / "mmedpo" / "metrics.json").exists()
+    monkeypatch.setattr(train, "save_pictures", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--lr", "5e-4"])
+    assert (tmp_path / "mmedpo" / "adapter").exists() and not (tmp_path / "mmedpo" / "metrics.json").exists()
