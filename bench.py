@@ -113,12 +113,13 @@ def main():
         return study_main(sys.argv[2:])
     if sys.argv[1:2] == ["sweep"]:
         return sweep_main(sys.argv[2:])
+    from flags import POS_INT, NONNEG_INT, number
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=POS_INT, default=16)
+    ap.add_argument("--image-size", type=number(int, 8), default=32)
+    ap.add_argument("--steps", type=POS_INT, default=30)
+    ap.add_argument("--warmup", type=NONNEG_INT, default=3)
     ap.add_argument("--variant", choices=["ours", "naive"], default=None, help="run one variant (used internally)")
     args = ap.parse_args()
     if args.variant:
@@ -126,8 +127,10 @@ def main():
     results = {}
     for variant in ("ours", "naive"):
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # the child's own message, not a CalledProcessError
+            sys.exit(f"bench.py: the {variant} variant failed:\n{done.stderr[-2000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"DPO step, tiny LLaVA, batch {args.batch_size} pairs, {args.device}, torch threads {torch.get_num_threads()}")
     print(f"{'':8s} {'ms/step':>9s} {'pairs/s':>9s} {'peak MB':>9s} | median ms of: batch, forward(+loss), backward, optimizer")
     for v, r in results.items():
@@ -318,6 +321,9 @@ def study_main(argv):
         ap.error(f"--rows: row numbers are 0..{len(STUDY_ROWS) - 1}")
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    if len(args.bases) * len(args.seeds) > 1 and len(args.bases) * len(args.seeds) not in T_975:
+        ap.error(f"--bases x --seeds: {len(args.bases) * len(args.seeds)} runs per row; the intervals know "
+                 f"{', '.join(map(str, sorted(T_975)))} runs")
     rows = [STUDY_ROWS[i] for i in args.rows] if args.rows else STUDY_ROWS
     os.makedirs(args.out, exist_ok=True)
     bases, results, t0 = study_bases(args.out, args.bases), {}, time.time()

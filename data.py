@@ -26,7 +26,7 @@ from PIL import Image, ImageStat, UnidentifiedImageError
 
 import score
 from checkpoint import atomic_write
-from mmedpo import IGNORE_INDEX, normalize_scores, sequence_logps
+from mmedpo import IGNORE_INDEX, normalize_scores, sequence_logps, token_logps
 from noise import (attention_heatmap, detect_lesions, heatmap_from_mask, lesion_coverage, localized_noise,
                    mask_confidence, smooth_heatmap)
 from rule_judge import NEGATIONS, clean_answer, polarity, words
@@ -609,6 +609,15 @@ def collate_records(batch, pad_id):
     if "edit_mask" in rows[0]:
         out["edit_mask"] = right_pad([r["edit_mask"] for r in rows], 0.0)
     return out
+
+
+def model_token_logps(model, batch, n=None):
+    """One forward of the first n rows of an encoded batch (all by default): (logits (n, T, V), token
+    log-probs (n, T-1), response mask (n, T-1)), the shift and masks of `mmedpo.token_logps`."""
+    rows = slice(None, n)
+    logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                   pixel_values=batch["pixel_values"][rows]).logits
+    return (logits, *token_logps(logits, batch["labels"][rows]))
 
 
 def forward_logps(model, batch):

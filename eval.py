@@ -1,5 +1,10 @@
-"""Evaluation: Med-VQA open recall and closed accuracy (LLaVA-Med), report BLEU-1..4 and ROUGE-L
-(pycocoevalcap, as R2Gen and MMedPO's Table 1).
+"""Evaluation. First grounding, what the method claims (does the model answer from the image?):
+POPE's accuracy, precision, recall, F1 and yes-ratio on balanced presence probes, scored as the authors'
+eval_pope.py reads an answer; the AUROC of log P(yes) - log P(no); and counterfactual pairs (the same
+image with and without a finding, both answered right). Then the paper's failure (answers from the
+training prior on questions whose image breaks it), Med-VQA open recall and closed accuracy (LLaVA-Med),
+report BLEU-1..4 and ROUGE-L (pycocoevalcap, as R2Gen and MMedPO's Table 1), and CHAIR-style counts
+of findings stated but absent (a wrong side or zone included).
 
 VQA answers are normalized as LLaVA-Med does: lower-case, punctuation to spaces, articles dropped,
 number words to digits. Two rule sets score them (`--vqa-scoring`):
@@ -20,7 +25,7 @@ the paper's Figure 5).
     python eval.py --model assets/tiny-base                                 # the tiny base, synthetic test split
     python eval.py --model assets/tiny-base --adapter out/mmedpo/adapter    # with a trained adapter
 
-Tests:  python -m pytest -q tests/test_eval.py
+Tests:  python -m pytest -q tests/test_eval.py tests/test_benchmark.py
 """
 import argparse
 import math
@@ -532,7 +537,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=None,
-                    help="generation cap; default per task: 16 synthetic, 64 Med-VQA, 256 reports")
+                    help="generation cap; default per task: 48 synthetic, 64 Med-VQA, 256 reports")
     ap.add_argument("--vqa-scoring", default="ours", choices=VQA_SCORING,
                     help="ours (whole words) or llava-med (LLaVA-Med run_eval.py's rules, to compare with published tables)")
     ap.add_argument("--out", default=None, help="write the predictions as JSONL here (to re-score them later)")

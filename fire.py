@@ -23,7 +23,7 @@ import torch
 import data
 import lora
 import score
-from mmedpo import bidirectional_kl, fire_token_loss, fire_visual_loss, token_logps
+from mmedpo import bidirectional_kl, fire_token_loss, fire_visual_loss
 from rule_judge import edit_kind, polarity
 
 
@@ -92,13 +92,9 @@ def fire_objective_loss(model, batch, ref, weights, args):
     full distributions, so the reference runs here, on the clean-image rows, with the adapter disabled
     and no grad; the cached sums `ref` (B, 3) serve L_vis exactly."""
     B = ref.shape[0]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"]).logits                          # (3B, T, V)
-    policy, response = token_logps(logits, batch["labels"])                            # (3B, T-1)
+    logits, policy, response = data.model_token_logps(model, batch)                    # (3B, T, V), (3B, T-1)
     with torch.no_grad(), lora.disable_lora(model):
-        ref_logits = model(input_ids=batch["input_ids"][:2 * B], attention_mask=batch["attention_mask"][:2 * B],
-                           pixel_values=batch["pixel_values"][:2 * B]).logits            # (2B, T, V)
-    ref_tok, _ = token_logps(ref_logits, batch["labels"][:2 * B])
+        ref_logits, ref_tok, _ = data.model_token_logps(model, batch, 2 * B)           # the clean-image rows
     edit = batch["edit_mask"][:, 1:].float()                                            # aligned with the labels' shift
     l_tok, m_tok = fire_token_loss(policy[:B], ref_tok[:B], edit[:B], policy[B:2 * B], ref_tok[B:], edit[B:2 * B], args.beta)
     sums = policy.sum(-1)

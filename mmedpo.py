@@ -1,5 +1,5 @@
 """The math of the objectives: token and sequence log-probs, clinical-score normalization, and one
-loss per objective (MMedPO's weighted DPO, HSCR's multi-level loss).
+loss per objective (MMedPO's weighted DPO, HSCR's multi-level loss, FiRe-MPO's three terms).
 
 Pure tensor functions, torch only: copy this file into another project and it works. Every loss
 returns per-example losses (the caller reduces, e.g. with .mean()) and the detached rewards it logs.
@@ -14,7 +14,7 @@ returns per-example losses (the caller reduces, e.g. with .mean()) and the detac
     fire_visual_loss(...)                   FiRe-MPO's clean-over-corrupted-image term (our reading)
     bidirectional_kl(...)                   FiRe-MPO's token-wise KL anchor to the reference (our reading)
 
-Run its tests with:  python -m pytest -q tests/test_mmedpo.py
+Run its tests with:  python -m pytest -q tests/test_mmedpo.py tests/test_objectives.py
 """
 import math
 

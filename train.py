@@ -1,7 +1,7 @@
 """Preference training of a medical VLM end to end, in the order of MMedPO's Algorithm 1: base model ->
 preference records (MMedPO's text and visual pairs, HSCR's triplets, or FiRe-MPO's edited on-policy
 answers) -> clinical-relevance weights -> reference log-probs -> LoRA training with the chosen
-objective -> evaluation before and after, grounding first. Read `main` at the bottom, then each stage.
+objective -> evaluation before and after, grounding first. Read `main` first, then each stage below it.
 
     python train.py                                   # MMedPO on the embedded default, about a minute on a laptop CPU
     python train.py --objective sft                   # the control: SFT on the same chosen answers
@@ -38,12 +38,77 @@ import lora
 import real_data
 import score
 import synthetic
-from flags import parse_args
 from checkpoint import cached, file_digest, fingerprint, get_lr, read_json, seed_everything, weights_stamp, write_json
 from eval import answer_prior, evaluate, format_table, save_pictures
 from fire import build_fire_pairs, fire_objective_loss
+from flags import parse_args
 from hscr import build_hscr_pairs, hscr_objective_loss
-from mmedpo import mmedpo_loss, token_logps
+from mmedpo import mmedpo_loss
+
+
+def main(argv=None):
+    """Algorithm 1, one stage after the other; each stage is defined below, in this order."""
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    args.loader_workers = args.loader_workers if args.loader_workers is not None else 4 * (device.type == "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+    run = Run(args, rank, world, device, dtype, os.path.join(args.out, args.run_name), os.path.join(args.out, "pairs"))
+    t_start, lock = time.time(), None
+    if run.master:
+        try:
+            lock = checkpoint.RunLock(run.run_dir)
+        except RuntimeError as e:
+            sys.exit(str(e))
+        os.makedirs(run.pairs_dir, exist_ok=True)
+        clear_results(run)
+
+    train_qa, pref_qa, test_qa, probes, store, corpus = stage_data(run)            # the data
+    base_path = stage_base(run, corpus, store, train_qa)                         # [1] the base model
+    if args.base_only:
+        return
+    try:
+        model, processor = checkpoint.load_model(base_path, dtype, device, args.trust_remote_code)
+        data.check_prompt_format(args.prompt_format, processor)
+    except ValueError as e:
+        sys.exit(f"{base_path}: {e}")
+    max_length = args.max_length or getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    records, skipped = stage_records(run, model, processor, base_path, pref_qa, store)   # [2] curation and scores
+    records = weigh(run, records)                                                # [2b] clinical-relevance weights
+    prior = answer_prior(train_qa)
+    before = stage_eval_before(run, model, processor, base_path, test_qa, probes, store, prior)   # [3]
+    add_adapter(run, model)                                                      # [4] LoRA
+    image_at = data.model_image_reader(args.pad_to_square)
+    rounds = args.policy_rounds if args.objective == "fire" else 1
+    history, global_batch = [], args.batch_size * args.grad_accum * world
+    for r in range(rounds):  # FiRe-MPO: each round answers with the adapter as it is, then trains on the edits
+        tag = f"_round{r}" if rounds > 1 else ""
+        if r > 0:
+            fresh = stage_next_round(run, model, processor, pref_qa, store, r)
+            if len(fresh) < global_batch:  # round r's training is finished work: it is reported, not lost
+                run.log(f"      round {r + 1}: {len(fresh)} records, fewer than one global batch ({global_batch}): "
+                        f"the run ends with round {r}'s adapter")
+                break
+            records = fresh
+        elif len(records) < global_batch:
+            sys.exit(f"{len(records)} records are fewer than one global batch ({global_batch}); lower --batch-size")
+        dataset = data.RecordDataset(records, processor, image_at, args.prompt_format, max_length,
+                                     cache_pixels=args.data == "synthetic")
+        ref = stage_reference(run, model, processor, base_path, records, dataset, tag)   # [4] reference log-probs
+        inputs = inputs_of(run, base_path, records, max_length)
+        round_history, finished = stage_train(run, model, processor, records, dataset, ref, inputs, tag)  # [5]
+        history += round_history
+        if not finished:
+            break
+    if finished and run.master:                                                  # [6] adapter, evaluation, report
+        stage_report(run, model, processor, records, skipped, history, before, test_qa, probes, store, prior,
+                     base_path, t_start)
+    run.barrier()
+    lock and lock.release()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
 
 # -----------------------------------------------------------------------------
 # the objectives: which records are built, which loss runs on them, how many responses a record holds.
@@ -55,9 +120,7 @@ from mmedpo import mmedpo_loss, token_logps
 def preference_loss(model, batch, ref, weights, args):
     """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected), plus --nll-weight times the
     chosen answer's mean token NLL when asked (an anchor against likelihood displacement; not the paper's)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"]).logits
-    tokens, response = token_logps(logits, batch["labels"])                # (2B, T-1)
+    _, tokens, response = data.model_token_logps(model, batch)           # (2B, T-1)
     policy = tokens.sum(-1).view(2, -1).T                                  # (B, 2)
     losses, chosen_r, rejected_r = mmedpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], weights, args.beta)
     stats = {"reward_acc": (chosen_r > rejected_r).float(), "margin": chosen_r - rejected_r}
@@ -71,10 +134,7 @@ def sft_control_loss(model, batch, ref, weights, args):
     """The control of the benchmark: supervised fine-tuning on the preference data's chosen answers only
     (mean token NLL; the rejected answers and the weights are not used). A preference objective counts as
     working only where it beats this."""
-    B = ref.shape[0]
-    logits = model(input_ids=batch["input_ids"][:B], attention_mask=batch["attention_mask"][:B],
-                   pixel_values=batch["pixel_values"][:B]).logits
-    logps, response = token_logps(logits, batch["labels"][:B])
+    _, logps, response = data.model_token_logps(model, batch, ref.shape[0])   # the chosen rows
     nll = -logps.sum(-1) / response.sum(-1).clamp(min=1)
     return nll, {"reward_acc": torch.zeros_like(nll), "margin": torch.zeros_like(nll)}
 
@@ -168,7 +228,7 @@ def all_sum(run, values):
 
 
 # -----------------------------------------------------------------------------
-# the stages of a run, in order (Algorithm 1); `main` at the bottom calls them one after the other
+# the stages of a run, in the order `main` calls them (Algorithm 1)
 
 def stage_data(run):
     """(SFT items, preference items, test items, grounding probes, image store, tokenizer corpus).
@@ -547,69 +607,6 @@ def clear_results(run):
         if os.path.exists(run.path(name)):
             os.remove(run.path(name))
     shutil.rmtree(run.path("adapter"), ignore_errors=True)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    args.loader_workers = args.loader_workers if args.loader_workers is not None else 4 * (device.type == "cuda")
-    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
-    run = Run(args, rank, world, device, dtype, os.path.join(args.out, args.run_name), os.path.join(args.out, "pairs"))
-    t_start, lock = time.time(), None
-    if run.master:
-        try:
-            lock = checkpoint.RunLock(run.run_dir)
-        except RuntimeError as e:
-            sys.exit(str(e))
-        os.makedirs(run.pairs_dir, exist_ok=True)
-        clear_results(run)
-
-    train_qa, pref_qa, test_qa, probes, store, corpus = stage_data(run)            # the data
-    base_path = stage_base(run, corpus, store, train_qa)                         # [1] the base model
-    if args.base_only:
-        return
-    try:
-        model, processor = checkpoint.load_model(base_path, dtype, device, args.trust_remote_code)
-        data.check_prompt_format(args.prompt_format, processor)
-    except ValueError as e:
-        sys.exit(f"{base_path}: {e}")
-    max_length = args.max_length or getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    records, skipped = stage_records(run, model, processor, base_path, pref_qa, store)   # [2] curation and scores
-    records = weigh(run, records)                                                # [2b] clinical-relevance weights
-    prior = answer_prior(train_qa)
-    before = stage_eval_before(run, model, processor, base_path, test_qa, probes, store, prior)   # [3]
-    add_adapter(run, model)                                                      # [4] LoRA
-    image_at = data.model_image_reader(args.pad_to_square)
-    rounds = args.policy_rounds if args.objective == "fire" else 1
-    history, global_batch = [], args.batch_size * args.grad_accum * world
-    for r in range(rounds):  # FiRe-MPO: each round answers with the adapter as it is, then trains on the edits
-        tag = f"_round{r}" if rounds > 1 else ""
-        if r > 0:
-            fresh = stage_next_round(run, model, processor, pref_qa, store, r)
-            if len(fresh) < global_batch:  # round r's training is finished work: it is reported, not lost
-                run.log(f"      round {r + 1}: {len(fresh)} records, fewer than one global batch ({global_batch}): "
-                        f"the run ends with round {r}'s adapter")
-                break
-            records = fresh
-        elif len(records) < global_batch:
-            sys.exit(f"{len(records)} records are fewer than one global batch ({global_batch}); lower --batch-size")
-        dataset = data.RecordDataset(records, processor, image_at, args.prompt_format, max_length,
-                                     cache_pixels=args.data == "synthetic")
-        ref = stage_reference(run, model, processor, base_path, records, dataset, tag)   # [4] reference log-probs
-        inputs = inputs_of(run, base_path, records, max_length)
-        round_history, finished = stage_train(run, model, processor, records, dataset, ref, inputs, tag)  # [5]
-        history += round_history
-        if not finished:
-            break
-    if finished and run.master:                                                  # [6] adapter, evaluation, report
-        stage_report(run, model, processor, records, skipped, history, before, test_qa, probes, store, prior,
-                     base_path, t_start)
-    run.barrier()
-    lock and lock.release()
-    if world > 1:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

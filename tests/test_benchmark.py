@@ -1,16 +1,17 @@
 """The synthetic benchmark: priors skewed in the SFT split and broken in the others by construction, the
 hallucination and report-finding metrics against hand-counted examples, the judge's graded severity,
 and the study's statistics.  python -m pytest -q tests/test_benchmark.py"""
+import json
 import math
 
 import pytest
 
 import bench
 import data
-import score
-from eval import answer_prior, hallucination_metrics, report_finding_metrics, report_findings
 import rule_judge
+import score
 import synthetic
+from eval import answer_prior, hallucination_metrics, report_finding_metrics, report_findings
 
 
 def yes_rate(qa):
@@ -95,3 +96,28 @@ def test_several_rule_judges_start_apart_and_reach_consensus():
 def test_paired_interval_hand_value():
     m, h = bench.paired_ci([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])                       # differences 0.1, 0.2, 0.3
     assert m == pytest.approx(0.2) and h == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+
+
+def test_rows_in_any_order_are_labelled_by_their_own_results(tmp_path, monkeypatch):
+    """--rows 2,0 must put each row's own metrics under its own name: a run's folder is named for its row."""
+    def fake_run(out, base, base_path, seed, name, flags, steps, log_path):
+        row = [n for n, _ in bench.STUDY_ROWS].index(name)
+        assert slug_ok(log_path, name)
+        g = {"pope": {"accuracy": row / 10, "yes_ratio": 0.5}, "counterfactual": {"accuracy": row / 20}, "auroc": 0.5}
+        m = {"grounding": g, "prior_breaking": {"hallucination_rate": 0.5, "accuracy_following": 0.5}, "closed": 0.5,
+             "open": 0.5, "bleu_mean": 0.5, "report_findings": {"chair": 0.5}}
+        return {"before": {**m, "grounding": {**g, "pope": {"accuracy": 0.123, "yes_ratio": 0.5}}}, "after": m}, False
+    slug_ok = lambda path, name: bench.slug(name) in path
+    monkeypatch.setattr(bench, "run_study_row", fake_run)
+    monkeypatch.setattr(bench, "study_bases", lambda out, bases, log=print: {b: "base" for b in bases})
+    monkeypatch.setattr(bench, "study_chart", lambda *a: None)
+    bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0,1", "--rows", "2,0"])
+    table = (tmp_path / "study.md").read_text()
+    row = lambda name: next(l for l in table.splitlines() if l.startswith(f"| {name} |"))
+    assert row("MMedPO (text + visual)").split("|")[2].strip() == "0.200 ± 0.000"
+    assert row("SFT on the chosen answers (control)").split("|")[2].strip() == "0.000 ± 0.000"
+    assert row("base (before training)").split("|")[2].strip() == "0.123 ± 0.000"
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert {(r["row"], r["seed"], r["bal-acc"]) for r in saved} == {
+        ("MMedPO (text + visual)", 0, 0.2), ("MMedPO (text + visual)", 1, 0.2),
+        ("SFT on the chosen answers (control)", 0, 0.0), ("SFT on the chosen answers (control)", 1, 0.0)}

@@ -226,3 +226,25 @@ def test_vicuna_prompt_format_is_the_authors_conversation():
     prompt = data.format_prompt(None, "vicuna", "Is there a mass?")
     assert prompt.startswith("A chat between a curious user and an artificial intelligence assistant.")
     assert prompt.endswith("USER: <image>\nIs there a mass? ASSISTANT:")
+
+
+def test_counterfactual_images_differ_only_where_the_finding_was(world):
+    images, _ = world
+    store = synthetic.SyntheticStore(images[:40], None)
+    probes = synthetic.counterfactual_probes(images[:40], 32, store)
+    assert probes and len(probes) % 2 == 0
+    for with_it, without in zip(probes[::2], probes[1::2]):
+        assert (with_it["answer"], without["answer"]) == ("yes", "no") and with_it["question"] == without["question"]
+        a, b = store.pixels(with_it["image_id"]), store.pixels(without["image_id"])
+        im = store.by_id[with_it["image_id"]]
+        hidden = next(f for f in im["findings"] if f["kind"] != "cardiomegaly")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = im["render_state"]
+        _, masks = synthetic.render_radiograph(im["findings"], 32, rng)
+        mask = masks[im["findings"].index(hidden)].astype(bool)
+        near = mask.copy()                                    # the lesion's soft edge: two pixels around its mask
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                near |= np.roll(np.roll(mask, dy, 0), dx, 1)
+        diff = np.abs(a - b)
+        assert diff[~near].max() < 0.02 and diff[mask].mean() > 0.05

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 import data
-import train
 import real_data
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_mmedpo_vqa-rad_sample.json")

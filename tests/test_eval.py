@@ -81,3 +81,37 @@ def test_vqa_metrics_and_prior():
     prior = answer_prior(items + [items[0]])
     assert prior(items[1]) == "yes" and prior(items[2]) == "left upper"
     assert prior({"question": "never seen?", "answer": "", "type": "closed"}) == "yes"
+
+
+def test_pope_reads_answers_as_the_authors_script_does():
+    from eval import pope_answer
+    assert [pope_answer(a) for a in ("Yes.", "No, there is not.", "There is no nodule", "not seen", "Nope",
+                                     "Yes. No other finding.", "nodule, no")] == \
+        ["yes", "no", "no", "no", "yes", "yes", "no"]
+
+
+def test_pope_metrics_hand_values_and_a_yes_sayer():
+    from eval import pope_metrics
+    preds, truths = ["yes", "yes", "no", "yes"], ["yes", "no", "no", "yes"]      # tp 2, fp 1, tn 1, fn 0
+    m = pope_metrics(preds, truths)
+    assert (m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]) == (0.75, 2 / 3, 1.0, 0.75)
+    assert m["f1"] == pytest.approx(0.8)
+    lean = pope_metrics(["yes"] * 4, ["yes", "no", "yes", "no"])                # "yes" to everything
+    assert lean["accuracy"] == 0.5 and lean["recall"] == 1.0 and lean["yes_ratio"] == 1.0
+
+
+def test_auroc_hand_values():
+    from eval import auroc
+    assert auroc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert auroc([0.1, 0.8, 0.9, 0.2], [1, 1, 0, 0]) == 0.25       # pairs won: (0.8 > 0.2) only, of 4
+    assert auroc([0.5, 0.5], [1, 0]) == 0.5                        # a tie counts one half
+    assert math.isnan(auroc([0.5], [1]))
+
+
+def test_counterfactual_accuracy_is_zero_for_an_image_blind_model():
+    from eval import grounding_metrics
+    probes = [{"answer": a, "pair": p} for p in ("p1", "p2") for a in ("yes", "no")]
+    blind = grounding_metrics(probes, ["yes", "yes", "no", "no"], [1.0, 1.0, -1.0, -1.0])
+    assert blind["counterfactual"] == {"accuracy": 0.0, "n_pairs": 2} and blind["pope"]["accuracy"] == 0.5
+    looks = grounding_metrics(probes, ["yes", "no", "yes", "no"], [2.0, -1.0, 1.0, -2.0])
+    assert looks["counterfactual"]["accuracy"] == 1.0 and looks["auroc"] == 1.0

@@ -13,10 +13,10 @@ from PIL import Image
 
 import data
 import eval as evaluation
-import score
-import train
 import checkpoint
 import real_data
+import score
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
@@ -85,8 +85,15 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_records(tmp_path, monke
     (["--rounds", "0"], "--rounds"), (["--lora-dropout", "2"], "--lora-dropout"),
     (["--temperature", "0"], "--temperature"), (["--n-text", "-5"], "--n-text"), (["--image-size", "0"], "--image-size"),
     (["--max-length", "5"], "--max-length"), (["--hscr-p", "1.5"], "--hscr-p"), (["--workers", "0"], "--workers"),
-    (["--max-new-tokens", "0"], "--max-new-tokens")])
-def test_bad_values_stop_at_start_up_naming_the_flag(flags, named, capsys):
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--seed", "-1"], "--seed"), (["--lora-alpha", "0"], "--lora-alpha"),
+    (["--max-test", "0"], "--max-test"), (["--n-train", "0"], "--n-train"), (["--steps", "0"], "--steps"),
+    (["--hscr-levels", "0.7,0.3"], "--hscr-levels"), (["--fire-eta", "nan"], "--fire-eta"),
+    (["--run-name", "../elsewhere"], "--run-name"), (["--judge", "bogus"], "--judge"),
+    (["--selector", "x=ftp://h/v1,model=m"], "--selector"), (["--editor", "x=http://h:/v1,model=m"], "--editor"),
+    (["--judge", "x=http://h/v1,model=m,timeout=-1"], "timeout"), (["--judge", "x=http://h/v1,model=m,timeout=inf"], "timeout"),
+    (["--judge", "x=http://h/v1,model=m,max_tokens=0"], "max_tokens"), (["--judge", "x=http://h:99999/v1,model=m"], "--judge")])
+def test_bad_values_stop_at_start_up_naming_the_flag(flags, named, capsys, monkeypatch):
+    monkeypatch.setattr(train, "stage_data", lambda run: pytest.fail("work started before the flags were checked"))
     with pytest.raises(SystemExit):
         train.main(flags)
     assert named in capsys.readouterr().err

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import data
+import fire
+import rule_judge
 import score
 import train
-import rule_judge
-import fire
 
 
 @pytest.mark.parametrize("question, truth, answer, edited", [
@@ -64,10 +64,21 @@ def test_fire_runs_end_to_end_with_masked_records_and_two_rounds(tmp_path):
     assert all(any(r["mask_chosen"]) or any(r["mask_rejected"]) for r in records)    # an edit is never empty
     second, _ = data.read_pairs(str(tmp_path / "fire" / "fire_round1.jsonl"))     # round 2: the adapter's answers
     assert second and all("round 1" in r["provenance"] for r in second)
+    assert all(r["edit"] in ("minimal", "rewritten") and r["direction"] in ("yes->no", "no->yes", "open")
+               for r in records + second)
     logs = [json.loads(l) for name in ("log_round0.jsonl", "log_round1.jsonl")
             for l in (tmp_path / "fire" / name).read_text().splitlines()]
-    assert logs and {"l_tok", "l_vis", "l_kl", "margin_vis"} <= set(logs[0])
-    assert all(r["l_kl"] >= 0 for r in logs)
+    assert logs and {"l_tok", "l_vis", "l_kl", "margin_vis", "kl_share"} <= set(logs[0])
+    assert logs[0]["l_kl"] == 0 and logs[-1]["l_kl"] > 0     # the policy starts at the reference, then leaves it
+    # the reference stays the base model in every round: round 2's cached log-probs are the base's own
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    base = train.os.path.join(train.os.path.dirname(train.__file__), "assets", "tiny-base")
+    model, processor = AutoModelForImageTextToText.from_pretrained(base).eval(), AutoProcessor.from_pretrained(base)
+    ref = torch.load(tmp_path / "fire" / "ref_logps_round1.pt", weights_only=True)["logps"]
+    dataset = data.RecordDataset(second[:4], processor, data.model_image_reader(False))
+    with torch.no_grad():
+        own = data.policy_logps(model, data.collate_records([dataset[i] for i in range(4)], processor.tokenizer.pad_token_id), 3)
+    assert torch.allclose(ref[:4], own, atol=1e-4)
     metrics = json.loads((tmp_path / "fire" / "metrics.json").read_text())
     assert metrics["objective"] == "fire" and "before" in metrics and "after" in metrics
 
@@ -82,7 +93,7 @@ def test_edit_mask_lands_on_the_edited_label_positions(tmp_path):
     m_w, m_l = fire.edit_masks(data.response_ids(processor.tokenizer, y_w), data.response_ids(processor.tokenizer, y_l))
     rec = {"image": str(tmp_path / "a.png"), "corrupted_image": str(tmp_path / "a.png"), "prompt": "Where is the mass?",
            "chosen": y_w, "rejected": y_l, "mask_chosen": m_w, "mask_rejected": m_l}
-    rows = data.RecordDataset([rec], processor, lambda p: data.to_pil(data.read_image(p)))[0]
+    rows = data.RecordDataset([rec], processor, data.model_image_reader(False))[0]
     assert len(rows) == 3
     for row, mask in zip(rows, (m_w, m_l, m_w)):
         response = row["labels"] != data.IGNORE_INDEX

@@ -14,42 +14,15 @@ import data
 import real_data
 import score
 import train
-from test_score import Server
+from test_score import server_factory  # noqa: F401  (the fault-injecting server, a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
 SMALL = ["--n-train", "60", "--n-test", "4", "--n-text", "12", "--n-visual", "8", "--batch-size", "4", "--epochs", "1"]
 
 
-@pytest.fixture
-def server():
-    servers = []
-
-    def make(**kw):
-        servers.append(Server(**kw))
-        return servers[-1]
-    yield make
-    for s in servers:
-        s.close()
-
-
 # -----------------------------------------------------------------------------
 # every value a user types is checked before work starts, naming its flag
-
-@pytest.mark.parametrize("flags, named", [
-    (["--seed", "-1"], "--seed"), (["--lora-alpha", "0"], "--lora-alpha"), (["--max-test", "0"], "--max-test"),
-    (["--n-train", "0"], "--n-train"), (["--steps", "0"], "--steps"), (["--hscr-levels", "0.7,0.3"], "--hscr-levels"),
-    (["--fire-eta", "nan"], "--fire-eta"), (["--run-name", "../elsewhere"], "--run-name"),
-    (["--judge", "bogus"], "--judge"), (["--selector", "x=ftp://h/v1,model=m"], "--selector"),
-    (["--editor", "x=http://h:/v1,model=m"], "--editor"), (["--judge", "x=http://h/v1,model=m,timeout=-1"], "timeout"),
-    (["--judge", "x=http://h/v1,model=m,timeout=inf"], "timeout"), (["--judge", "x=http://h/v1,model=m,max_tokens=0"], "max_tokens"),
-    (["--judge", "x=http://h:99999/v1,model=m"], "--judge")])
-def test_bad_values_are_refused_before_anything_loads(flags, named, capsys, monkeypatch):
-    monkeypatch.setattr(train, "stage_data", lambda run: pytest.fail("work started"))
-    with pytest.raises(SystemExit):
-        train.main(flags)
-    assert named in capsys.readouterr().err
-
 
 def test_an_output_never_replaces_an_input_or_a_stage_file(tmp_path, capsys):
     released = tmp_path / "released.json"
@@ -125,10 +98,10 @@ def test_truncation_is_counted_with_loader_workers(tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # replies: checked before they are stored or used
 
-def test_a_reply_holding_the_key_is_a_failed_reply_and_never_stored(server, tmp_path, monkeypatch):
+def test_a_reply_holding_the_key_is_a_failed_reply_and_never_stored(server_factory, tmp_path, monkeypatch):
     secret = "sk-echoed-back-4242"
     monkeypatch.setenv("MMEDPO_TEST_KEY", secret)
-    srv = server(reply=lambda body: f'{{"score": 8}} (you sent Bearer {secret})')
+    srv = server_factory(reply=lambda body: f'{{"score": 8}} (you sent Bearer {secret})')
     j = score.HTTPJudge("med", srv.url, "m", key_env="MMEDPO_TEST_KEY", max_retries=1, backoff=0.01)
     cache = tmp_path / "cache.jsonl"
     out = score.score_pairs([{"prompt": "q?", "chosen": "yes", "rejected": "no"}], [j], str(cache), log=lambda m: None)
@@ -159,8 +132,8 @@ def test_an_llm_edit_gets_the_rule_editors_checks(reply, why):
     assert f"rejected: {why}" in how and edited != reply
 
 
-def test_a_json_nan_content_is_a_malformed_reply(server):
-    srv = server(script=[(200, float("nan"), {}, 0)])   # {"content": NaN}
+def test_a_json_nan_content_is_a_malformed_reply(server_factory):
+    srv = server_factory(script=[(200, float("nan"), {}, 0)])   # {"content": NaN}
     j = score.HTTPJudge("med", srv.url, "m", max_retries=1, backoff=0.01)
     with pytest.raises(score.JudgeError, match="malformed reply"):
         j([{"role": "user", "content": "x"}])

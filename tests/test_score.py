@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import score
 import rule_judge
+import score
 
 # 12 records of the authors' released VQA-RAD preference file (aiming-lab/MMedPO, data/)
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_mmedpo_vqa-rad_sample.json")

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
 import lora
 import train
-import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-train", "60", "--n-test", "6", "--sft-steps", "30", "--n-text", "12", "--n-visual", "8",
