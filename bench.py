@@ -310,6 +310,7 @@ def study_bases(out, bases, log=print):
 
 
 def study_main(argv):
+    import train  # noqa: F401  every project module is loaded now: a long study runs one version of the code
     ap = argparse.ArgumentParser(description="the synthetic benchmark study: every objective and ablation, equal budgets")
     ap.add_argument("--out", default="out/study", help="runs go to OUT/baseB/seedS/ROW; reused when their flags are unchanged")
     ap.add_argument("--bases", type=int_list, default=[0, 1], help="base models: 0 the shipped one, b > 0 built with seed b")
@@ -353,7 +354,6 @@ def study_main(argv):
     print("\n" + table + f"\n\nwritten to {args.out}/study.md, study.json and study.png in {time.time() - t0:.0f}s")
 
 
-
 def noise_sweep(base_path, steps=(250, 500, 750, 900, 999), heatmaps=("detector", "mask"), n=128, folder="out/study"):
     """Does Strategy 2's noise hide the lesion from the base model? On val-split questions whose answer
     states a finding, per heatmap and diffusion step: the drop of log P(y_w) from the clean to the noised
@@ -381,7 +381,7 @@ def noise_sweep(base_path, steps=(250, 500, 750, 900, 999), heatmaps=("detector"
                          float(np.mean([p["answer_changes"] for p in pairs]))))
             print(f"noise {heatmap:8s} k={k:3d}: {rows[-1][2]} pairs | median drop {rows[-1][3]:.3f} nats | "
                   f"> 1 nat {rows[-1][4]:.0%} | answer changed {rows[-1][5]:.0%}", flush=True)
-    return ["| heatmap | k | pairs | median log P(y_w|x) - log P(y_w|x*) | share > 1 nat | greedy answer changed |",
+    return ["| heatmap | k | pairs | median log P(y_w ; x) - log P(y_w ; x*) | share > 1 nat | greedy answer changed |",
             "|---|---|---|---|---|---|"] + [f"| {h} | {k} | {n} | {m:.3f} | {s:.0%} | {c:.0%} |" for h, k, n, m, s, c in rows]
 
 
@@ -407,9 +407,8 @@ def sweep_main(argv):
                                                              if k != "500"]
     for flags in grid:
         out = os.path.join(args.out, "sweep", "-".join(flags).strip("-"))
-        with open(out + ".log" if os.path.isdir(os.path.dirname(out)) else os.devnull, "w") as log, \
-                contextlib.redirect_stdout(log):
-            os.makedirs(out, exist_ok=True)
+        os.makedirs(out, exist_ok=True)
+        with open(out + ".log", "w") as log, contextlib.redirect_stdout(log):
             train.main(["--out", out, "--eval-split", "val"] + flags)
         with open(os.path.join(out, "mmedpo", "metrics.json")) as f:
             m = json.load(f)

@@ -41,12 +41,11 @@ PROMPT_FORMATS = {  # {question} is the user's question; the image placeholder c
 }  # and "chat": the processor's own chat template, one user turn with an image and the question
 
 
-# generation caps (Strategy 1 sampling, evaluation) per dataset, in new tokens: released rejected answers
-# have a median of 11 words on SLAKE / VQA-RAD and 45 on IU-Xray, whose reference reports have 51
 SPLITS = {"synthetic": ("train", "pref", "val", "test"), "slake": ("train", "validation", "test"), "vqa-rad": ("train", "test"),
           "iu-xray": ("train", "val", "test"), "mimic-cxr": ("train", "val", "test")}
 
-
+# generation caps (Strategy 1 sampling, evaluation) per dataset, in new tokens: released rejected answers
+# have a median of 11 words on SLAKE / VQA-RAD and 45 on IU-Xray, whose reference reports have 51
 MAX_NEW_TOKENS = {"synthetic": (48, 48), "slake": (64, 64), "vqa-rad": (64, 64), "iu-xray": (256, 256),
                   "mimic-cxr": (256, 256)}
 
@@ -73,7 +72,6 @@ def format_prompt(processor, prompt_format, question):
     return PROMPT_FORMATS.get(prompt_format, prompt_format).format(question=question)
 
 
-
 # -----------------------------------------------------------------------------
 # images
 
@@ -98,9 +96,8 @@ def image_for_model(image, pad):
     return pad_to_square(image) if pad else image
 
 
-
 def read_image(path):
-    """A grayscale image as (H, W) float32 in [0, 1] (read-only); 16-bit images keep their full range
+    """A grayscale image as (H, W) float32 in [0, 1] (shared by the cache: never modify it); 16-bit images keep their full range
     (65535 is white). Only a regular file is opened (a FIFO would block forever). A missing, special or
     corrupt file raises ValueError naming it. Kept in a bounded cache keyed on the file's size and
     modification time, so a file rewritten in place is read again."""
@@ -201,7 +198,6 @@ def read_pairs(path, log=print):
     if unscored:
         log(f"      {path}: {unscored} text pairs have no score (not scored, or every judge abstained): neutral weights")
     return pairs, skipped
-
 
 
 WEIGHTINGS = ("z", "raw", "none")

@@ -34,7 +34,11 @@ import re
 import sys
 from collections import Counter, defaultdict
 
+import checkpoint
+import data
 import lora
+import real_data
+import synthetic
 from data import attention_tool, format_prompt, generate_answers, response_ids
 
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -502,9 +506,6 @@ def save_pictures(folder, model, processor, records, history, items, before, aft
 
 def check_eval_args(ap, args):
     """Every flag checked before anything is loaded, naming the flag."""
-    import checkpoint
-    import data
-    import real_data
     bad = [(f, msg) for f, ok, msg in [
         ("--max-items", args.max_items is None or args.max_items >= 1, "must be >= 1 (leave it out for all items)"),
         ("--n-test", args.n_test >= 1, "must be >= 1"), ("--n-train", args.n_train >= 1, "must be >= 1"),
@@ -543,10 +544,6 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the predictions as JSONL here (to re-score them later)")
     args = ap.parse_args(argv)
     import torch
-    import checkpoint
-    import data
-    import real_data
-    import synthetic
     if args.data != "synthetic" and not args.data_dir:
         ap.error(f"--data {args.data} needs --data-dir: {real_data.DOWNLOAD_HINTS[args.data]}")
     check_eval_args(ap, args)

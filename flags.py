@@ -21,7 +21,6 @@ import real_data
 import score
 
 
-
 def number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
     """An argparse type: a finite int or float within [lo, hi] (open ends where asked)."""
     def parse(text):

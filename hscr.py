@@ -186,7 +186,6 @@ def prompt_batch(processor, rows, prompt_format):
     return ids, enc["pixel_values"]
 
 
-
 def hscr_objective_loss(model, batch, ref, weights, args):
     """HSCR's multi-level loss on a batch of 3B rows (y_w, y_l1, y_l2; response-major)."""
     policy = data.policy_logps(model, batch, 3)

@@ -22,7 +22,6 @@ requests + stdlib + rule_judge. Tests:  python -m pytest -q tests/test_score.py 
 """
 import argparse
 import concurrent.futures
-import difflib
 import hashlib
 import json
 import math
@@ -551,7 +550,6 @@ def main(argv=None):
           f"unscored, {counts['failed']} failed, {len(others)} passed through")
     if counts["failed"]:
         sys.exit(f"score.py: {counts['failed']} pairs failed (reasons in {args.out}); run again to retry them")
-
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ PRESENCE_YES = {"train": 0.3, "pref": 0.5, "val": 0.5, "test": 0.5}
 REPORT_PROMPT = "Describe the findings of this chest X-ray."
 
 
-
 def _ellipse(xx, yy, cx, cy, rx, ry, soft):
     """1 inside the ellipse, 0 outside, with an edge `soft` wide (anti-aliased at small sizes)."""
     d = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
@@ -221,7 +220,6 @@ class SyntheticStore(data.ImageStore):
         return path
 
 
-
 def counterfactual_probes(images, size, store=None, n=None):
     """Counterfactual pairs for grounding: for each image with a lung finding (the first `n`), the same
     image re-rendered without its first lung finding (every other random draw identical), and "Is there
@@ -322,7 +320,6 @@ def sft(model, processor, items, pil_of, steps, lr, seed, batch_size=32, log=pri
             log(f"  sft {step + 1}/{steps} | loss {loss.item():.3f} | {dt / (step + 1) * 1000:.0f} ms/step | "
                 f"ETA {dt / (step + 1) * (steps - step - 1):.0f}s")
     model.eval()
-
 
 
 def build_base(path, n_train=2000, seed=0, image_size=32, steps=3000, lr=2e-3, log=print):

@@ -7,7 +7,6 @@ import math
 import pytest
 
 import bench
-import data
 import rule_judge
 import score
 import synthetic

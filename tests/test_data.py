@@ -17,7 +17,6 @@ def world():
 
 @pytest.fixture(scope="module")
 def processor(world):
-    import train
     images, qa = world
     corpus = [f"{q['question']}\nAnswer: {q['answer']}" for q in qa] + [im["report"] for im in images]
     return synthetic.build_tiny(corpus, 32)[1]
@@ -48,7 +47,6 @@ def test_test_answers_are_balanced_so_the_text_alone_tells_little(world):
 
 
 def test_lesion_brightens_its_mask():
-    rng = np.random.default_rng(0)
     clean, _ = synthetic.render_radiograph([], 64, np.random.default_rng(0))
     sick, masks = synthetic.render_radiograph([{"kind": "mass", "side": "right", "level": "upper"}], 64,
                                          np.random.default_rng(0))

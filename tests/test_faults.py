@@ -2,7 +2,6 @@
 or record, or a recorded, counted skip; and reruns reproduce, no pickle runs, no key is written.
 python -m pytest -q tests/test_faults.py"""
 import json
-import math
 import os
 
 import numpy as np
