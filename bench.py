@@ -201,18 +201,19 @@ def run_study_row(out, base, base_path, seed, name, flags, steps, log_path):
     run_dir = os.path.join(seed_dir, slug(name))
     argv = ["--out", seed_dir, "--run-name", slug(name), "--seed", str(seed), "--base", base_path,
             "--steps", str(steps)] + flags
-    key_path, key = os.path.join(run_dir, "study_key.json"), {"argv": argv}
-    if os.path.exists(key_path) and os.path.exists(os.path.join(run_dir, "metrics.json")):
-        with open(key_path) as f:
-            if json.load(f) == key:
-                with open(os.path.join(run_dir, "metrics.json")) as g:
-                    return json.load(g), True
-    os.makedirs(run_dir, exist_ok=True)
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log):
-        train.main(argv)
-    checkpoint.write_json(key_path, key)
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f), False
+    metrics_path, computed = os.path.join(run_dir, "metrics.json"), []
+
+    def compute():
+        computed.append(argv)
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+            train.main(argv)
+        return checkpoint.read_json(metrics_path), True
+
+    def load():
+        return checkpoint.read_json(metrics_path) if os.path.exists(metrics_path) else None
+    metrics = checkpoint.cached(os.path.join(run_dir, "study_key.json"), checkpoint.fingerprint(argv), compute,
+                                lambda m: None, load, lambda *a: None, name)
+    return metrics, not computed
 
 
 def value(results, name, run, read):

@@ -128,25 +128,27 @@ def weights_stamp(folder):
     return [(f, os.path.getsize(os.path.join(folder, f)), os.stat(os.path.join(folder, f)).st_mtime_ns) for f in files]
 
 
-def cached(key_path, key, compute, save, load, log, what):
+def cached(key_path, key, compute, save, load, log, what, writer=True):
     """Reuse a stage's output or compute it. `load()` is used when `key_path` holds `key` (the key is
     written after the output, so a kill in between means 'not done'); else `value, complete = compute()`,
     `save(value)`, and the key is written only if complete. The old key is removed before computing: an
-    old key must never vouch for a changed output. returns the value."""
+    old key must never vouch for a changed output. With several processes every one computes (its share)
+    and only the `writer` saves and writes keys. returns the value."""
     stored = read_json(key_path, log)
     if stored is not None and stored.get("key") == key:
         value = load()
         if value is not None:
             log(f"{what}: reused ({key_path})")
             return value
-    if os.path.exists(key_path):
+    if writer and os.path.exists(key_path):
         os.remove(key_path)
     value, complete = compute()
-    save(value)
-    if complete:
-        write_json(key_path, {"key": key})
-    else:
-        log(f"      {what} is incomplete: it will be computed again on the next run")
+    if writer:
+        save(value)
+        if complete:
+            write_json(key_path, {"key": key})
+        else:
+            log(f"      {what} is incomplete: it will be computed again on the next run")
     return value
 
 

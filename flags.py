@@ -41,17 +41,6 @@ POS_INT, NONNEG_INT, POS, NONNEG = number(int, 1), number(int, 0), number(float,
 FRACTION, OPEN_FRACTION = number(float, 0, 1), number(float, 0, 1, hi_open=True)
 
 
-def two_fractions(text):
-    """'F1,F2' with 0 < F1 < F2 <= 1 (HSCR's two levels)."""
-    try:
-        f1, f2 = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not two numbers F1,F2") from None
-    if not 0 < f1 < f2 <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must satisfy 0 < F1 < F2 <= 1")
-    return [f1, f2]
-
-
 def get_parser():
     ap = argparse.ArgumentParser(description="Clinical-aware multimodal preference optimization (MMedPO, HSCR, FiRe-MPO)")
     for add_flags in (run_and_model_flags, data_flags, preference_flags, optimisation_flags):
@@ -140,9 +129,10 @@ def preference_flags(a):
     a("--fire-gamma", type=NONNEG, default=0.1, help="weight of the visual-contrastive term L_vis")
     a("--fire-eta", type=NONNEG, default=0.1, help="weight of the token-wise KL term L_KL (summed over the response)")
     a("--fire-lambda", type=FRACTION, default=0.5, help="L_KL = lambda KL(ref||pi) + (1 - lambda) KL(pi||ref)")
-    a("--hscr-p", type=FRACTION, default=0.7, help="fraction of image tokens hidden by visual-token dropout")
-    a("--hscr-levels", type=two_fractions, default=[0.34, 0.67],
-      help="F1,F2: the shares of the greedy answer's steps that y_l1 and y_l2 may replace")
+    a("--hscr-p", type=FRACTION, default=0.7, help="y_l1: fraction of image tokens hidden by visual-token dropout")
+    a("--hscr-share", type=number(float, 0, 1, lo_open=True), default=0.34,
+      help="y_l1: the share of the greedy answer's steps it may replace (the most image-coupled ones)")
+    a("--hscr-p2", type=FRACTION, default=1.0, help="y_l2: the dropout of the image-blind answer (>= --hscr-p)")
     a("--hscr-lambda", type=NONNEG, default=1.0, help="weight of the implicit y_l1 > y_l2 term")
 
 
@@ -198,6 +188,8 @@ def check_args(ap, args):
         ap.error("--pairs and --images go together (the released file names its images relative to --images)")
     if args.pairs and not os.path.isfile(args.pairs):
         ap.error(f"--pairs {args.pairs}: no such file")
+    if args.hscr_p2 < args.hscr_p:
+        ap.error(f"--hscr-p2 {args.hscr_p2} must be >= --hscr-p {args.hscr_p}: y_l2 is the blinder level")
     if args.pairs and args.objective in ("hscr", "fire"):
         ap.error(f"--pairs holds released MMedPO pairs; --objective {args.objective} builds its own records")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

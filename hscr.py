@@ -1,17 +1,22 @@
 """HSCR (Hierarchical Self-Contrastive Rewarding, arXiv 2506.00805), whole: its records and its loss.
 
-The published summary gives no equations; this is our reading, and every free value (p, the level
-fractions, lambda) is ours, not the paper's. Hide a fraction p of the image tokens (D_p(v)); at each
-decoding step the reward r_t = log pi(y_t | v) - log pi(y_t | D_p(v)) says how much the emitted token
-owes to the image. Dispreferred answers replace the most image-coupled steps by the image-blind argmax,
-at two levels: y_l1 replaces a fraction f1 of the greedy answer's steps, y_l2 a larger fraction f2.
+The published summary gives no equations; this is our reading, and every free value (the two dropout
+rates, the share of steps, lambda) is ours, not the paper's. Hide a fraction p of the image tokens
+(D_p(v)); at each decoding step the reward r_t = log pi(y_t | v) - log pi(y_t | D_p(v)) says how much
+the emitted token owes to the image. Dispreferred answers take the image-blind argmax instead, at two
+levels of blindness (two dropout rates):
+    y_l1  D_p(v), p = 0.7 (--hscr-p): the most image-coupled steps only, at most a share s = 0.34 of the
+          greedy answer's steps (--hscr-share); the rest is decoded with the image
+    y_l2  D_p2(v), p2 = 1.0 (--hscr-p2): every step whose blind argmax differs, the image-blind answer
 The loss prefers y_w (the ground truth) over both and y_l1 over y_l2 (`mmedpo.hscr_loss`).
 
-How the steps are chosen: the greedy answer's rewards fix, per level, a budget n_l = ceil(f_l * L) (L
-its steps, EOS included) and a threshold (the n_l-th largest reward). Each level is then decoded anew,
-and r_t is *re-scored along the new trajectory*: a step is replaced while budget is left and its own
-reward reaches the threshold and the blind argmax differs. Replacing by index would point at the wrong
-tokens as soon as the text has diverged.
+How y_l1's steps are chosen: the greedy answer's rewards fix a budget n = ceil(s * L) (L its steps, EOS
+included) and a threshold (the n-th largest reward). y_l1 is then decoded anew and r_t is *re-scored
+along the new trajectory*: a step is replaced while budget is left, its own reward reaches the
+threshold and the blind argmax differs. Replacing by index would hit the wrong tokens once the text has
+diverged. Measured on the default: once one step is replaced, D_0.7(v) and the full image agree on the
+rest of the answer, so two budgets under D_0.7 alone gave equal levels on 370 of 371 triplets; the
+second dropout rate is what makes the levels differ.
 
 A yes/no answer has one content step, so its two levels cannot differ: HSCR builds its triplets on the
 questions with a longer answer (where, what, reports), and counts the triplets whose levels coincide.
@@ -36,15 +41,14 @@ def build_hscr_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=
     (weights 1). returns (triplets, True)."""
     longer = [it for it in pool if not polarity(it["answer"])]
     items = random.Random(cfg.seed).sample(longer, min(cfg.n_text, len(longer)))
-    fractions = cfg.hscr_levels
     log(f"HSCR: contrastive decoding on {len(items)} questions with answers longer than yes/no "
-        f"(p={cfg.hscr_p}, levels {fractions[0]} and {fractions[1]} of the steps)")
-    triplets = build_hscr_triplets(model, processor, items, store, cfg.prompt_format, cfg.hscr_p, fractions,
-                                   cfg.sample_max_new_tokens, cfg.seed, log=log)
+        f"(y_l1: p={cfg.hscr_p}, at most {cfg.hscr_share} of the steps; y_l2: p={cfg.hscr_p2})")
+    triplets = build_hscr_triplets(model, processor, items, store, cfg.prompt_format, cfg.hscr_p, cfg.hscr_p2,
+                                   cfg.hscr_share, cfg.sample_max_new_tokens, cfg.seed, log=log)
     return triplets, True
 
 
-def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p=0.7, fractions=(0.34, 0.67),
+def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p=0.7, p2=1.0, share=0.34,
                         max_new_tokens=12, seed=0, batch_size=64, log=print):
     """The triplets (y_w = ground truth, y_l1, y_l2) of `items`. A triplet is dropped (and counted) when
     y_w coincides with y_l1 or y_l2: it holds no preference. One where y_l1 = y_l2 is kept and counted
@@ -60,23 +64,17 @@ def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p
         chunk = items[start:start + batch_size]
         prompts, pixels = prompt_batch(processor, [(store.for_model(it["image_id"]), it["question"]) for it in chunk],
                                        prompt_format)
-        blind_keep = []  # per row: the attention mask of its prompt under D_p(v), fixed for all its steps
-        for ids in prompts:
-            t = torch.tensor([ids])
-            blind_keep.append(visual_token_dropout(torch.ones_like(t), t == image_token_id, p, gen)[0])
-
-        next_logits = contrast_logits(model, prompts, pixels, blind_keep, tok.pad_token_id)
-
+        # per level and row: the attention mask of its prompt under D_p(v), fixed for all its steps
+        keep = [[visual_token_dropout(torch.ones(1, len(ids), dtype=torch.long), torch.tensor([ids]) == image_token_id,
+                                      rate, gen)[0] for ids in prompts] for rate in (p, p2)]
+        level1, level2 = (contrast_logits(model, prompts, pixels, k, tok.pad_token_id) for k in keep)
         n, eos = len(chunk), tok.eos_token_id
-        greedy, rewards, _ = decode_levels(next_logits, n, [0] * n, [math.inf] * n, max_new_tokens, eos)
-        plans = [level_plan(r, fractions) for r in rewards]
-        levels = []
-        for level in range(2):
-            answers, _, used = decode_levels(next_logits, n, [pl[level][0] for pl in plans],
-                                             [pl[level][1] for pl in plans], max_new_tokens, eos)
-            levels.append(answers)
-            replaced[level] += sum(used)
-        for it, y, y1, y2 in zip(chunk, greedy, *levels):
+        greedy, rewards, _ = decode_levels(level1, n, [0] * n, [math.inf] * n, max_new_tokens, eos)
+        plans = [level_plan(r, share) for r in rewards]
+        y_l1, _, used1 = decode_levels(level1, n, [b for b, _ in plans], [t for _, t in plans], max_new_tokens, eos)
+        y_l2, _, used2 = decode_levels(level2, n, [max_new_tokens] * n, [-math.inf] * n, max_new_tokens, eos)
+        replaced = [replaced[0] + sum(used1), replaced[1] + sum(used2)]
+        for it, y, y1, y2 in zip(chunk, greedy, y_l1, y_l2):
             y, y1, y2 = (tok.decode(a, skip_special_tokens=True).strip() for a in (y, y1, y2))
             chosen = y if words(y) == words(it["answer"]) else it["answer"]
             if words(chosen) in (words(y1), words(y2)):
@@ -86,15 +84,14 @@ def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p
             triplets.append({"id": f"hscr-{it['id']}", "source": "hscr", "image": store.path(it["image_id"]),
                              "rejected_image": None, "prompt": it["question"], "chosen": chosen, "rejected": y1,
                              "rejected2": y2, "score": None, "weight": None,
-                             "provenance": f"HSCR decoding, greedy answer {y!r}, p={p}, levels {list(fractions)}"})
+                             "provenance": f"HSCR decoding, greedy answer {y!r}, p={p}, share {share}, p2={p2}"})
         if log and (start // batch_size) % 4 == 3:
             done = start + len(chunk)
             log(f"  HSCR {done}/{len(items)} | {done / (time.time() - t0):.0f} questions/s")
     model.train(was_training)
-    share = one_level / max(1, len(triplets))
     log(f"HSCR triplets: {len(triplets)} of {len(items)} questions ({same} dropped: y_w equals a dispreferred answer); "
-        f"levels equal (y_l1 = y_l2) in {one_level} ({share:.0%}); steps replaced: {replaced[0]} for y_l1, "
-        f"{replaced[1]} for y_l2")
+        f"levels equal (y_l1 = y_l2) in {one_level} ({one_level / max(1, len(triplets)):.0%}); steps replaced: "
+        f"{replaced[0]} for y_l1, {replaced[1]} for y_l2")
     return triplets
 
 
@@ -119,16 +116,12 @@ def contrast_logits(model, prompts, pixels, blind_keep, pad_id):
     return next_logits
 
 
-def level_plan(rewards, fractions):
-    """Per level, (budget, threshold) from the greedy answer's step rewards: the budget is
-    ceil(f * L) steps, the threshold the budget-th largest reward. [0.1, 2.0, 0.5, 3.0] with fractions
-    (0.25, 0.75) -> [(1, 3.0), (3, 0.5)]."""
+def level_plan(rewards, share):
+    """(budget, threshold) of y_l1 from the greedy answer's step rewards: the budget is ceil(share * L)
+    steps, the threshold the budget-th largest reward. [0.1, 2.0, 0.5, 3.0] with share 0.5 -> (2, 2.0)."""
     order = sorted(rewards, reverse=True)
-    plan = []
-    for f in fractions:
-        budget = min(len(order), math.ceil(f * len(order)))
-        plan.append((budget, order[budget - 1] if budget else math.inf))
-    return plan
+    budget = min(len(order), math.ceil(share * len(order)))
+    return budget, (order[budget - 1] if budget else math.inf)
 
 
 def decode_levels(next_logits, n_rows, budgets, thresholds, max_new_tokens, eos_id):

@@ -149,7 +149,7 @@ OBJECTIVES = {  # name: (record builder, loss adapter, responses per record, wei
 # the flags that change what an objective's record builder makes (part of the pairs stage's cache key)
 PAIR_FLAGS = ["objective", "model", "data", "data_dir", "strategies", "n_text", "n_visual", "samples", "temperature",
               "judge", "n_pref", "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "visual_score", "seed",
-              "n_train", "image_size", "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_levels",
+              "n_train", "image_size", "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_p2", "hscr_share",
               "pairs", "images", "editor"]
 # and those a resumed run must share with its checkpoint (the inputs are compared by content besides)
 RESUME_FLAGS = PAIR_FLAGS + ["lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r", "lora_alpha",
@@ -384,9 +384,8 @@ def stage_reference(run, model, processor, base_path, records, dataset, tag=""):
     once. Stored as a plain tensor file (loaded with weights_only=True, so it can never run code), with
     the count of rows truncated to fit the context (counted here, in the main process)."""
     args, path, k = run.args, run.path(f"ref_logps{tag}.pt"), OBJECTIVES[run.args.objective][2]
-    key = reference_key(run, base_path, records, k, dataset.max_length)
-    stored = checkpoint.load_tensors(path, run.log)
-    if stored is None or stored.get("key") != key:
+
+    def compute():
         run.log(f"      reference log-probs for {len(records)} records x {k} responses (adapter disabled, no grad)")
         mine = list(range(run.rank, len(records), run.world))
         batches = [mine[i:i + 2 * args.batch_size] for i in range(0, len(mine), 2 * args.batch_size)]
@@ -403,9 +402,10 @@ def stage_reference(run, model, processor, base_path, records, dataset, tag=""):
             logps = torch.zeros(len(records), k)
             for r, part in enumerate(parts):
                 logps[r::run.world] = part
-        stored = {"key": key, "logps": logps, "truncated": all_sum(run, cut)}
-        if run.master:
-            checkpoint.save_tensors(stored, path)
+        return {"logps": logps, "truncated": all_sum(run, cut)}, True
+    stored = cached(path + ".key.json", reference_key(run, base_path, records, k, dataset.max_length), compute,
+                    lambda v: checkpoint.save_tensors(v, path), lambda: checkpoint.load_tensors(path, run.log), run.log,
+                    "      reference log-probs", writer=run.master)
     n_cut, n_response = stored["truncated"]
     if n_cut:
         run.log(f"      {int(n_cut)} rows had their prompt truncated to fit {dataset.max_length} tokens, "

@@ -86,7 +86,7 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_records(tmp_path, monke
     (["--max-length", "5"], "--max-length"), (["--hscr-p", "1.5"], "--hscr-p"), (["--workers", "0"], "--workers"),
     (["--max-new-tokens", "0"], "--max-new-tokens"), (["--seed", "-1"], "--seed"), (["--lora-alpha", "0"], "--lora-alpha"),
     (["--max-test", "0"], "--max-test"), (["--n-train", "0"], "--n-train"), (["--steps", "0"], "--steps"),
-    (["--hscr-levels", "0.7,0.3"], "--hscr-levels"), (["--fire-eta", "nan"], "--fire-eta"),
+    (["--hscr-p2", "0.5"], "--hscr-p2"), (["--hscr-share", "0"], "--hscr-share"), (["--fire-eta", "nan"], "--fire-eta"),
     (["--run-name", "../elsewhere"], "--run-name"), (["--judge", "bogus"], "--judge"),
     (["--selector", "x=ftp://h/v1,model=m"], "--selector"), (["--editor", "x=http://h:/v1,model=m"], "--editor"),
     (["--judge", "x=http://h/v1,model=m,timeout=-1"], "timeout"), (["--judge", "x=http://h/v1,model=m,timeout=inf"], "timeout"),

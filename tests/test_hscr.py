@@ -66,14 +66,15 @@ def test_replacement_follows_the_new_trajectory_within_the_budget():
     assert hscr.decode_levels(fn, 1, [5], [r + 1], 10, EOS)[0] == [[1, 2, 3]]      # below the threshold: greedy
 
 
-def test_level_plan_budgets_and_thresholds():
-    assert hscr.level_plan([0.1, 2.0, 0.5, 3.0], (0.25, 0.75)) == [(1, 3.0), (3, 0.5)]
-    assert hscr.level_plan([0.4, 0.2], (0.34, 0.67)) == [(1, 0.4), (2, 0.2)]      # yes + EOS: 1 step, then 2
+def test_level_plan_budget_and_threshold():
+    assert hscr.level_plan([0.1, 2.0, 0.5, 3.0], 0.5) == (2, 2.0)
+    assert hscr.level_plan([0.1, 2.0, 0.5, 3.0], 0.25) == (1, 3.0)
+    assert hscr.level_plan([0.4, 0.2], 0.34) == (1, 0.4)                      # yes + EOS: one step
 
 
 def test_hscr_runs_end_to_end_and_logs_three_margins(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--objective", "hscr", "--n-text", "96", "--n-test", "6", "--batch-size", "4",
-            "--epochs", "1", "--hscr-p", "1.0"]
+            "--epochs", "1"]
     train.main(args)
     printed = capsys.readouterr().out
     assert "levels equal (y_l1 = y_l2) in" in printed and "steps replaced:" in printed
