@@ -248,6 +248,15 @@ def study_tables(names, results, runs):
         cells += [fmt_ci(*diff(name, sft, STUDY_METRICS[i][1]), True) if name != sft and sft in names else ""
                   for i in (0, 1)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    bases = sorted({b for b, _ in runs})
+    if len(bases) > 1:  # base models can differ in kind, not only in degree: each one's means
+        lines += ["", "Per base model (mean over its seeds):", "",
+                  "| run | " + " | ".join(f"{c} base {b}" for b in bases for c in ("bal-acc", "cf-acc", "yes%", "closed")) + " |",
+                  "|---|" + "---|" * (4 * len(bases))]
+        cols = [c for c in STUDY_METRICS if c[0] in ("bal-acc", "cf-acc", "yes%", "closed")]
+        for name in [BASE_ROW] + names:
+            cells = [mean_sd([value(results, name, r, read) for r in runs if r[0] == b])[0] for b in bases for _, read, _ in cols]
+            lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     contrasts = [c for c in CONTRASTS if c[1] in names and c[2] in names]
     if contrasts:
         lines += ["", "The questions (paired over the same runs):", "",

@@ -50,7 +50,7 @@ def build_fire_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=
             counts[e["status"]] += 1
             continue
         y_w = e["edited"]
-        kind = edit_kind(y_l, y_w)
+        kind = edit_kind(y_l, y_w, it["answer"])
         counts[kind] += 1
         counts["rejected LLM edits"] += "rejected" in e["how"]
         direction = f"{polarity(y_l)}->{polarity(y_w)}" if polarity(y_l) and polarity(y_w) else "open"

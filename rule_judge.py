@@ -328,11 +328,17 @@ def clean_answer(text):
     return text
 
 
-def edit_kind(answer, edited):
-    """'minimal' when `edited` changes at most max(2, half) of the answer's words (a word-level diff),
-    else 'rewritten': FiRe-MPO's edits are meant to touch only the wrong spans.
-    'left lung nodule' -> 'right lung nodule' is minimal; 'yes' -> 'no' is minimal (one word)."""
-    a, e = words(answer), words(edited)
-    changed = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in
-                  difflib.SequenceMatcher(None, a, e, autojunk=False).get_opcodes() if tag != "equal")
-    return "minimal" if changed <= max(2, len(a) // 2) else "rewritten"
+def edit_kind(answer, edited, truth):
+    """'minimal' when the edit changes only what is wrong: every content word it removes is absent from
+    the truth, every content word it adds is in the truth, and it keeps at least half of the answer's
+    words (an answer of up to 3 words may be replaced whole); else 'rewritten'. With truth "right upper":
+    'left upper' -> 'right upper' is minimal; 'there is a mass in the left upper zone' -> 'right upper'
+    and anything -> 'the lungs are clear' are rewritten. (Content words: not in COMMON or NEGATIONS.)"""
+    a, e, t = words(answer), words(edited), set(words(truth))
+    content = lambda ws: {w for w in ws if w not in COMMON and w not in NEGATIONS}
+    kept = sum(i2 - i1 for tag, i1, i2, _, _ in difflib.SequenceMatcher(None, a, e, autojunk=False).get_opcodes()
+               if tag == "equal")
+    removed, added = content(set(a) - set(e)), content(set(e) - set(a))
+    if removed & t or added - t or (len(a) > 3 and kept < len(a) / 2):
+        return "rewritten"
+    return "minimal"

@@ -205,7 +205,7 @@ def edit_answer(judge, question, truth, answer):
         return text, rule_edit(question, truth, answer)[1]
     problem = ("empty or leaked scaffolding" if text is None else
                "the wrong yes/no" if polarity(truth) and polarity(text) != polarity(truth) else
-               "not a minimal edit of the answer" if words(text) != words(answer) and edit_kind(answer, text) != "minimal"
+               "not a minimal edit of the answer" if words(text) != words(answer) and edit_kind(answer, text, truth) != "minimal"
                else None)
     if problem:
         edited, how = rule_edit(question, truth, answer)

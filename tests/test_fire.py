@@ -101,3 +101,16 @@ def test_edit_mask_lands_on_the_edited_label_positions(tmp_path):
         assert row["edit_mask"][response].tolist()[:len(mask)] == mask        # on the response, in order
         edited_ids = row["labels"][row["edit_mask"] > 0].tolist()
         assert processor.tokenizer.decode(edited_ids).strip() in ("right", "left")
+
+
+@pytest.mark.parametrize("answer, edited, truth, kind", [
+    ("left upper", "right upper", "right upper", "minimal"),                                    # one wrong word
+    ("consolidation and nodule", "pleural effusion", "pleural effusion", "minimal"),            # nothing right to keep
+    ("The heart size is normal. The lungs are clear.", "The heart size is normal. There is a mass in the left upper zone.",
+     "The heart size is normal. There is a mass in the left upper zone.", "minimal"),           # one sentence
+    ("there is a mass in the left upper zone", "right upper", "right upper", "rewritten"),      # right words dropped
+    ("left upper", "right upper and a mass", "right upper", "rewritten"),                       # a word the truth lacks
+    ("there is a mass in the left upper zone", "NaN", "right upper", "rewritten"),
+])
+def test_an_edit_is_minimal_when_it_changes_only_what_is_wrong(answer, edited, truth, kind):
+    assert rule_judge.edit_kind(answer, edited, truth) == kind

@@ -69,7 +69,8 @@ def test_cached_reference_and_before_eval_follow_the_model(out, capsys):
     capsys.readouterr()
     train.main(args)
     printed = capsys.readouterr().out
-    assert "reference log-probs" not in printed and "evaluation of the base model: reused" in printed
+    assert "reference log-probs: reused" in printed and "evaluation of the base model: reused" in printed
+    assert "reference log-probs for" not in printed
     os.utime(out / "base" / "model.safetensors")  # the same path with new weights (a new time) must not reuse them
     train.main(args)
     printed = capsys.readouterr().out
