@@ -323,6 +323,7 @@ def weigh(run, records):
     """[2b] Clinical-relevance weights, a visible step: Z(.) of the scores per source (the paper),
     the raw scores (the authors' trainer on their released files), or none."""
     weighting = OBJECTIVES[run.args.objective][3] or run.args.weighting
+    run.log(f"[2b] clinical-relevance weights: {weighting}")
     data.assign_weights(records, weighting, run.log)
     for source in sorted({r["source"] for r in records}):
         ws = [r["weight"] for r in records if r["source"] == source]
