@@ -259,7 +259,11 @@ def build_mmedpo_pairs(model, processor, cfg, pool, store, pairs_dir, device, lo
                 p["score"] = r["score"]
                 p["provenance"] += f"; score {r['status']} by {'consensus' if r['consensus'] else 'mean'} of " \
                                    f"{[h['judge'] for h in r['history']]}"
-            complete = not any(r["status"] == "failed" for r in results)
+            failed = [r for r in results if r["status"] == "failed"]
+            if results and len(failed) == len(results):  # a judge that fails every pair is a broken spec, not bad luck
+                raise score.JudgeError(f"every one of the {len(results)} text pairs failed to be scored (first reason: "
+                                       f"{failed[0].get('reason')}); nothing is trained on neutral weights")
+            complete = not failed
             agreed = sum(r["consensus"] for r in results)
             log(f"      consensus reached on {agreed} of {len(results)} text pairs ({agreed / max(1, len(results)):.0%}); "
                 f"the others are the mean of {cfg.rounds} rounds")

@@ -197,3 +197,11 @@ def test_a_rerun_that_dies_after_the_adapter_leaves_no_old_metrics(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--lr", "5e-4"])
     assert (tmp_path / "mmedpo" / "adapter").exists() and not (tmp_path / "mmedpo" / "metrics.json").exists()
+
+
+def test_a_judge_that_fails_every_pair_stops_the_run(server_factory, tmp_path):
+    srv = server_factory(script=[(404, "no such route", {}, 0)])
+    with pytest.raises(SystemExit, match="every one of the 12 text pairs failed to be scored .*HTTP 404"):
+        train.main(["--out", str(tmp_path), "--judge", f"med={srv.url},model=m", "--selector", "rule",
+                    "--strategies", "text"] + SMALL)
+    assert not (tmp_path / "mmedpo" / "adapter").exists()
