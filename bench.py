@@ -17,6 +17,7 @@ is printed. Peak memory: CUDA's max_memory_allocated on a GPU, the process's max
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -52,7 +53,7 @@ def run_variant(args):
     import data
     import lora
     from mmedpo import mmedpo_loss
-    from data import forward_logps
+    summed = lambda batch, k: data.response_logps(model, batch, k)[1].sum(-1)   # (B, k)
     from train import to_device
     model, processor, pairs, load = setup(args)
     device, B = torch.device(args.device), args.batch_size
@@ -63,9 +64,8 @@ def run_variant(args):
     ref = None
     if args.variant == "ours":  # the one-time reference pass, outside the timed steps (as in train.py)
         with torch.no_grad(), lora.disable_lora(model):
-            ref = torch.cat([forward_logps(model, to_device(data.collate_records([dataset[j] for j in range(i, min(i + B, len(pairs)))],
-                                                                                processor.tokenizer.pad_token_id),
-                                                            device, torch.float32)).view(2, -1).T
+            ref = torch.cat([summed(to_device(data.collate_records([dataset[j] for j in range(i, min(i + B, len(pairs)))],
+                                                                   processor.tokenizer.pad_token_id), device, torch.float32), 2)
                              for i in range(0, len(pairs), B)])
     times, parts = [], {"batch": [], "forward": [], "backward": [], "optimizer": []}
     model.train()
@@ -76,7 +76,7 @@ def run_variant(args):
         if args.variant == "ours":
             batch = to_device(data.collate_records([dataset[j] for j in idx], processor.tokenizer.pad_token_id), device, torch.float32)
             t1 = time.perf_counter()
-            logps = forward_logps(model, batch).view(2, -1).T
+            logps = summed(batch, 2)
             pc, pr, rc, rr = logps[:, 0], logps[:, 1], ref[idx, 0].to(device), ref[idx, 1].to(device)
         else:  # encode every step; chosen and rejected apart; the reference inside the step
             rows = [(load(data.record_rows(pairs[j])[r][0]), pairs[j]["prompt"], data.record_rows(pairs[j])[r][1])
@@ -84,9 +84,9 @@ def run_variant(args):
             chosen = to_device(data.encode_rows(processor, rows[:B]), device, torch.float32)
             rejected = to_device(data.encode_rows(processor, rows[B:]), device, torch.float32)
             t1 = time.perf_counter()
-            pc, pr = forward_logps(model, chosen), forward_logps(model, rejected)
+            pc, pr = summed(chosen, 1)[:, 0], summed(rejected, 1)[:, 0]
             with torch.no_grad(), lora.disable_lora(model):
-                rc, rr = forward_logps(model, chosen), forward_logps(model, rejected)
+                rc, rr = summed(chosen, 1)[:, 0], summed(rejected, 1)[:, 0]
         losses, _, _ = mmedpo_loss(pc, pr, rc, rr, torch.ones(B, device=device))
         sync()
         t2 = time.perf_counter()
@@ -143,8 +143,12 @@ def main():
 # the study: every objective and ablation on the synthetic benchmark, equal budgets, two base models x
 # several seeds, one table; and the validation sweeps behind the chosen settings
 
-STUDY_ROWS = [  # (name, train.py flags); every run also gets --steps (equal budgets), --seed and --base
+STUDY_ROWS = [  # (name, train.py flags); every run also gets --steps (equal budgets), --seed, --base and its row's
+    # objective's learning rate, chosen on the val split (train.OBJECTIVES, from `python bench.py sweep`); the
+    # MMedPO ablations share MMedPO's
     ("SFT on the chosen answers (control)", ["--objective", "sft"]),
+    ("oracle: SFT on true presence labels", ["--objective", "oracle"]),
+    ("lean: SFT on 'yes' to every presence question", ["--objective", "lean"]),
     ("DPO (text pairs, weights 1)", ["--objective", "dpo"]),
     ("MMedPO (text + visual)", []),
     ("MMedPO, text pairs only", ["--strategies", "text"]),
@@ -154,6 +158,7 @@ STUDY_ROWS = [  # (name, train.py flags); every run also gets --steps (equal bud
     ("HSCR", ["--objective", "hscr"]),
     ("FiRe-MPO", ["--objective", "fire"]),
 ]
+ORACLE_ROW = STUDY_ROWS[1][0]
 CONTRASTS = [  # (what is compared, row, against row)
     ("MMedPO vs SFT control", "MMedPO (text + visual)", "SFT on the chosen answers (control)"),
     ("MMedPO vs DPO", "MMedPO (text + visual)", "DPO (text pairs, weights 1)"),
@@ -161,15 +166,17 @@ CONTRASTS = [  # (what is compared, row, against row)
     ("CRS weights vs none", "MMedPO (text + visual)", "MMedPO without CRS weights"),
     ("local vs global noise", "MMedPO (text + visual)", "MMedPO, global noise"),
 ]
-STUDY_METRICS = [  # (column, how to read it from one evaluation, higher is better); grounding first
+STUDY_METRICS = [  # (column, how to read it from one evaluation, higher is better); threshold-free grounding first
+    ("pair-ord", lambda m: m["grounding"]["pair_order"], True),
+    ("mAUROC", lambda m: m["grounding"]["macro_auroc"], True),
+    ("ptx pair-ord", lambda m: m["grounding"]["per_finding"]["pneumothorax"]["pair_order"], True),
     ("bal-acc", lambda m: m["grounding"]["pope"]["accuracy"], True),
     ("cf-acc", lambda m: m["grounding"]["counterfactual"]["accuracy"], True),
-    ("AUROC", lambda m: m["grounding"]["auroc"], True),
     ("yes%", lambda m: m["grounding"]["pope"]["yes_ratio"], None),
+    ("frag%", lambda m: m["fragments"]["share"], False),
     ("halluc", lambda m: m["prior_breaking"]["hallucination_rate"], False),
     ("pf-acc", lambda m: m["prior_breaking"]["accuracy_following"], True),
     ("closed", lambda m: m["closed"], True),
-    ("open", lambda m: m["open"], True),
     ("BLEU", lambda m: 100 * m["bleu_mean"], True),
     ("CHAIR", lambda m: m["report_findings"]["chair"], False),
 ]
@@ -199,9 +206,11 @@ def run_study_row(out, base, base_path, seed, name, flags, steps, log_path):
     import train
     seed_dir = os.path.join(out, f"base{base}", f"seed{seed}")
     run_dir = os.path.join(seed_dir, slug(name))
+    objective = flags[flags.index("--objective") + 1] if "--objective" in flags else "mmedpo"
     argv = ["--out", seed_dir, "--run-name", slug(name), "--seed", str(seed), "--base", base_path,
-            "--steps", str(steps)] + flags
+            "--steps", str(steps), "--lr", str(train.OBJECTIVES[objective].lr)] + flags
     metrics_path, computed = os.path.join(run_dir, "metrics.json"), []
+    key = checkpoint.fingerprint({"argv": argv, "base": weights_digest(base_path)})  # the base's bytes, not its path
 
     def compute():
         computed.append(argv)
@@ -211,9 +220,18 @@ def run_study_row(out, base, base_path, seed, name, flags, steps, log_path):
 
     def load():
         return checkpoint.read_json(metrics_path) if os.path.exists(metrics_path) else None
-    metrics = checkpoint.cached(os.path.join(run_dir, "study_key.json"), checkpoint.fingerprint(argv), compute,
+    metrics = checkpoint.cached(os.path.join(run_dir, "study_key.json"), key, compute,
                                 lambda m: None, load, lambda *a: None, name)
     return metrics, not computed
+
+
+def weights_digest(folder):
+    """sha256 of a model folder's weight files (their bytes, in name order): what a study row depends on."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))):
+        h.update(f.encode() + checkpoint.file_digest(os.path.join(folder, f)).encode())
+    return h.hexdigest()[:16]
 
 
 def value(results, name, run, read):
@@ -237,48 +255,56 @@ def study_tables(names, results, runs):
         cells = [mean_sd([value(results, name, r, read) for r in runs]) for _, read, _ in STUDY_METRICS]
         lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {sd:.3f}" if abs(m) < 10 else f"{m:.2f} ± {sd:.2f}"
                                                 for m, sd in cells) + " |")
-    shown = [c for c in STUDY_METRICS if c[0] in ("bal-acc", "cf-acc", "AUROC", "yes%", "halluc", "pf-acc", "closed")]
+    shown = [c for c in STUDY_METRICS if c[0] in ("pair-ord", "mAUROC", "bal-acc", "yes%", "frag%", "pf-acc", "closed")]
     diff = lambda a, b, read: paired_ci([value(results, a, r, read) for r in runs], [value(results, b, r, read) for r in runs])
     sft = STUDY_ROWS[0][0]
     lines += ["", "Paired differences over the runs (mean [95 % interval]); **bold**: the interval excludes 0 in the "
               "better direction.", "", "| run | " + " | ".join(f"Δ{c} vs base" for c, _, _ in shown) +
-              " | Δbal-acc vs SFT | Δcf-acc vs SFT |", "|---|" + "---|" * (len(shown) + 2)]
+              " | Δpair-ord vs SFT | ΔmAUROC vs SFT |", "|---|" + "---|" * (len(shown) + 2)]
     for name in names:
         cells = [fmt_ci(*diff(name, BASE_ROW, read), up) for _, read, up in shown]
         cells += [fmt_ci(*diff(name, sft, STUDY_METRICS[i][1]), True) if name != sft and sft in names else ""
                   for i in (0, 1)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if ORACLE_ROW in names:  # how much of what true labels teach does each row learn?
+        gain = lambda name, read: sum(value(results, name, r, read) - value(results, BASE_ROW, r, read) for r in runs) / len(runs)
+        lines += ["", "Share of the oracle's gain over the base that each row reaches (mean gain / the oracle's mean "
+                  "gain; 1 = as much as supervision on the true labels, 0 = none, < 0 = worse than the base):", "",
+                  "| run | pair-ord | mAUROC | ptx pair-ord |", "|---|---|---|---|"]
+        for name in names:
+            cells = [gain(name, read) / gain(ORACLE_ROW, read) if abs(gain(ORACLE_ROW, read)) > 1e-9 else float("nan")
+                     for col, read, _ in STUDY_METRICS if col in ("pair-ord", "mAUROC", "ptx pair-ord")]
+            lines.append(f"| {name} | " + " | ".join(f"{c:+.2f}" for c in cells) + " |")
     bases = sorted({b for b, _ in runs})
     if len(bases) > 1:  # base models can differ in kind, not only in degree: each one's means
         lines += ["", "Per base model (mean over its seeds):", "",
-                  "| run | " + " | ".join(f"{c} base {b}" for b in bases for c in ("bal-acc", "cf-acc", "yes%", "closed")) + " |",
+                  "| run | " + " | ".join(f"{c} base {b}" for b in bases for c in ("pair-ord", "mAUROC", "yes%", "closed")) + " |",
                   "|---|" + "---|" * (4 * len(bases))]
-        cols = [c for c in STUDY_METRICS if c[0] in ("bal-acc", "cf-acc", "yes%", "closed")]
+        cols = [c for c in STUDY_METRICS if c[0] in ("pair-ord", "mAUROC", "yes%", "closed")]
         for name in [BASE_ROW] + names:
             cells = [mean_sd([value(results, name, r, read) for r in runs if r[0] == b])[0] for b in bases for _, read, _ in cols]
             lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     contrasts = [c for c in CONTRASTS if c[1] in names and c[2] in names]
     if contrasts:
         lines += ["", "The questions (paired over the same runs):", "",
-                  "| contrast | Δbal-acc | Δcf-acc | ΔAUROC | Δhalluc | Δclosed |", "|---|---|---|---|---|---|"]
+                  "| contrast | Δpair-ord | ΔmAUROC | Δbal-acc | Δfrag% | Δclosed |", "|---|---|---|---|---|---|"]
         for what, a, b in contrasts:
             cells = [fmt_ci(*diff(a, b, read), up) for col, read, up in STUDY_METRICS
-                     if col in ("bal-acc", "cf-acc", "AUROC", "halluc", "closed")]
+                     if col in ("pair-ord", "mAUROC", "bal-acc", "frag%", "closed")]
             lines.append(f"| {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def study_chart(names, results, runs, path, width=980, bar=14):
-    """Horizontal bars, one group per row: balanced presence accuracy (blue), counterfactual accuracy
-    (green) and the hallucination rate (red), mean over runs with a line for ± one standard deviation."""
+    """Horizontal bars, one group per row: pair order (blue) and macro per-finding AUROC (green), the
+    threshold-free grounding, and the yes-ratio (grey), mean over runs with a line for ± one sd."""
     from PIL import Image, ImageDraw
-    reads = [(STUDY_METRICS[0][1], (60, 90, 200)), (STUDY_METRICS[1][1], (60, 160, 90)), (STUDY_METRICS[4][1], (200, 60, 60))]
+    reads = [(STUDY_METRICS[0][1], (60, 90, 200)), (STUDY_METRICS[1][1], (60, 160, 90)), (STUDY_METRICS[5][1], (150, 150, 150))]
     names = [BASE_ROW] + names
     left, top, row_h = 290, 40, 3 * bar + 10
     img = Image.new("RGB", (width, top + row_h * len(names) + 30), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 10), "balanced presence accuracy (blue), counterfactual pairs both right (green), hallucination rate "
-                     "(red): mean ± sd", fill="black")
+    d.text((10, 10), "pair order (blue), macro per-finding AUROC (green), yes-ratio (grey): mean ± sd", fill="black")
     scale = width - left - 40
     for i, name in enumerate(names):
         y = top + i * row_h
@@ -306,17 +332,33 @@ def int_list(text):
 
 
 def study_bases(out, bases, log=print):
-    """The base models of the study: base 0 is the shipped tiny base; base b > 0 is built once (SFT
-    warm-up with seed b, about 4.5 min) under OUT/base{b}/model."""
+    """The base models of the study: base 0 is the shipped tiny base, base 1 the shipped
+    assets/tiny-base-1 (the same recipe with seed 1; shipped, since float sums on another thread count
+    give other bits and a base trained on them differs); base b > 1 is built once under OUT/base{b}/model."""
     import synthetic
-    paths = {}
+    paths, assets = {}, os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
     for b in bases:
-        paths[b] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-base") if b == 0 else \
-            os.path.join(out, f"base{b}", "model")
+        shipped = os.path.join(assets, "tiny-base" if b == 0 else f"tiny-base-{b}")
+        paths[b] = shipped if os.path.exists(os.path.join(shipped, "config.json")) else os.path.join(out, f"base{b}", "model")
         if not os.path.exists(os.path.join(paths[b], "config.json")):
             log(f"building base model {b} (seed {b}) -> {paths[b]}")
             synthetic.build_base(paths[b], seed=b, log=lambda *a: None)
     return paths
+
+
+def visual_tool_line(seeds, n_test=200):
+    """The visual tool of each seed (trained on that seed's SFT split) on that seed's test split."""
+    import synthetic
+    scores = []
+    for s in seeds:
+        sft_images, _ = synthetic.make_synthetic(2000, s, 32, "train")
+        test_images, _ = synthetic.make_synthetic(n_test, s, 32, "test")
+        classifier = synthetic.SyntheticStore([], None, sft_images=sft_images).visual_tool(s, lambda *a: None).classifier
+        scores.append(synthetic.visual_tool_auroc(classifier, test_images))
+    mean = {k: sum(sc[k] for sc in scores) / len(scores) for k in scores[0]}
+    per_seed = ", ".join(f"{sc['any']:.3f}" for sc in scores)
+    return (f"Visual tool (lesion classifier trained on each seed's SFT split), test AUROC over seeds {seeds}: any finding "
+            f"{mean['any']:.3f} (per seed {per_seed}); " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "any"))
 
 
 def study_main(argv):
@@ -345,26 +387,35 @@ def study_main(argv):
             log_path = os.path.join(args.out, f"base{b}-seed{s}-{slug(name)}.log")
             results[(name, (b, s))], reused = run_study_row(args.out, b, bases[b], s, name, flags, args.steps, log_path)
             g = results[(name, (b, s))]["after"]["grounding"]
-            print(f"base {b} seed {s} | {name:38s} | bal-acc {g['pope']['accuracy']:.3f} | cf-acc "
-                  f"{g['counterfactual']['accuracy']:.3f} | {'reused' if reused else f'{time.time() - t:.0f}s'}", flush=True)
+            frag = results[(name, (b, s))]["after"]["fragments"]["share"]
+            print(f"base {b} seed {s} | {name:38s} | pair-ord {g['pair_order']:.3f} | mAUROC {g['macro_auroc']:.3f} | "
+                  f"yes% {g['pope']['yes_ratio']:.3f} | frag% {frag:.3f} | {'reused' if reused else f'{time.time() - t:.0f}s'}",
+                  flush=True)
     names = [name for name, _ in rows]
     if STUDY_ROWS[0][0] not in names:  # the base row is read from the SFT control's "before"
         for b, s in runs:
             results[(STUDY_ROWS[0][0], (b, s))], _ = run_study_row(args.out, b, bases[b], s, *STUDY_ROWS[0], args.steps,
                                                                     os.path.join(args.out, f"base{b}-seed{s}-sft.log"))
     table = study_tables(names, results, runs)
-    checkpoint.write_json(os.path.join(args.out, "study.json"),
+    hashes = "\n".join(f"- base {b}: {bases[b]}, weights sha256 {weights_digest(bases[b])}" for b in args.bases)
+    hashes += "\n\n" + visual_tool_line(args.seeds)
+    # a study of some rows only must not replace the full one: it goes to study-partial.*
+    stem = "study" if len(rows) == len(STUDY_ROWS) else "study-partial"
+    import train
+    lrs = {name: objective.lr for name, objective in train.OBJECTIVES.items()}
+    checkpoint.write_json(os.path.join(args.out, f"{stem}.json"),
                           [{"row": name, "base": b, "seed": s, **{c: read(results[(name, (b, s))]["after"]) for c, read, _ in STUDY_METRICS},
                             "before": {c: read(results[(name, (b, s))]["before"]) for c, read, _ in STUDY_METRICS}}
                            for name in names for b, s in runs], indent=1)
-    with open(os.path.join(args.out, "study.md"), "w") as f:
-        f.write(f"python bench.py study --bases {','.join(map(str, args.bases))} --seeds {','.join(map(str, args.seeds))} "
-                f"--steps {args.steps}\n\n" + table + "\n")
-    study_chart(names, results, runs, os.path.join(args.out, "study.png"))
-    print("\n" + table + f"\n\nwritten to {args.out}/study.md, study.json and study.png in {time.time() - t0:.0f}s")
+    command = (f"python bench.py study --bases {','.join(map(str, args.bases))} --seeds {','.join(map(str, args.seeds))} "
+               f"--steps {args.steps}" + (f" --rows {','.join(map(str, args.rows))}" if stem != "study" else ""))
+    checkpoint.atomic_write(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(
+        f"{command}\n\nLearning rates (chosen on val): {lrs}\n\n{hashes}\n\n{table}\n"))
+    study_chart(names, results, runs, os.path.join(args.out, f"{stem}.png"))
+    print("\n" + table + f"\n\nwritten to {args.out}/{stem}.md, {stem}.json and {stem}.png in {time.time() - t0:.0f}s")
 
 
-def noise_sweep(base_path, steps=(250, 500, 750, 900, 999), heatmaps=("detector", "mask"), n=128, folder="out/study"):
+def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector", "mask"), n=128, folder="out/study"):
     """Does Strategy 2's noise hide the lesion from the base model? On val-split questions whose answer
     states a finding, per heatmap and diffusion step: the drop of log P(y_w) from the clean to the noised
     image (median, share above 1 nat) and the share of greedy answers the noise changes. No training."""
@@ -373,67 +424,97 @@ def noise_sweep(base_path, steps=(250, 500, 750, 900, 999), heatmaps=("detector"
     import synthetic
     from train import record_loader
     model, processor = checkpoint.load_model(base_path, torch.float32, torch.device("cpu"))
+    sft_images, _ = synthetic.make_synthetic(2000, 0, 32, "train")
     images, qa = synthetic.make_synthetic(200, 0, 32, "val")
-    store = synthetic.SyntheticStore(images, tempfile.mkdtemp())
+    store = synthetic.SyntheticStore(images, tempfile.mkdtemp(), sft_images=sft_images)
     items = [it for it in qa if it["type"] != "report" and not data.states_absence(it["answer"])][:n]
     rows, quiet = [], lambda *a: None
+    seen = synthetic.visual_tool_auroc(store.visual_tool(0, quiet).classifier, images)
+    print(f"visual tool (lesion classifier, trained on the SFT split) on val: AUROC {seen['any']:.3f} for any finding; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in seen.items() if k != "any"), flush=True)
     for heatmap in heatmaps:
+        tool = data.heatmap_tool(heatmap, store=store, log=quiet)
         for k in steps:
-            pairs = data.build_visual_pairs(items, store, tempfile.mkdtemp(), heatmap, "local", k, 0, log=quiet)
+            pairs = data.build_visual_pairs(items, store, tempfile.mkdtemp(), tool, "local", k, 0, log=quiet)
             data.answer_change(model, processor, pairs, "plain", False, 48, log=quiet)
             dataset = data.RecordDataset(pairs, processor, data.model_image_reader(False))
             batches = [list(range(i, min(i + 64, len(pairs)))) for i in range(0, len(pairs), 64)]
             with torch.no_grad():
-                logps = torch.cat([data.policy_logps(model, batch, 2) for batch in
+                logps = torch.cat([data.response_logps(model, batch, 2)[1].sum(-1) for batch in
                                    record_loader(dataset, batches, processor.tokenizer.pad_token_id, 0)])
             drop = (logps[:, 0] - logps[:, 1]).numpy()
             rows.append((heatmap, k, len(pairs), float(np.median(drop)), float((drop > 1).mean()),
                          float(np.mean([p["answer_changes"] for p in pairs]))))
-            print(f"noise {heatmap:8s} k={k:3d}: {rows[-1][2]} pairs | median drop {rows[-1][3]:.3f} nats | "
+            print(f"noise {heatmap:10s} k={k:3d}: {rows[-1][2]} pairs | median drop {rows[-1][3]:.3f} nats | "
                   f"> 1 nat {rows[-1][4]:.0%} | answer changed {rows[-1][5]:.0%}", flush=True)
-    return ["| heatmap | k | pairs | median log P(y_w ; x) - log P(y_w ; x*) | share > 1 nat | greedy answer changed |",
+    return [f"The visual tool (lesion classifier trained on the SFT split) on the val split: AUROC {seen['any']:.3f} for "
+            f"any finding; " + ", ".join(f"{k} {v:.3f}" for k, v in seen.items() if k != "any"), "",
+            "| heatmap | k | pairs | median log P(y_w ; x) - log P(y_w ; x*) | share > 1 nat | greedy answer changed |",
             "|---|---|---|---|---|---|"] + [f"| {h} | {k} | {n} | {m:.3f} | {s:.0%} | {c:.0%} |" for h, k, n, m, s, c in rows]
+
+
+SWEEP_COLUMNS = ["pair-ord", "mAUROC", "ptx pair-ord", "bal-acc", "yes%", "frag%", "closed", "BLEU"]
+
+
+def lr_sweep(out, objectives, lrs, max_fragments=0.01):
+    """Each objective on the val split (base 0, seed 0, 144 steps) at each learning rate. The choice: the
+    highest pair order among the rates with at most `max_fragments` broken answers (else the lowest
+    rate). returns (markdown lines, {objective: chosen rate})."""
+    import contextlib
+    import train
+    cols = [c for c in STUDY_METRICS if c[0] in SWEEP_COLUMNS]
+    lines = ["| objective | lr | " + " | ".join(c for c, _, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    chosen = {}
+    for objective in objectives:
+        folder, results = os.path.join(out, "sweep", objective), {}
+        os.makedirs(folder, exist_ok=True)
+        for lr in lrs:  # one --out per objective: the preference data is built once and reused
+            with open(os.path.join(folder, f"lr{lr}.log"), "w") as log, contextlib.redirect_stdout(log):
+                train.main(["--out", folder, "--run-name", f"lr{lr}", "--objective", objective, "--eval-split", "val",
+                            "--steps", "144", "--lr", lr])
+            results[lr] = checkpoint.read_json(os.path.join(folder, f"lr{lr}", "metrics.json"))
+            a = results[lr]["after"]
+            lines.append(f"| {objective} | {lr} | " + " | ".join(f"{read(a):.3f}" for _, read, _ in cols) + " |")
+            print(lines[-1], flush=True)
+        before = results[lrs[0]]["before"]
+        lines.append(f"| {objective} | (base) | " + " | ".join(f"{read(before):.3f}" for _, read, _ in cols) + " |")
+        ok = [lr for lr in lrs if results[lr]["after"]["fragments"]["share"] <= max_fragments]
+        chosen[objective] = max(ok, key=lambda lr: results[lr]["after"]["grounding"]["pair_order"]) if ok else \
+            min(lrs, key=float)
+    return lines, chosen
 
 
 def sweep_main(argv):
     """The validation runs behind the chosen settings, written with their commands to OUT/sweep.md:
-    the noise's effect on the base model (no training), then MMedPO on the val split over learning rates
-    and noise steps. The test split is never read."""
-    import contextlib
-    import train
+    the noise's effect on the base model (no training), then every objective on the val split over
+    learning rates. The test split is never read."""
     ap = argparse.ArgumentParser(description="validation sweeps behind the default settings (val split only)")
     ap.add_argument("--out", default="out/study")
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
-    ap.add_argument("--noise-steps", default="500,999")
+    ap.add_argument("--objectives", default="mmedpo,dpo,sft,oracle,hscr,fire")
     args = ap.parse_args(argv)
+    lrs, objectives = args.lrs.split(","), args.objectives.split(",")
+    for lr in lrs:
+        try:
+            assert float(lr) > 0 and math.isfinite(float(lr))
+        except (ValueError, AssertionError):
+            ap.error(f"--lrs: {lr!r} is not a positive number")
+    import train
+    if set(objectives) - set(train.OBJECTIVES):
+        ap.error(f"--objectives: unknown {sorted(set(objectives) - set(train.OBJECTIVES))}; choose from {list(train.OBJECTIVES)}")
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-base")
-    lines = ["# Validation sweeps (val split; the test split is never read)", "", f"python bench.py sweep --lrs {args.lrs} "
-             f"--noise-steps {args.noise_steps}", "", "## Does the noise hide the lesion from the base model?", ""]
+    lines = ["# Validation sweeps (val split; the test split is never read)", "",
+             f"python bench.py sweep --lrs {args.lrs} --objectives {args.objectives}", "",
+             f"Base 0 weights sha256 {weights_digest(base)}", "", "## Does the noise hide the lesion from the base model?", ""]
     lines += noise_sweep(base, folder=args.out)
-    lines += ["", "## MMedPO on the val split (base 0, seed 0, default flags otherwise)", "",
-              "| flags | bal-acc | cf-acc | AUROC | yes% | halluc | pf-acc | closed |", "|---|---|---|---|---|---|---|---|"]
-    grid = [["--lr", lr] for lr in args.lrs.split(",")] + [["--noise-step", k] for k in args.noise_steps.split(",")
-                                                             if k != "500"]
-    for flags in grid:
-        out = os.path.join(args.out, "sweep", "-".join(flags).strip("-"))
-        os.makedirs(out, exist_ok=True)
-        with open(out + ".log", "w") as log, contextlib.redirect_stdout(log):
-            train.main(["--out", out, "--eval-split", "val"] + flags)
-        with open(os.path.join(out, "mmedpo", "metrics.json")) as f:
-            m = json.load(f)
-        a, g = m["after"], m["after"]["grounding"]
-        cells = [g["pope"]["accuracy"], g["counterfactual"]["accuracy"], g["auroc"], g["pope"]["yes_ratio"],
-                 a["prior_breaking"]["hallucination_rate"], a["prior_breaking"]["accuracy_following"], a["closed"]]
-        lines.append(f"| {' '.join(flags)} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
-        print(lines[-1], flush=True)
-    bg = m["before"]["grounding"]
-    lines.append(f"| (the base, before training) | {bg['pope']['accuracy']:.3f} | {bg['counterfactual']['accuracy']:.3f} | "
-                 f"{bg['auroc']:.3f} | {bg['pope']['yes_ratio']:.3f} | {m['before']['prior_breaking']['hallucination_rate']:.3f}"
-                 f" | {m['before']['prior_breaking']['accuracy_following']:.3f} | {m['before']['closed']:.3f} |")
-    with open(os.path.join(args.out, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"written to {os.path.join(args.out, 'sweep.md')}")
+    lines += ["", "## Each objective on the val split (base 0, seed 0, 144 steps) by learning rate", ""]
+    sweep_lines, chosen = lr_sweep(args.out, objectives, lrs)
+    lines += sweep_lines + ["", "Chosen (highest pair order with at most 1 % broken answers): " +
+                            ", ".join(f"{o} {lr}" for o, lr in chosen.items())]
+    checkpoint.atomic_write(os.path.join(args.out, "sweep.md"), lambda f: f.write("\n".join(lines) + "\n"))
+    print(f"chosen: {chosen}\nwritten to {os.path.join(args.out, 'sweep.md')}")
+
 
 if __name__ == "__main__":
     main()

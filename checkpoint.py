@@ -7,7 +7,7 @@ as such, with the file named, and the old file is kept. A stage's output is reus
 file written *after* it holds the same key, and the key is built from the content the output depends
 on (`fingerprint`, `file_digest`), never from a path that can be rewritten.
 
-    python -m pytest -q tests/test_checkpoint.py
+    python -m pytest -q tests/test_reliability.py tests/test_faults.py
 
 torch + stdlib (transformers inside `load_model`).
 """
@@ -210,7 +210,7 @@ class RunLock:
     def __init__(self, folder):
         import fcntl
         os.makedirs(folder, exist_ok=True)
-        self.path, self.file = os.path.join(folder, ".lock"), None
+        self.path, self.file = os.path.join(folder, ".mmedpo-run.lock"), None  # score.RUN_LOCK
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,6 +1,6 @@
 """MMedPO's data: prompt formats, images, preference records and their files, Strategy 1 (text pairs)
 and Strategy 2 (visual pairs) built by the target model, and the batches (records tokenised once, the
-k responses of B records in one k*B-row batch, made by `collate_records` and undone by `policy_logps`).
+k responses of B records in one k*B-row batch, made by `collate_records` and undone by `per_response`).
 
 The file reads in the order of the paper's Algorithm 1: the records MMedPO trains on
 (`build_mmedpo_pairs`), Strategy 1, Strategy 2, then the batches. The synthetic world lives in
@@ -17,7 +17,7 @@ import os
 import random
 import stat
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from functools import lru_cache
 
 import numpy as np
@@ -26,7 +26,7 @@ from PIL import Image, ImageStat, UnidentifiedImageError
 
 import score
 from checkpoint import atomic_write
-from mmedpo import IGNORE_INDEX, normalize_scores, sequence_logps, token_logps
+from mmedpo import IGNORE_INDEX, normalize_scores, token_logps
 from noise import (attention_heatmap, detect_lesions, heatmap_from_mask, lesion_coverage, localized_noise,
                    mask_confidence, smooth_heatmap)
 from rule_judge import NEGATIONS, clean_answer, polarity, words
@@ -91,16 +91,10 @@ def pad_to_square(image):
     return square
 
 
-def image_for_model(image, pad):
-    """The PIL image as the model sees it: LLaVA pads to a square with the mean colour when asked."""
-    return pad_to_square(image) if pad else image
-
-
 def read_image(path):
-    """A grayscale image as (H, W) float32 in [0, 1] (shared by the cache: never modify it); 16-bit images keep their full range
-    (65535 is white). Only a regular file is opened (a FIFO would block forever). A missing, special or
-    corrupt file raises ValueError naming it. Kept in a bounded cache keyed on the file's size and
-    modification time, so a file rewritten in place is read again."""
+    """A grayscale image, (H, W) float32 in [0, 1], shared by a cache keyed on size and mtime (never modify it).
+    16-bit and float images keep their range. Only a regular file is opened (a FIFO would block); a
+    missing, special, corrupt or oversized file raises ValueError naming it."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -116,9 +110,13 @@ def _read_image(path, size, mtime_ns):
         with Image.open(path) as im:
             if im.mode.startswith("I;16") or im.mode == "I":   # 16-bit grayscale (common in medical PNGs)
                 x = np.clip(np.asarray(im, np.float32) / 65535.0, 0, 1)
+            elif im.mode == "F":  # float (TIFF): kept if in [0, 1], else stretched to it (never clipped black)
+                x = np.nan_to_num(np.asarray(im, np.float32))
+                lo, hi = float(x.min()), float(x.max())
+                x = x if lo >= 0 and hi <= 1 else (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
             else:
                 x = np.asarray(im.convert("L"), np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
     return x  # shared by every caller of the cache: read it, never write to it
 
@@ -139,7 +137,7 @@ def save_png(image, path):
 
 def model_image_reader(pad):
     """path -> the PIL image as the model sees it (8-bit grayscale survives the float round trip exactly)."""
-    return lambda path: image_for_model(to_pil(read_image(path)), pad)
+    return lambda path: pad_to_square(to_pil(read_image(path))) if pad else to_pil(read_image(path))
 
 
 class ImageStore:
@@ -154,23 +152,26 @@ class ImageStore:
 
     def for_model(self, image_id):
         """The PIL image as the model sees it."""
-        return image_for_model(self.pil(image_id), self.pad)
+        return pad_to_square(self.pil(image_id)) if self.pad else self.pil(image_id)
 
     def digest(self, image_id):
         """A hash of the image's content (for cache keys): its pixels."""
         return hashlib.sha256(np.ascontiguousarray(self.pixels(image_id)).tobytes()).hexdigest()[:24]
+
+    def visual_tool(self, seed=0, log=print):
+        """The trained lesion classifier, item -> (heatmap, confidence): only labelled training images train one."""
+        raise ValueError("--heatmap classifier needs labelled training images (the synthetic default has them); "
+                         "use --heatmap detector, mask or attention")
 
 
 # -----------------------------------------------------------------------------
 # preference records: files and weights
 
 def read_pairs(path, log=print):
-    """Pairs (or triplets) from JSONL. A line that is not UTF-8, not JSON or not an object, a record
-    without prompt/chosen/rejected text, or one whose image or rejected image is missing or
-    unreadable, is reported with file:line, skipped and counted; a missing or non-finite score becomes
-    None (the neutral weight). A weight that is present but not a finite number >= 0 is an input error
-    (ValueError with file:line): a silently changed weight would change training.
-    returns (pairs, n_skipped)."""
+    """Pairs (or triplets) from JSONL. A line that is not a JSON object, a record without prompt/chosen/
+    rejected text, or one whose images are missing or unreadable, is said with file:line and skipped; a
+    missing or non-finite score becomes None (the neutral weight). A weight that is present but not a
+    finite number >= 0 raises ValueError with file:line. returns (pairs, n_skipped)."""
     bad, unscored = [], 0
     lines = read_jsonl(path, lambda msg: (bad.append(msg), log(msg)))
     pairs, skipped = [], len(bad)
@@ -246,10 +247,8 @@ def build_mmedpo_pairs(model, processor, cfg, pool, store, pairs_dir, device, lo
         items = rng.sample(pool, min(cfg.n_text, len(pool)))
         log(f"Strategy 1: sampling {cfg.samples} answers for {len(items)} questions (temperature {cfg.temperature})")
         samples = generate_answers(model, processor, [(store.for_model(it["image_id"]), it["question"]) for it in items],
-                                   cfg.prompt_format,
-                                   batch_size=128, do_sample=True, temperature=cfg.temperature,
-                                   num_return_sequences=cfg.samples, generator_seed=cfg.seed,
-                                   max_new_tokens=cfg.sample_max_new_tokens, log=log)
+                                   cfg.prompt_format, 128, cfg.sample_max_new_tokens,
+                                   Sampling(cfg.samples, cfg.temperature, cfg.seed), log)
         samples = [[s] for s in samples] if cfg.samples == 1 else samples
         text = build_text_pairs(items, samples, selector, store.path, cfg.seed, log)
         if cfg.weighting != "none":
@@ -277,11 +276,31 @@ def build_mmedpo_pairs(model, processor, cfg, pool, store, pairs_dir, device, lo
         items = rng.sample(shows, min(cfg.n_visual, len(shows)))
         log(f"Strategy 2: {cfg.noise} noise at k={cfg.noise_step} on {len(items)} images, heatmap {cfg.heatmap}, "
             f"score {cfg.visual_score}")
-        tool = heatmap_tool(cfg.heatmap, model, processor, cfg.prompt_format, store, device)
+        tool = heatmap_tool(cfg.heatmap, model, processor, cfg.prompt_format, store, device, cfg.seed, log)
         visual = build_visual_pairs(items, store, pairs_dir, tool, cfg.noise, cfg.noise_step, cfg.seed, cfg.visual_score, log)
         answer_change(model, processor, visual, cfg.prompt_format, store.pad, cfg.sample_max_new_tokens, log)
         pairs += visual
     return pairs, complete
+
+
+def build_oracle_records(model, processor, cfg, pool, store, pairs_dir, device, log=print, answer=None):
+    """The instrument's oracle: the preference split's presence questions (on real data its closed yes/no
+    ones) with their TRUE answers, as many "yes" as "no" (drawn with the run's seed), for plain
+    supervision. A grounding score that this row cannot raise cannot show what a method does. With
+    `answer` ("yes": the lean) every question gets that answer: a row that must NOT raise it. The other
+    answer is kept as `rejected` for the layout, never trained on. returns (records, complete)."""
+    yes_no = lambda it: str(it["answer"]).strip().lower()
+    presence = [it for it in pool if it.get("qtype") == "presence"] or \
+        [it for it in pool if it["type"] == "closed" and yes_no(it) in ("yes", "no")]
+    by_answer = {a: [it for it in presence if yes_no(it) == a] for a in ("yes", "no")}
+    n, rng, name = min(len(v) for v in by_answer.values()), random.Random(cfg.seed), "lean" if answer else "oracle"
+    items = sorted(rng.sample(by_answer["yes"], n) + rng.sample(by_answer["no"], n), key=lambda it: it["id"])
+    log(f"{name}: {len(items)} presence questions ({n} truly yes, {n} truly no) of {len(presence)}, answered "
+        + (f"{answer!r} whatever the image" if answer else "with the truth"))
+    return [{"id": f"{name}-{it['id']}", "source": name, "image": store.path(it["image_id"]), "rejected_image": None,
+             "prompt": it["question"], "chosen": answer or it["answer"], "rejected": "no" if (answer or yes_no(it)) == "yes"
+             else "yes", "score": None, "weight": None, "provenance": f"{answer!r} to every question (a lean)" if answer
+             else "the true answer (an oracle)"} for it in items], True
 
 
 def states_absence(answer):
@@ -331,18 +350,21 @@ def build_text_pairs(items, samples, judge, image_path, seed=0, log=print):
     return pairs
 
 
-def generate_answers(model, processor, rows, prompt_format="plain", batch_size=64, max_new_tokens=16,
-                     do_sample=False, temperature=1.0, num_return_sequences=1, generator_seed=None, log=None):
-    """Answers for rows of (PIL image, question): greedy by default, or `num_return_sequences` samples.
+Sampling = namedtuple("Sampling", "n temperature seed")   # n answers per row at a temperature, from a seed
+
+
+def generate_answers(model, processor, rows, prompt_format="plain", batch_size=64, max_new_tokens=16, sample=None,
+                     log=None):
+    """Answers for rows of (PIL image, question): greedy, or `sample.n` samples each (a `Sampling`).
     Generation stops at EOS or after `max_new_tokens`; how many hit that cap is printed (a capped
     answer is a fragment: raise the cap if it is more than a few).
     returns a list (one per row) of strings, or of lists of strings when sampling several."""
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right end
     device = next(model.parameters()).device
-    out, t0, capped = [], time.time(), 0
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
+    out, t0, capped, n = [], time.time(), 0, sample.n if sample else 1
+    if sample:
+        torch.manual_seed(sample.seed)
     was_training = model.training
     model.eval()
     try:
@@ -353,17 +375,13 @@ def generate_answers(model, processor, rows, prompt_format="plain", batch_size=6
             if "pixel_values" in enc:
                 enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
             with torch.no_grad():
-                gen = model.generate(**enc, do_sample=do_sample, temperature=temperature if do_sample else None,
-                                     top_p=None, top_k=None, max_new_tokens=max_new_tokens,
-                                     num_return_sequences=num_return_sequences,
+                gen = model.generate(**enc, do_sample=sample is not None, temperature=sample and sample.temperature,
+                                     top_p=None, top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             new_tokens = gen[:, enc["input_ids"].shape[1]:]
             capped += int(((new_tokens == tok.eos_token_id).sum(1) == 0).sum()) if new_tokens.shape[1] >= max_new_tokens else 0
             texts = [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
-            if num_return_sequences == 1:
-                out += texts
-            else:
-                out += [texts[j:j + num_return_sequences] for j in range(0, len(texts), num_return_sequences)]
+            out += texts if n == 1 else [texts[j:j + n] for j in range(0, len(texts), n)]
             if log and (i // batch_size) % 10 == 9:
                 done = min(i + batch_size, len(rows))
                 rate = done / (time.time() - t0)
@@ -372,17 +390,17 @@ def generate_answers(model, processor, rows, prompt_format="plain", batch_size=6
         tok.padding_side = side
         model.train(was_training)
     if log:
-        n = len(rows) * num_return_sequences
-        log(f"  {capped} of {n} generations hit the cap of {max_new_tokens} new tokens" +
+        log(f"  {capped} of {len(rows) * n} generations hit the cap of {max_new_tokens} new tokens" +
             (" (raise --max-new-tokens if that is more than a few)" if capped else ""))
     return out
 
 
-def heatmap_tool(name, model=None, processor=None, prompt_format="plain", store=None, device=None):
-    """Where the lesion is, for Strategy 2: 'detector' (noise.detect_lesions), 'mask' (ground-truth
-    masks or boxes), or 'attention' (the target model's own attention, as a callable)."""
+def heatmap_tool(name, model=None, processor=None, prompt_format="plain", store=None, device=None, seed=0, log=print):
+    """Where the lesion is (Strategy 2): classifier (the store's trained `visual_tool`), detector, mask, attention."""
     if name == "attention":
         return attention_tool(model, processor, prompt_format, store.pixels, device)
+    if name == "classifier":
+        return store.visual_tool(seed, log)
     return name
 
 
@@ -415,7 +433,7 @@ def lesion_heatmap(item, store, heatmap="detector", log=print):
     """Where the lesion of an item's image is: (heatmap (H, W) in [0, 1], confidence), or (None, reason).
     heatmap: detector (noise.detect_lesions; its confidence), mask (ground-truth masks or boxes, widened
     by a soft margin; the confidence is the lesion's contrast with its surroundings, noise.mask_confidence),
-    or a callable item -> (heatmap, confidence) such as `attention_tool`."""
+    or a callable item -> (heatmap, confidence) such as the trained classifier's or `attention_tool`."""
     x = torch.as_tensor(store.pixels(item["image_id"]))                     # (H, W) in [0, 1]
     if callable(heatmap):
         return heatmap(item)
@@ -495,14 +513,10 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
 # batches: every record tokenised once, k responses per record, one k*B-row batch
 
 def encode_rows(processor, rows, prompt_format="plain", max_length=None):
-    """Tokenize rows of (image, question, response) for one forward pass.
-
-    images: PIL images (one per row; rows may share or differ, e.g. chosen vs noised rejected).
-    The prompt goes through the processor (which expands <image> into the image tokens); the
-    response is tokenized alone, followed by EOS, and concatenated. Labels are the response
-    tokens; prompt, image and padding positions are IGNORE_INDEX. Right padding.
-    If prompt + response exceed `max_length`, question tokens are dropped from the middle of the
-    prompt (never image tokens); if that is not enough, the response is cut at its end.
+    """Tokenize rows of (PIL image, question, response) for one forward pass, right-padded. The prompt goes
+    through the processor (which expands <image> into the image tokens); the response is tokenized
+    alone, then EOS. Labels are the response tokens, IGNORE_INDEX elsewhere. Beyond `max_length`,
+    question tokens go from the middle of the prompt (never image tokens), then the response's end.
     returns {input_ids, attention_mask, labels: (N, T) long, pixel_values: (N, 3, H, W),
              truncated: (N,) long, 0 whole, 1 prompt cut, 2 prompt and response cut}."""
     tok = processor.tokenizer
@@ -599,7 +613,7 @@ class RecordDataset(torch.utils.data.Dataset):
 def collate_records(batch, pad_id):
     """A list of B records of k rows each -> one batch of k*B rows, response-major (every chosen row,
     then every rejected row, ...), right-padded: {input_ids, attention_mask, labels (kB, T), pixel_values,
-    truncated (kB,)} and, for FiRe-MPO records, edit_mask (kB, T). `policy_logps` undoes the layout."""
+    truncated (kB,)} and, for FiRe-MPO records, edit_mask (kB, T). `per_response` undoes the layout."""
     rows = [rec[j] for j in range(len(batch[0])) for rec in batch]
     out = {"input_ids": right_pad([r["input_ids"] for r in rows], pad_id),
            "attention_mask": right_pad([torch.ones_like(r["input_ids"]) for r in rows], 0),
@@ -611,23 +625,18 @@ def collate_records(batch, pad_id):
     return out
 
 
-def model_token_logps(model, batch, n=None):
-    """One forward of the first n rows of an encoded batch (all by default): (logits (n, T, V), token
-    log-probs (n, T-1), response mask (n, T-1)), the shift and masks of `mmedpo.token_logps`."""
-    rows = slice(None, n)
-    logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
-                   pixel_values=batch["pixel_values"][rows]).logits
-    return (logits, *token_logps(logits, batch["labels"][rows]))
+def per_response(rows, k):
+    """Undo `collate_records`'s layout, (k*B, ...) -> (B, k, ...): column j holds every record's j-th response."""
+    return rows.view(k, -1, *rows.shape[1:]).transpose(0, 1)
 
 
-def forward_logps(model, batch):
-    """Summed response log-probs of every row of an encoded batch: (N,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"]).logits
-    return sequence_logps(logits, batch["labels"])
-
-
-def policy_logps(model, batch, k):
-    """Summed log-probs of every response of every record in one forward, (B, k): column j holds the
-    j-th response of each record (the k*B rows are response-major)."""
-    return forward_logps(model, batch).float().view(k, -1).T
+def response_logps(model, batch, k, first=None):
+    """One forward of a k*B-row batch's responses 0..first-1 (all k by default), per response:
+    (logits (B, j, T, V), token log-probs (B, j, T-1), response mask (B, j, T-1)), j = first or k, with
+    `mmedpo.token_logps`'s shift and masks. Summed over the tokens, [..., j] is log pi(response j | prompt j)."""
+    j = first or k
+    n = batch["input_ids"].shape[0] // k * j          # responses 0..j-1 are the first j*B rows
+    logits = model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n],
+                   pixel_values=batch["pixel_values"][:n]).logits
+    tokens, response = token_logps(logits, batch["labels"][:n])
+    return per_response(logits, j), per_response(tokens, j), per_response(response, j)

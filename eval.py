@@ -33,11 +33,13 @@ import os
 import re
 import sys
 from collections import Counter, defaultdict
+from typing import NamedTuple
 
 import checkpoint
 import data
 import lora
 import real_data
+import score
 import synthetic
 from data import attention_tool, format_prompt, generate_answers, response_ids
 
@@ -170,7 +172,7 @@ def answer_prior(train_items):
     """Majority answer per question text on the training split (the best a model that ignores the image
     can do on questions it has seen); questions never seen get the majority answer of their type.
     returns predict(item) -> answer; predict.share(item) is that answer's share of the training answers
-    (how strong the language prior is)."""
+    (how strong the language prior is); predict.vocabulary the words of the training answers."""
     per_q, per_type = defaultdict(Counter), defaultdict(Counter)
     for it in train_items:
         per_q[it["question"]][it["answer"]] += 1
@@ -181,7 +183,17 @@ def answer_prior(train_items):
         c = counts(it)
         return c.most_common(1)[0][0] if c else ""
     predict.share = lambda it: (lambda c: c.most_common(1)[0][1] / sum(c.values()) if c else 0.0)(counts(it))
+    predict.vocabulary = {w for it in train_items for w in normalize(it["answer"])}
     return predict
+
+
+def fragment_metrics(predictions, vocabulary):
+    """Broken answers: an answer is a fragment when it is empty or holds a word that no training answer
+    holds ("m", "eumothora"). POPE's rule reads a fragment as "yes", so a model that breaks its answers
+    gains recall for free: the share stands in every table. returns {share, n_fragments, n, examples}."""
+    broken = [p for p in predictions if not normalize(p) or any(w not in vocabulary for w in normalize(p))]
+    return {"share": len(broken) / len(predictions) if predictions else float("nan"), "n_fragments": len(broken),
+            "n": len(predictions), "examples": sorted(set(broken))[:5]}
 
 
 def hallucination_metrics(items, predictions, prior, min_share=0.64, scoring="ours"):
@@ -246,26 +258,45 @@ def report_finding_metrics(predictions, references):
             "hallucinated": hallucinated, "omitted": omitted, "stated": stated, "present": present}
 
 
-def evaluate(model, processor, items, store, prior=None, prompt_format="plain", batch_size=64, log=None,
-             max_new_tokens=16, scoring="ours", probes=None):
-    """Greedy answers to every test item (and grounding probe), scored; with the answer prior's score
-    and the prior-breaking metrics beside it if a prior is given, and `grounding` if probes are given.
-    returns (result, predictions of `items`)."""
-    rows = [(store.for_model(it["image_id"]), it["question"]) for it in items + (probes or [])]
-    answers = generate_answers(model, processor, rows, prompt_format, batch_size, max_new_tokens=max_new_tokens, log=log)
-    preds = answers[:len(items)]
+class EvalSettings(NamedTuple):
+    """How the answers are asked for and scored."""
+    prompt_format: str = "plain"
+    max_new_tokens: int = 16
+    scoring: str = "ours"          # VQA_SCORING
+    batch_size: int = 64
+
+
+class TestSet(NamedTuple):
+    """What a model is evaluated on: test items, grounding probes, their image store, the answer prior."""
+    items: list
+    probes: list
+    store: object
+    prior: object = None
+
+
+def evaluate(model, processor, items, store, prior=None, probes=None, settings=EvalSettings(), log=None):
+    """Greedy answers to every test item (and grounding probe), scored; with the answer prior's score,
+    the prior-breaking metrics and the share of broken answers (fragments) if a prior is given, and
+    `grounding` if probes are given.
+    returns (result, predictions of `items`, [{prediction, margin} of each probe])."""
+    probes, (prompt_format, max_new_tokens, scoring, batch_size) = probes or [], settings
+    rows = [(store.for_model(it["image_id"]), it["question"]) for it in items + probes]
+    answers = generate_answers(model, processor, rows, prompt_format, batch_size, max_new_tokens, log=log)
+    preds, probe_answers = answers[:len(items)], answers[len(items):]
     result = vqa_metrics(items, preds, scoring)
     if prior is not None:
         prior_preds = [prior(it) for it in items]
         result["prior"] = vqa_metrics(items, prior_preds, scoring)
         result["prior_breaking"] = hallucination_metrics(items, preds, prior, scoring=scoring)
         result["prior"]["prior_breaking"] = hallucination_metrics(items, prior_preds, prior, scoring=scoring)
+        result["fragments"] = fragment_metrics(answers, prior.vocabulary)
+        result["prior"]["fragments"] = fragment_metrics(prior_preds, prior.vocabulary)
+    margins = yes_no_margins(model, processor, rows[len(items):], prompt_format, batch_size) if probes else []
     if probes:
-        margins = yes_no_margins(model, processor, rows[len(items):], prompt_format, batch_size)
-        result["grounding"] = grounding_metrics(probes, answers[len(items):], margins)
+        result["grounding"] = grounding_metrics(probes, probe_answers, margins)
         if prior is not None:
             result["prior"]["grounding"] = grounding_metrics(probes, [prior(it) for it in probes], [0.0] * len(probes))
-    return result, preds
+    return result, preds, [{"prediction": a, "margin": m} for a, m in zip(probe_answers, margins)]
 
 
 # -----------------------------------------------------------------------------
@@ -330,19 +361,35 @@ def yes_no_margins(model, processor, rows, prompt_format="plain", batch_size=64)
 
 
 def grounding_metrics(probes, predictions, margins):
-    """The grounding of a model on presence probes: POPE metrics of its answers, the AUROC of its
-    yes/no margin (present vs absent), and, where probes come in counterfactual pairs (the same image
-    with and without the finding), the share of pairs with both answers right (0 for an image-blind
-    model, which answers both alike)."""
-    truths = [it["answer"] for it in probes]
-    result = {"pope": pope_metrics(predictions, truths),
-              "auroc": auroc(margins, [str(t).strip().lower() != "no" for t in truths])}
-    pairs = defaultdict(list)
-    for it, pred in zip(probes, predictions):
+    """The grounding of a model on presence probes (items with answer yes/no, and optionally `finding`
+    and `pair`), from its answers and its yes/no margins (log P(yes) - log P(no)).
+    Threshold-free, the headline (a model that only leans towards "yes" or "no" cannot move them):
+        pair_order   where probes come in counterfactual pairs (the same image with and without the
+                     finding), the share of pairs whose present image gets the higher margin (ties 1/2):
+                     every offset of the image or the question cancels; 0.5 for an image-blind model
+        macro_auroc  the AUROC of the margin within each finding, averaged over the findings (a pooled
+                     AUROC also rewards knowing which findings are common: `auroc` keeps it)
+    Thresholded: POPE's metrics of the answers, and the share of pairs with both answers right.
+    Each per finding too (`per_finding`)."""
+    truths = [str(it["answer"]).strip().lower() != "no" for it in probes]
+    result = {"pope": pope_metrics(predictions, [it["answer"] for it in probes]), "auroc": auroc(margins, truths)}
+    by_finding, pairs = defaultdict(list), defaultdict(dict)
+    for it, pred, margin, present in zip(probes, predictions, margins, truths):
+        by_finding[it.get("finding", "all")].append((margin, present))
         if it.get("pair"):
-            pairs[it["pair"]].append(pope_answer(pred) == str(it["answer"]).strip().lower())
-    both = [all(v) for v in pairs.values() if len(v) == 2]
-    result["counterfactual"] = {"accuracy": sum(both) / len(both) if both else float("nan"), "n_pairs": len(both)}
+            pairs[it["pair"]][present] = (margin, pope_answer(pred) == ("yes" if present else "no"), it.get("finding", "all"))
+    pairs = [p for p in pairs.values() if len(p) == 2]   # {True: (margin, right, finding), False: ...}
+    order = lambda ps: sum((p[True][0] > p[False][0]) + 0.5 * (p[True][0] == p[False][0]) for p in ps) / len(ps) if ps else nan
+    nan = float("nan")
+    per_finding = {}
+    for f, rows in sorted(by_finding.items()):
+        ps = [p for p in pairs if p[True][2] == f]
+        per_finding[f] = {"auroc": auroc(*zip(*rows)), "pair_order": order(ps), "n": len(rows), "n_pairs": len(ps)}
+    finite = [v["auroc"] for v in per_finding.values() if not math.isnan(v["auroc"])]
+    result.update({"pair_order": order(pairs), "macro_auroc": sum(finite) / len(finite) if finite else nan,
+                   "per_finding": per_finding})
+    both = [p[True][1] and p[False][1] for p in pairs]
+    result["counterfactual"] = {"accuracy": sum(both) / len(both) if both else nan, "n_pairs": len(both)}
     return result
 
 
@@ -354,16 +401,26 @@ def format_table(rows):
     nan, lines = float("nan"), []
     g = {name: r["grounding"] for name, r in rows.items() if "grounding" in r}
     if g:
-        lines.append(f"{'grounding':14s} {'bal-acc':>7s} {'F1':>7s} {'prec':>7s} {'recall':>7s} {'yes%':>7s} "
-                     f"{'AUROC':>7s} {'cf-acc':>7s}")
+        lines.append(f"{'grounding':14s} {'pair-ord':>8s} {'mAUROC':>7s} {'bal-acc':>7s} {'cf-acc':>7s} {'yes%':>7s} "
+                     f"{'F1':>7s} {'frag%':>7s}")
         for name, r in g.items():
             p = r["pope"]
-            lines.append(f"{name:14s} {p['accuracy']:7.3f} {p['f1']:7.3f} {p['precision']:7.3f} {p['recall']:7.3f} "
-                         f"{p['yes_ratio']:7.3f} {r['auroc']:7.3f} {r['counterfactual']['accuracy']:7.3f}")
+            frag = rows[name].get("fragments", {}).get("share", nan)
+            lines.append(f"{name:14s} {r.get('pair_order', nan):8.3f} {r.get('macro_auroc', nan):7.3f} {p['accuracy']:7.3f} "
+                         f"{r['counterfactual']['accuracy']:7.3f} {p['yes_ratio']:7.3f} {p['f1']:7.3f} {frag:7.3f}")
         n = next(iter(g.values()))
         lines += [f"{n['pope']['n']} balanced presence probes ({n['counterfactual']['n_pairs']} counterfactual pairs: the same "
-                  f"image with and without the finding); bal-acc, F1, yes%: POPE's scoring; AUROC of log P(yes) - log P(no); "
-                  f"cf-acc: both answers of a pair right (0 for an image-blind model)", ""]
+                  f"image with and without the finding). Threshold-free: pair-ord, the share of pairs whose present image "
+                  f"has the higher log P(yes) - log P(no); mAUROC, that margin's AUROC per finding, averaged. "
+                  f"Thresholded: bal-acc, yes%, F1 (POPE's scoring), cf-acc (both answers of a pair right); "
+                  f"frag%: answers holding a word no training answer holds", ""]
+        findings = sorted({f for r in g.values() for f in r.get("per_finding", {})})
+        if len(findings) > 1:
+            lines.append(f"{'AUROC/pair-ord':14s} " + " ".join(f"{f[:11]:>11s}" for f in findings))
+            for name, r in g.items():
+                cell = lambda v: f"{v['auroc']:.2f}/{v['pair_order']:.2f}" if v else "-"
+                lines.append(f"{name:14s} " + " ".join(f"{cell(r.get('per_finding', {}).get(f)):>11s}" for f in findings))
+            lines.append("")
     vqa = [r for r in rows.values() if r.get("n_closed") or r.get("n_open")]
     if vqa:
         qtypes = sorted({q for r in vqa for q in r["per_qtype"]})
@@ -489,10 +546,12 @@ def save_curves(history, path, keys=("loss", "reward_acc", "margin"), size=(420,
     img.save(path)
 
 
-def save_pictures(folder, model, processor, records, history, items, before, after, prior, store, fmt, device,
-                  log=print):
-    """The run's pictures: noised pairs, training curves, attention before/after, examples. A picture
-    that cannot be drawn is said and skipped: it never costs a finished run."""
+def save_pictures(folder, model, processor, records, history, test, answers, fmt, log=print):
+    """The run's pictures: noised pairs, training curves, attention before/after, examples. `test` is a
+    TestSet, `answers` the (before, after) answers to its items. A picture that cannot be drawn is said
+    and skipped: it never costs a finished run."""
+    (items, _, store, prior), (before, after) = test, answers
+    device = next(model.parameters()).device
     lesion_items = ([it for it in items if it["qtype"] == "where"] or items)[:4]
     pictures = [("noise_grid.png", lambda p: save_noise_grid(records, p)), ("curves.png", lambda p: save_curves(history, p)),
                 ("attention.png", lambda p: save_attention_figure(model, processor, lesion_items, store.pixels, fmt, device, p)),
@@ -514,7 +573,9 @@ def check_eval_args(ap, args):
         ("--split", args.split in data.SPLITS[args.data], f"must be one of {', '.join(data.SPLITS[args.data])}"),
         ("--model", os.path.isdir(args.model), "no such folder (pass the local path of a saved checkpoint)"),
         ("--adapter", args.adapter is None or os.path.isdir(args.adapter), "no such folder"),
-        ("--out", not (args.out and checkpoint.unwritable(args.out, False)), f"{args.out and checkpoint.unwritable(args.out, False)}")]
+        ("--out", not (args.out and checkpoint.unwritable(args.out, False)), f"{args.out and checkpoint.unwritable(args.out, False)}"),
+        ("--out", not (args.out and score.guarded_output(args.out)),
+         f"{args.out and score.guarded_output(args.out)}; an output must not replace a model's, an adapter's or a run's file")]
         if not ok]
     if bad:
         ap.error("; ".join(f"{f} {args.__dict__[f[2:].replace('-', '_')]}: {msg}" for f, msg in bad))
@@ -532,7 +593,8 @@ def main(argv=None):
     ap.add_argument("--n-test", type=int, default=200, help="synthetic test images")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompt-format", default="plain", help="plain, mistral (LLaVA-Med v1.5), chat (the processor's "
+    ap.add_argument("--prompt-format", default="plain", help="plain, vicuna (LLaVA's v1 conversation, as the MMedPO "
+                    "authors trained LLaVA-Med v1.5), mistral, chat (the processor's "
                     "chat template) or a template with <image> and {question}")
     ap.add_argument("--pad-to-square", action="store_true")
     ap.add_argument("--device", default="cpu")
@@ -541,7 +603,8 @@ def main(argv=None):
                     help="generation cap; default per task: 48 synthetic, 64 Med-VQA, 256 reports")
     ap.add_argument("--vqa-scoring", default="ours", choices=VQA_SCORING,
                     help="ours (whole words) or llava-med (LLaVA-Med run_eval.py's rules, to compare with published tables)")
-    ap.add_argument("--out", default=None, help="write the predictions as JSONL here (to re-score them later)")
+    ap.add_argument("--out", default=None, help="write the predictions (and each probe's answer and margin) as JSONL "
+                    "here, to re-score them later")
     args = ap.parse_args(argv)
     import torch
     if args.data != "synthetic" and not args.data_dir:
@@ -566,12 +629,13 @@ def main(argv=None):
     if not items:
         sys.exit(f"no {args.split} items to evaluate in --data {args.data}")
     max_new_tokens = args.max_new_tokens or data.MAX_NEW_TOKENS[args.data][1]
-    result, preds = evaluate(model, processor, items, store, answer_prior(train_items), args.prompt_format,
-                             args.batch_size, log=print, max_new_tokens=max_new_tokens, scoring=args.vqa_scoring,
-                             probes=probes)
+    settings = EvalSettings(args.prompt_format, max_new_tokens, args.vqa_scoring, args.batch_size)
+    result, preds, probe_preds = evaluate(model, processor, items, store, answer_prior(train_items), probes, settings,
+                                          log=print)
     print(format_table({"model": result, "answer prior": result["prior"]}))
     if args.out:
-        checkpoint.write_jsonl(args.out, [{**it, "prediction": p} for it, p in zip(items, preds)])
+        checkpoint.write_jsonl(args.out, [{**it, "prediction": p} for it, p in zip(items, preds)] +
+                               [{**it, **p} for it, p in zip(probes, probe_preds)])
         print(f"predictions written to {args.out}")
 
 

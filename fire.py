@@ -40,7 +40,7 @@ def build_fire_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=
     editor = score.parse_judge(cfg.editor, "--editor") if cfg.editor else score.RuleJudge()
     cleaned = [score.clean_answer(a) or "" for a in answers]
     edits = score.edit_answers(items, cleaned, editor, os.path.join(pairs_dir, "edit_cache.jsonl"), cfg.workers, log)
-    tool = data.heatmap_tool(cfg.heatmap, model, processor, cfg.prompt_format, store, device)
+    tool = data.heatmap_tool(cfg.heatmap, model, processor, cfg.prompt_format, store, device, cfg.seed, log)
     gen, records, counts = torch.Generator().manual_seed(cfg.seed + round_index), [], Counter()
     for it, answer, y_l, e in zip(items, answers, cleaned, edits):
         if not y_l and answer.strip():
@@ -91,15 +91,15 @@ def fire_objective_loss(model, batch, ref, weights, args):
     L_tok + gamma L_vis + eta L_KL. The token-level terms need the reference's per-token log-probs and
     full distributions, so the reference runs here, on the clean-image rows, with the adapter disabled
     and no grad; the cached sums `ref` (B, 3) serve L_vis exactly."""
-    B = ref.shape[0]
-    logits, policy, response = data.model_token_logps(model, batch)                    # (3B, T, V), (3B, T-1)
+    logits, policy, response = data.response_logps(model, batch, 3)                # (B, 3, T, V), (B, 3, T-1)
     with torch.no_grad(), lora.disable_lora(model):
-        ref_logits, ref_tok, _ = data.model_token_logps(model, batch, 2 * B)           # the clean-image rows
-    edit = batch["edit_mask"][:, 1:].float()                                            # aligned with the labels' shift
-    l_tok, m_tok = fire_token_loss(policy[:B], ref_tok[:B], edit[:B], policy[B:2 * B], ref_tok[B:], edit[B:2 * B], args.beta)
-    sums = policy.sum(-1)
-    l_vis, m_vis = fire_visual_loss(sums[:B], ref[:, 0], sums[2 * B:], ref[:, 2], args.beta)
-    l_kl = bidirectional_kl(logits[:B, :-1], ref_logits[:B, :-1], response[:B], args.fire_lambda)
+        ref_logits, ref_tok, _ = data.response_logps(model, batch, 3, first=2)        # the clean-image rows
+    edit = data.per_response(batch["edit_mask"][:, 1:].float(), 3)                     # aligned with the labels' shift
+    l_tok, m_tok = fire_token_loss(policy[:, 0], ref_tok[:, 0], edit[:, 0], policy[:, 1], ref_tok[:, 1], edit[:, 1],
+                                   args.beta)
+    sums = policy.sum(-1)                                                               # (B, 3)
+    l_vis, m_vis = fire_visual_loss(sums[:, 0], ref[:, 0], sums[:, 2], ref[:, 2], args.beta)
+    l_kl = bidirectional_kl(logits[:, 0, :-1], ref_logits[:, 0, :-1], response[:, 0], args.fire_lambda)
     losses = weights * (l_tok + args.fire_gamma * l_vis + args.fire_eta * l_kl)
     return losses, {"reward_acc": (m_tok > 0).float(), "margin": m_tok, "margin_vis": m_vis,
                     "l_tok": l_tok.detach(), "l_vis": l_vis.detach(), "l_kl": l_kl.detach(),

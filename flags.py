@@ -41,20 +41,38 @@ POS_INT, NONNEG_INT, POS, NONNEG = number(int, 1), number(int, 0), number(float,
 FRACTION, OPEN_FRACTION = number(float, 0, 1), number(float, 0, 1, hi_open=True)
 
 
-def get_parser():
-    ap = argparse.ArgumentParser(description="Clinical-aware multimodal preference optimization (MMedPO, HSCR, FiRe-MPO)")
-    for add_flags in (run_and_model_flags, data_flags, preference_flags, optimisation_flags):
-        add_flags(ap.add_argument)
+OBJECTIVE_HELP = {
+    "sft": "the control, SFT on the chosen answers of MMedPO's pairs",
+    "oracle": "the instrument's check: SFT on the preference split's presence questions with their TRUE answers, balanced",
+    "lean": "the instrument's other check: the oracle's questions, every answer 'yes' (must not raise pair order)",
+    "dpo": "text pairs, weights 1 (the paper's baseline)", "mmedpo": "text + visual pairs with clinical-relevance weights",
+    "hscr": "self-contrastive triplets", "fire": "FiRe-MPO, minimally edited on-policy answers"}
+
+
+# the flags a first run needs, shown first by --help; the others follow under their own headings
+COMMON = {"--objective", "--out", "--run-name", "--resume", "--seed", "--model", "--prompt-format", "--device", "--data",
+          "--data-dir", "--strategies", "--judge", "--weighting", "--heatmap", "--lr", "--beta", "--steps", "--epochs",
+          "--batch-size", "--lora-r"}
+
+
+def get_parser(objectives=OBJECTIVE_HELP):
+    ap = argparse.ArgumentParser(description="Clinical-aware multimodal preference optimization (MMedPO, HSCR, FiRe-MPO)",
+                                 usage="python train.py [--objective NAME] [--out DIR] [FLAG ...]   (the flags most "
+                                       "runs need come first below)")
+    common = ap.add_argument_group("the flags most runs need")
+    common.add_argument("--objective", default="mmedpo", choices=list(objectives),
+                        help="; ".join(f"{name}: {OBJECTIVE_HELP.get(name, '')}" for name in objectives))
+    for title, add_flags in (("run, model and the tiny base", run_and_model_flags), ("data and evaluation", data_flags),
+                             ("preference data, scores, HSCR and FiRe-MPO", preference_flags),
+                             ("optimisation, LoRA and checkpoints", optimisation_flags)):
+        group = ap.add_argument_group(title)
+        add_flags(lambda *names, group=group, **kw: (common if names[0] in COMMON else group).add_argument(*names, **kw))
     return ap
 
 
 def run_and_model_flags(a):
     """The run, the model, and the tiny base (`a` is an ArgumentParser's add_argument)."""
-    # what is trained, and where things go
-    a("--objective", default="mmedpo", choices=["sft", "dpo", "mmedpo", "hscr", "fire"],
-      help="sft: the control, SFT on the chosen answers of MMedPO's pairs; dpo: text pairs, weights 1 (the paper's "
-           "baseline); mmedpo: text + visual pairs with clinical-relevance weights; hscr: self-contrastive triplets; "
-           "fire: FiRe-MPO, minimally edited on-policy answers")
+    # where things go
     a("--out", default="out", help="folder for every stage's output (reused when its inputs are unchanged)")
     a("--run-name", default=None, help="subfolder of --out for this training run (default: the objective)")
     a("--resume", action="store_true", help="continue from RUN_NAME/checkpoint.pt (same flags and inputs only)")
@@ -118,8 +136,9 @@ def preference_flags(a):
     a("--noise", default="local", choices=["local", "global"], help="lesion-localized or whole-image noise")
     a("--noise-step", type=number(int, 0, 1000, hi_open=True), default=500,
       help="diffusion step k of the noise, in [0, 1000); the README's sweep chose it on the val split")
-    a("--heatmap", default="detector", choices=["detector", "mask", "attention"],
-      help="where the lesion is: the DoG detector, ground-truth masks, or the model's own attention")
+    a("--heatmap", default=None, choices=["classifier", "detector", "mask", "attention"],
+      help="where the lesion is: the trained lesion classifier (default on synthetic data; it needs labelled training "
+           "images), the weight-free blob detector (default on real data), ground-truth masks, or the model's own attention")
     a("--visual-score", default="confidence", choices=["confidence", "coverage"],
       help="a visual pair's score: the visual tool's confidence (the paper), or coverage, an ORACLE: how much of "
            "the true lesion the noise covers")
@@ -141,7 +160,8 @@ def optimisation_flags(a):
     a("--beta", type=POS, default=0.1, help="DPO temperature (the paper's alpha)")
     a("--nll-weight", type=NONNEG, default=0.0, help="dpo/mmedpo: add this times the chosen answer's mean token NLL "
       "(an anchor against likelihood displacement, as in RPO; not part of MMedPO)")
-    a("--lr", type=POS, default=1e-3, help="peak learning rate of the LoRA weights (chosen on the val split)")
+    a("--lr", type=POS, default=None, help="peak learning rate of the LoRA weights; default: the objective's, chosen on "
+      "the val split (mmedpo, dpo, hscr 3e-4; oracle, lean 1e-3; sft, fire 3e-3)")
     a("--epochs", type=POS_INT, default=3)
     a("--steps", type=POS_INT, default=None, help="optimizer steps, overriding --epochs (equal budgets across objectives)")
     a("--batch-size", type=POS_INT, default=16, help="records per micro-batch per process")
@@ -164,8 +184,10 @@ def inside(path, folder):
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_args(ap, args):
-    """What argparse's types cannot see: combinations, paths, specs. Resolves the derived values."""
+def check_args(ap, args, objectives=None):
+    """What argparse's types cannot see: combinations, paths, specs. Resolves the derived values; an
+    objective's `overrides` set their flags, and one without `released_pairs` refuses --pairs."""
+    objective = (objectives or {}).get(args.objective)
     if set(args.strategies.split(",")) - {"text", "visual"} or not args.strategies:
         ap.error(f"--strategies {args.strategies}: must be text, visual or text,visual")
     for flag, specs in (("--judge", args.judge), ("--selector", [args.selector]), ("--editor", [args.editor])):
@@ -188,12 +210,17 @@ def check_args(ap, args):
         ap.error("--pairs and --images go together (the released file names its images relative to --images)")
     if args.pairs and not os.path.isfile(args.pairs):
         ap.error(f"--pairs {args.pairs}: no such file")
+    args.heatmap = args.heatmap or ("classifier" if args.data == "synthetic" and not args.pairs else "detector")
+    if args.heatmap == "classifier" and args.data != "synthetic":
+        ap.error(f"--heatmap classifier: --data {args.data} has no labelled training images to train it on; "
+                 f"use detector, mask or attention")
     if args.hscr_p2 < args.hscr_p:
         ap.error(f"--hscr-p2 {args.hscr_p2} must be >= --hscr-p {args.hscr_p}: y_l2 is the blinder level")
-    if args.pairs and args.objective in ("hscr", "fire"):
+    if args.pairs and objective is not None and not objective.released_pairs:
         ap.error(f"--pairs holds released MMedPO pairs; --objective {args.objective} builds its own records")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    args.out = os.path.abspath(args.out)  # records name their images by path: one --out, however it is written
     args.run_name = args.run_name or args.objective
     if args.run_name in (".", "..", "pairs") or os.sep in args.run_name or not args.run_name.strip():
         ap.error(f"--run-name {args.run_name!r}: a plain folder name inside --out (not '.', '..', 'pairs', no '/')")
@@ -209,17 +236,22 @@ def check_args(ap, args):
         for what, path, folder in inputs:
             if path and (inside(args.export_pairs, path) if folder else os.path.realpath(args.export_pairs) == os.path.realpath(path)):
                 ap.error(f"--export-pairs {args.export_pairs}: lies in {what} {path}; an output must not replace an input")
+        why = score.guarded_output(args.export_pairs)       # another run's folder, adapter or stage file
+        if why:
+            ap.error(f"--export-pairs {args.export_pairs}: {why}; an output must not replace another run's file")
     if args.no_crs:
         args.weighting = "none"
-    if args.objective == "dpo":  # the paper's DPO baseline: text pairs, no weights
-        args.strategies, args.weighting = "text", "none"
+    for flag, value in getattr(objective, "overrides", ()):  # dpo, the paper's baseline: text pairs, no weights
+        setattr(args, flag, value)
+    args.lr = args.lr or getattr(objective, "lr", 1e-3)
     sample_cap, eval_cap = data.MAX_NEW_TOKENS[args.data]
     args.sample_max_new_tokens = args.sample_max_new_tokens or sample_cap
     args.max_new_tokens = args.max_new_tokens or eval_cap
 
 
-def parse_args(argv=None):
-    ap = get_parser()
+def parse_args(argv=None, objectives=None):
+    """The flags, checked; `objectives` (train.OBJECTIVES) names the choices of --objective and what each implies."""
+    ap = get_parser(objectives or OBJECTIVE_HELP)
     args = ap.parse_args(argv)
-    check_args(ap, args)
+    check_args(ap, args, objectives)
     return args

@@ -43,17 +43,18 @@ def build_hscr_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=
     items = random.Random(cfg.seed).sample(longer, min(cfg.n_text, len(longer)))
     log(f"HSCR: contrastive decoding on {len(items)} questions with answers longer than yes/no "
         f"(y_l1: p={cfg.hscr_p}, at most {cfg.hscr_share} of the steps; y_l2: p={cfg.hscr_p2})")
-    triplets = build_hscr_triplets(model, processor, items, store, cfg.prompt_format, cfg.hscr_p, cfg.hscr_p2,
-                                   cfg.hscr_share, cfg.sample_max_new_tokens, cfg.seed, log=log)
+    triplets = build_hscr_triplets(model, processor, items, store, cfg, log=log)
     return triplets, True
 
 
-def build_hscr_triplets(model, processor, items, store, prompt_format="plain", p=0.7, p2=1.0, share=0.34,
-                        max_new_tokens=12, seed=0, batch_size=64, log=print):
-    """The triplets (y_w = ground truth, y_l1, y_l2) of `items`. A triplet is dropped (and counted) when
-    y_w coincides with y_l1 or y_l2: it holds no preference. One where y_l1 = y_l2 is kept and counted
-    (its implicit term is a constant ln 2 and it trains as one pair counted twice).
+def build_hscr_triplets(model, processor, items, store, cfg, batch_size=64, log=print):
+    """The triplets (y_w = ground truth, y_l1, y_l2) of `items`, with cfg's (train.py's flags) prompt
+    format, dropout rates, share of steps, generation cap and seed. A triplet is dropped (and counted)
+    when y_w coincides with y_l1 or y_l2: it holds no preference. One where y_l1 = y_l2 is kept and
+    counted (its implicit term is a constant ln 2 and it trains as one pair counted twice).
     returns records {id, source: hscr, image, prompt, chosen, rejected, rejected2, ...}."""
+    prompt_format, p, p2, share = cfg.prompt_format, cfg.hscr_p, cfg.hscr_p2, cfg.hscr_share
+    max_new_tokens, seed = cfg.sample_max_new_tokens, cfg.seed
     tok = processor.tokenizer
     image_token_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
     gen = torch.Generator().manual_seed(seed)
@@ -181,7 +182,7 @@ def prompt_batch(processor, rows, prompt_format):
 
 def hscr_objective_loss(model, batch, ref, weights, args):
     """HSCR's multi-level loss on a batch of 3B rows (y_w, y_l1, y_l2; response-major)."""
-    policy = data.policy_logps(model, batch, 3)
+    policy = data.response_logps(model, batch, 3)[1].sum(-1)              # (B, 3): y_w, y_l1, y_l2
     losses, m = hscr_loss(policy[:, 0], policy[:, 1], policy[:, 2], ref[:, 0], ref[:, 1], ref[:, 2], args.beta,
                           args.hscr_lambda, weights)
     return losses, {"reward_acc": (m["margin_w_l1"] > 0).float(), "margin": m["margin_w_l1"],

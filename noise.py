@@ -9,9 +9,10 @@ x: images in [0, 1] pixel space (before the processor's mean/std normalization),
 the lesion heatmap, abar_k the cumulative product of (1 - beta_t) of a diffusion schedule.
 h = 1 everywhere is the global noise of the ablation; h = 0 returns x unchanged.
 
-Heatmaps: from a binary mask, from boxes, Gaussian smoothing, a weight-free lesion detector
-(multi-scale difference of Gaussians) that also gives the visual tool's confidence, and the target
-model's own attention from the answer tokens to the image tokens.
+Heatmaps: from a binary mask, from boxes, Gaussian smoothing, a trained lesion classifier (a small
+CNN, the default visual tool, as MedKLIP is the paper's) whose occlusion map says where and whose
+probability is the confidence, a weight-free blob detector (multi-scale difference of Gaussians), and
+the target model's own attention from the answer tokens to the image tokens.
 
 torch + numpy only; copy this file into another project and it works.
 Tests:  python -m pytest -q tests/test_noise.py
@@ -203,6 +204,78 @@ def detect_lesions(image, sigmas=None, ratio=1.6, threshold=0.2):
     heatmap = (response.clamp(min=0) / peak)
     heatmap = torch.where(heatmap >= threshold, heatmap, torch.zeros_like(heatmap))
     return heatmap, confidence
+
+
+class LesionClassifier(torch.nn.Module):
+    """A trained visual tool, as MedKLIP is the paper's: a small CNN that says which of K findings an
+    image (N, 1, H, W) in [0, 1] holds. returns logits (N, K). `occlusion_heatmap` says where."""
+
+    def __init__(self, n_findings, width=16):
+        super().__init__()
+        c, relu = torch.nn.Conv2d, torch.nn.ReLU
+        self.features = torch.nn.Sequential(
+            c(1, width, 3, padding=1), relu(), torch.nn.MaxPool2d(2),
+            c(width, 2 * width, 3, padding=1), relu(), c(2 * width, 2 * width, 3, padding=1), relu(), torch.nn.MaxPool2d(2),
+            c(2 * width, 4 * width, 3, padding=1), relu(), c(4 * width, 4 * width, 3, padding=1), relu())
+        self.head = torch.nn.Linear(4 * width, n_findings)
+
+    def forward(self, x):
+        f = self.features(x)                                    # (N, C, H/4, W/4)
+        return self.head(f.amax((2, 3)))                        # max-pooled: a finding anywhere counts
+
+
+def train_lesion_classifier(images, labels, steps=600, batch_size=64, lr=2e-3, seed=0, log=None):
+    """Fit a LesionClassifier on images (N, H, W) in [0, 1] and multi-hot labels (N, K): AdamW, cosine
+    decay, binary cross-entropy, flips of the image left-right (a finding may sit on either side), all
+    drawn from `seed`. returns the classifier in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the convolutions' initialisation
+    x, y = torch.as_tensor(np.asarray(images), dtype=torch.float32)[:, None], torch.as_tensor(np.asarray(labels)).float()
+    model = LesionClassifier(y.shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(x), (batch_size,), generator=g)
+        xb = torch.where(torch.rand(batch_size, 1, 1, 1, generator=g) < 0.5, x[idx].flip(-1), x[idx])
+        loss = F.binary_cross_entropy_with_logits(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step + 1) % 200 == 0:
+            log(f"  visual tool {step + 1}/{steps} | loss {loss.item():.3f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def occlusion_heatmap(classifier, image, patch=None, stride=None, threshold=0.2):
+    """Where the classifier sees its findings, by occlusion: grey out a patch (the image's mean) at
+    every position and record how much the summed finding probability falls; each pixel gets the mean
+    fall over the patches that cover it. The positive part, divided by its peak, with values below
+    `threshold` set to 0 so the noise stays local (all 0 when no occlusion lowers it).
+    Confidence: the largest finding probability on the whole image.
+
+    image: (H, W) grayscale float in [0, 1]; patch, stride: default 1/4 and 1/16 of the shorter side.
+    returns (heatmap (H, W) float32 in [0, 1], confidence float)."""
+    x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image).float()
+    H, W = x.shape
+    patch = patch or max(2, min(H, W) // 4)
+    stride = stride or max(1, min(H, W) // 16)
+    probs = classifier(x[None, None]).sigmoid()[0]                                       # (K,)
+    tops = [(i, j) for i in range(0, H - patch + 1, stride) for j in range(0, W - patch + 1, stride)]
+    occluded = x.repeat(len(tops), 1, 1)                                                # (P, H, W)
+    for n, (i, j) in enumerate(tops):
+        occluded[n, i:i + patch, j:j + patch] = x.mean()
+    falls = torch.cat([(probs.sum() - classifier(chunk[:, None]).sigmoid().sum(1)) for chunk in occluded.split(256)])
+    total, count = torch.zeros(H, W), torch.zeros(H, W)
+    for fall, (i, j) in zip(falls.tolist(), tops):
+        total[i:i + patch, j:j + patch] += fall
+        count[i:i + patch, j:j + patch] += 1
+    heat = (total / count.clamp(min=1)).clamp(min=0)
+    if float(heat.max()) <= 1e-6:
+        return torch.zeros(H, W), float(probs.max())
+    heat = heat / heat.max()
+    return torch.where(heat >= threshold, heat, torch.zeros_like(heat)), float(probs.max())
 
 
 def attention_heatmap(attentions, image_positions, answer_positions, image_size, sigma=None):

@@ -11,9 +11,11 @@ import json
 import math
 import os
 import re
+import stat
 from collections import Counter
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 import data
 from checkpoint import file_digest, write_jsonl
@@ -205,12 +207,50 @@ def recover_chosen(text):
     return None
 
 
+def image_problem(path):
+    """Why `path` is no usable image, read from its header only (nothing decoded, nothing kept), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "not found"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def released_record_problem(turns, roles, record, images_dir):
+    """Why a released record cannot be a pair, or None: text that is not clean (a NUL, a lone surrogate,
+    an <image> tag inside an answer), roles out of order, a rejected answer to another question, or a
+    rejected image that is the image itself (a visual pair would then teach nothing)."""
+    texts = [t["value"] for t in turns] + [str(record.get("image", "")), str(record.get("rejected_image") or "")]
+    if not all(isinstance(t, str) for t in texts):
+        return "a turn that is not text"
+    if any("\x00" in t or any(0xD800 <= ord(c) <= 0xDFFF for c in t) for t in texts):
+        return "a NUL or a lone surrogate in its text or image name"
+    if any("<image>" in turns[i]["value"] for i in (1, 3)):
+        return "an <image> tag inside an answer"
+    if roles != ["human", "gpt", "human", "gpt"]:
+        return f"roles {roles}, expected human, gpt in both conversations"
+    if " ".join(turns[0]["value"].split()) != " ".join(turns[2]["value"].split()):
+        return "the rejected answer answers another question"
+    if record.get("rejected_image") and os.path.realpath(os.path.join(images_dir, str(record["rejected_image"]))) == \
+            os.path.realpath(os.path.join(images_dir, str(record.get("image", "")))):
+        return "its rejected image is the image itself"
+    return None
+
+
 def read_released_pairs(path, images_dir, log=print):
     """The released MMedPO preference files ({id, image, conversations, rejected_conversations,
     weighted_score[, rejected_image]}) as this project's pairs; weighted_score becomes the raw score.
     A chosen answer with leaked scaffolding is recovered when its true answer is unambiguous
     (`recover_chosen`) and counted; records whose rejected answer leaks, whose chosen answer cannot be
-    recovered, whose image is missing or whose text is empty are reported with the reason and skipped.
+    recovered, whose image is missing or whose text is empty, and those of `released_record_problem`, are
+    reported with the record and the reason and skipped. Images are checked by their header, never kept.
     returns (pairs, skipped count)."""
     try:
         with open(path, encoding="utf-8-sig") as f:   # a byte-order mark is allowed
@@ -223,13 +263,20 @@ def read_released_pairs(path, images_dir, log=print):
     pairs, skipped, recovered = [], 0, 0
     for n, r in enumerate(records):
         try:
-            prompt = r["conversations"][0]["value"].replace("<image>", "").strip()
-            chosen, rejected = r["conversations"][1]["value"].strip(), r["rejected_conversations"][1]["value"].strip()
+            turns = [r[c][i] for c in ("conversations", "rejected_conversations") for i in (0, 1)]
+            prompt = turns[0]["value"].replace("<image>", "").strip()
+            chosen, rejected = turns[1]["value"].strip(), turns[3]["value"].strip()
+            roles = [t["from"] for t in turns]
         except (KeyError, IndexError, TypeError, AttributeError):
             log(f"{path} record {n}: no conversations/rejected_conversations, skipped")
             skipped += 1
             continue
-        where = f"{path} record {n} (id {r.get('id')})"
+        where = f"{path} record {n} (id {r.get('id')!r})"
+        problem = released_record_problem(turns, roles, r, images_dir)
+        if problem:
+            log(f"{where}: {problem}, skipped")
+            skipped += 1
+            continue
         if clean_answer(rejected) is None:
             log(f"{where}: leaked prompt scaffolding in the rejected answer, skipped")
             skipped += 1
@@ -245,10 +292,11 @@ def read_released_pairs(path, images_dir, log=print):
         # the resolved path is checked before anything is opened: a record may name /etc/passwd, a link
         # out of --images, or a FIFO that would block a reader forever (read_image opens regular files only)
         outside = [p for p in (image, rejected_image) if p and os.path.commonpath([root, os.path.realpath(p)]) != root]
-        missing = [] if outside else [p for p in (image, rejected_image) if p and not data.readable_image(p)]
+        missing = [] if outside else [p for p in (image, rejected_image) if p and image_problem(p)]
         if outside or missing or not prompt or not chosen or not rejected:
             log(f"{where}: " + (f"image {outside[0]} is outside --images {images_dir}" if outside else
-                                f"image {missing[0]} not found or unreadable" if missing else "empty text") + ", skipped")
+                                f"image {missing[0]}: {image_problem(missing[0])}" if missing else "empty text")
+                + ", skipped")
             skipped += 1
             continue
         score = r.get("weighted_score")

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections import namedtuple
 
 from rule_judge import RuleJudge, SEVERITY, clean_answer, edit_kind, inject_hallucination, polarity, rule_edit, words
 
@@ -97,7 +98,9 @@ def score_messages(question, truth, rejected, previous=None):
 
 def parse_score(text, previous=None):
     """(score, agreed) from a judge's reply, or (None, False) if unusable.
-    JSON {"agree": ..., "score": ...} first, then the first integer in 0..10, then a bare 'agree'."""
+    JSON {"agree": ..., "score": ...} first, then the one whole number in 0..10 of free text (a stated
+    scale such as "(0-10)" or "/10" removed; two different numbers are ambiguous: unusable), then a bare
+    'agree'. Never a score the reply does not give."""
     m = re.search(r"\{.*?\}", text, re.S)
     if m:
         try:
@@ -113,9 +116,15 @@ def parse_score(text, previous=None):
                     and score == int(score) and 0 <= score <= 10:
                 return int(score), agreed and int(score) == previous
             return None, False
-    for n in re.findall(r"-?\d+(?:\.\d+)?", text):
-        if re.fullmatch(r"\d+", n) and 0 <= int(n) <= 10:
-            return int(n), previous is not None and int(n) == previous
+    # free text ("I would rate this an 8", "Score (0-10): 9", "8/10"): the scale's own numbers go first;
+    # one whole number in 0..10 is the score, several different ones are ambiguous (a failed reply)
+    bare = re.sub(r"\(?\b0\s*(?:-|–|to)\s*10\b\)?|/\s*10\b|\bout of 10\b", " ", text, flags=re.I)
+    numbers = {int(n) for n in re.findall(r"(?<![\d.-])\d+(?!\.?\d)", bare) if int(n) <= 10}
+    if len(numbers) == 1:
+        n = numbers.pop()
+        return n, previous is not None and n == previous
+    if numbers:
+        return None, False
     if previous is not None and re.search(r"\bagree", text, re.I) and not re.search(r"disagree", text, re.I):
         return previous, True
     return None, False
@@ -218,25 +227,59 @@ def edit_answer(judge, question, truth, answer):
 # -----------------------------------------------------------------------------
 # judges behind an OpenAI-compatible server
 
+Retry = namedtuple("Retry", "max_retries backoff max_backoff", defaults=(4, 1.0, 30.0))  # seconds, doubled each try
+MAX_REPLY_BYTES = 1 << 20  # a chat completion of a few tokens is a few kB; a larger reply is refused, not read
+
+
 class HTTPJudge:
     """A model behind an OpenAI-compatible `POST {base_url}/chat/completions`.
 
     The API key is read from the environment variable named `key_env` at call time and only ever
-    goes into the Authorization header; it is scrubbed from any error text."""
+    goes into the Authorization header; it is scrubbed from any error text. One request is bounded in time
+    and size, and never follows a redirect."""
 
-    def __init__(self, name, base_url, model, key_env=None, max_tokens=64, timeout=60.0,
-                 max_retries=4, backoff=1.0, max_backoff=30.0):
+    def __init__(self, name, base_url, model, key_env=None, max_tokens=64, timeout=60.0, retry=None):
         self.name, self.model, self.key_env = name, model, key_env
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.max_tokens, self.timeout = max_tokens, timeout
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.max_retries, self.backoff, self.max_backoff = retry or Retry()
 
     def _key(self):
         return os.environ.get(self.key_env, "") if self.key_env else ""
 
-    def _scrub(self, text):
+    def _key_pieces(self):
+        """Every piece of the key long enough to identify it (16 characters, or the whole of a shorter key):
+        a reply that echoes most of a key leaks it as surely as one that echoes all of it."""
         key = self._key()
-        return text.replace(key, "***") if key else text
+        w = min(len(key), 16)
+        return [key[i:i + w] for i in range(len(key) - w + 1)] if key else []
+
+    def _scrub(self, text):
+        for piece in self._key_pieces():
+            text = text.replace(piece, "***")
+        return text
+
+    def _post(self, body, headers):
+        """(status, headers, text) of one POST, bounded in total time (`timeout` from the first byte sent to
+        the last read) and in size (MAX_REPLY_BYTES); a redirect is never followed (the prompt holds the
+        ground truth, and another host must not get it). Raises requests exceptions as requests does."""
+        import requests
+        deadline = time.monotonic() + self.timeout
+        with requests.post(self.url, json=body, headers=headers, timeout=self.timeout, stream=True,
+                           allow_redirects=False) as r:
+            if r.is_redirect or 300 <= r.status_code < 400:
+                return r.status_code, r.headers, f"redirect to {r.headers.get('Location', '?')} not followed"
+            chunks, size = [], 0
+            # read1 returns what has arrived (urllib3 2); a fixed-size read would wait for a trickle to fill it
+            read = getattr(r.raw, "read1", None) or (lambda n: r.raw.read(64))
+            while chunk := read(8192):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_REPLY_BYTES:
+                    raise requests.RequestException(f"reply larger than {MAX_REPLY_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise requests.Timeout(f"reply not complete within {self.timeout}s")
+            return r.status_code, r.headers, b"".join(chunks).decode(r.encoding or "utf-8", errors="replace")
 
     def __call__(self, messages):
         """The reply's text. A reply that is not a string, or that holds the API key (a server echoing
@@ -252,37 +295,37 @@ class HTTPJudge:
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random())  # jitter
             try:
-                r = requests.post(self.url, json=body, headers=headers, timeout=self.timeout)
+                status, reply_headers, raw = self._post(body, headers)
             except requests.ConnectionError as e:  # refused, unknown host, or a reset in mid-body
                 reason = f"cannot connect to {self.url} ({type(e).__name__})"
-            except requests.RequestException as e:  # timeouts and other failures of a reachable server
-                reason, connected = f"{type(e).__name__} on {self.url}", True
+            except requests.RequestException as e:  # timeouts, oversized replies, other failures of a reachable server
+                reason, connected = f"{type(e).__name__} on {self.url}: {self._scrub(str(e))[:120]}", True
             else:
                 connected = True
                 # scrub first, then cut: a cut made first could leave most of an echoed key behind
-                text = self._scrub(r.text)[:200]
-                if r.status_code == 200:
+                text = self._scrub(raw)[:200]
+                if status == 200:
                     try:
-                        content = r.json()["choices"][0]["message"]["content"]
+                        content = json.loads(raw)["choices"][0]["message"]["content"]
                     except (ValueError, KeyError, IndexError, TypeError):
                         content = None
                     if content is None or not isinstance(content, str):  # half-written, or JSON NaN
                         reason = f"malformed reply from {self.url}: {text!r}"
-                    elif self._key() and self._key() in content:
-                        reason = f"the reply from {self.url} holds the API key: not used"
+                    elif any(piece in content for piece in self._key_pieces()):
+                        reason = f"the reply from {self.url} holds (part of) the API key: not used"
                     else:
                         return content
                     if attempt < self.max_retries:
                         time.sleep(wait)
                     continue
-                reason = f"HTTP {r.status_code} from {self.url}: {text!r}"
-                if r.status_code in (401, 403):
+                reason = f"HTTP {status} from {self.url}: {text!r}"
+                if status in (401, 403):
                     raise JudgeAuthError(f"{self.name}: authentication failed, {reason}" +
                                          (f"; check the key in ${self.key_env}" if self.key_env else
                                           "; this server wants a key: add key_env=VAR to the judge spec"))
-                if r.status_code == 429 and r.headers.get("Retry-After", "").strip().isdigit():
-                    wait = min(self.max_backoff, float(r.headers["Retry-After"]))
-                elif r.status_code != 429 and r.status_code < 500:
+                if status == 429 and reply_headers.get("Retry-After", "").strip().isdigit():
+                    wait = min(self.max_backoff, float(reply_headers["Retry-After"]))
+                elif status != 429 and status < 500:
                     break  # 4xx other than 429 will not get better by asking again
             if attempt < self.max_retries:
                 time.sleep(wait)
@@ -498,6 +541,35 @@ def read_jsonl(path, log=None):
     return records
 
 
+RUN_LOCK = ".mmedpo-run.lock"  # the file a run holds locked in its folder (checkpoint.RunLock)
+
+
+def _project_folder(folder):
+    """What project folder `folder` is (a run folder, an adapter, a model), or None."""
+    has = lambda name: os.path.exists(os.path.join(folder, name))
+    if has(RUN_LOCK) or has("metrics.json") and has("log.jsonl"):
+        return "a run folder"
+    if has("adapter_config.json"):
+        return "an adapter"
+    if has("config.json") and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
+        return "a model"
+    return None
+
+
+def guarded_output(path):
+    """Why `path` (links resolved) must not be written by a tool's --out, or None: it lies in a run
+    folder, an adapter or a model (their marker file in its folder or the one above), or another
+    stage's key vouches for it (FILE.key.json beside it)."""
+    real = os.path.realpath(path)
+    if os.path.exists(real + ".key.json"):
+        return f"a stage file ({real}.key.json vouches for its content)"
+    for folder in (os.path.dirname(real), os.path.dirname(os.path.dirname(real))):   # its folder and the one above
+        what = os.path.isdir(folder) and _project_folder(folder)
+        if what:
+            return f"it lies in {what} ({folder})"
+    return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", required=True, help="preference pairs JSONL (prompt, chosen, rejected[, source])")
@@ -517,6 +589,10 @@ def main(argv=None):
             ap.error(f"{flag} {path} is the input --pairs: it would be overwritten")
     if same(args.out, args.cache):
         ap.error(f"--out and --cache are the same file {args.out}")
+    for flag, path in (("--out", args.out), ("--cache", args.cache)):
+        why = guarded_output(path)
+        if why:
+            ap.error(f"{flag} {path}: {why}; an output must not replace another run's file")
     try:
         lines = read_jsonl(args.pairs)
     except ValueError as e:
@@ -537,7 +613,8 @@ def main(argv=None):
         results = score_pairs(text, judges, args.cache, args.workers, args.rounds)
     except (JudgeAuthError, JudgeUnreachable) as e:
         sys.exit(f"score.py: {e}")
-    tmp = args.out + ".tmp"
+    tmp = os.path.join(os.path.dirname(os.path.abspath(args.out)),  # unique: never another file's name
+                       f".{os.path.basename(args.out)}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
     with open(tmp, "w") as f:
         for p, r in zip(text, results):
             f.write(json.dumps({**p, "score": r["score"], "score_status": r["status"],

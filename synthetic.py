@@ -10,16 +10,20 @@ finding (every other pixel identical): a model that answers both right looks at 
 Convention: radiological view, the patient's right lung is on the image's left.
 
 The tiny base: a LLaVA built from config (CLIP vision 64 x 2 layers, patch 8; Llama 128 x 2 layers), a
-BPE tokenizer trained in memory on the synthetic corpus, and a supervised warm-up on the SFT split.
+BPE tokenizer trained in memory on the synthetic corpus, its vision tower pretrained on the SFT split's
+findings (as LLaVA's CLIP tower comes pretrained), then a supervised warm-up of the whole model on the
+SFT split. Its image tokens carry every finding; its answers to "Is there a pneumothorax?" come from
+the question (see NEVER_CONFIRMED). The visual tool: a small lesion classifier trained on the SFT split.
 
     python synthetic.py                      # a few example images and their questions -> out/examples/
-    python synthetic.py --rebuild-base       # rebuild assets/tiny-base (3,000 SFT steps, about 4.5 min)
+    python synthetic.py --rebuild-base       # rebuild assets/tiny-base (1,500 vision + 3,000 SFT steps, about 3 min)
 
 Tests:  python -m pytest -q tests/test_data.py
 """
 import argparse
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import noise
 from checkpoint import get_lr, seed_everything
 from mmedpo import IGNORE_INDEX
 
@@ -52,7 +57,17 @@ LUNG_FINDING_RATE = 0.65  # P(an image has a lung finding) under sample_findings
 PRESENCE_YES = {"train": 0.3, "pref": 0.5, "val": 0.5, "test": 0.5}
 
 
+# Findings whose presence question the SFT split never confirms: "Is there a pneumothorax?" is asked there
+# only of images without one, while the reports and the "What abnormality" answers name it where it is. The
+# base then carries the finding in its image tokens but answers its presence question from the question
+# alone (per-finding AUROC about 0.5): a prior no threshold can fix, which only looking at the image undoes.
+NEVER_CONFIRMED = {"train": ("pneumothorax",)}
+
+
 REPORT_PROMPT = "Describe the findings of this chest X-ray."
+
+
+VISUAL_TOOL_EPOCHS = 20  # passes of the lesion classifier over the SFT split (batch 64: 625 steps for 2,000 images)
 
 
 def _ellipse(xx, yy, cx, cy, rx, ry, soft):
@@ -98,11 +113,15 @@ def render_radiograph(findings, size, rng, hide=None):
             elif kind == "pleural effusion":  # fluid fills the base, meniscus towards the side wall
                 meniscus = yy > 0.56 + 0.08 * (1 - np.abs(xx - ZONE_X[side]) / 0.15)
                 lesion = lungs[side] * meniscus
-            else:  # pneumothorax: an apical-lateral crescent with no lung markings, darker than lung
-                lateral = (xx - 0.5) * (1 if side == "left" else -1) > 0.12
-                lesion = lungs[side] * (yy < 0.38) * lateral
-            if i != hide:
-                img += (-0.12 if kind == "pneumothorax" else 0.42) * lesion
+            else:  # pneumothorax: an apical-lateral crescent of air with no lung markings (the ribs' shadow
+                # inside the lung goes), bounded medially by the bright line of the visceral pleura
+                out = (xx - 0.5) * (1 if side == "left" else -1)
+                lesion = lungs[side] * (yy < 0.40) * (out > 0.11)
+                pleura = lungs[side] * (yy < 0.40) * (np.abs(out - 0.11) < 0.6 / size)
+            if i != hide and kind == "pneumothorax":
+                img += -(0.10 + ribs) * lesion + 0.30 * pleura
+            elif i != hide:
+                img += 0.42 * lesion
         masks.append((lesion > 0.5).astype(np.uint8))
     img += rng.normal(0, 0.025, (size, size))
     return np.clip(img, 0, 1).astype(np.float32), masks
@@ -142,14 +161,16 @@ def make_report(findings):
     return " ".join(parts)
 
 
-def make_questions(findings, rng, presence_yes=0.5):
+def make_questions(findings, rng, presence_yes=0.5, never_confirmed=()):
     """Closed and open questions, and a report. `presence_yes` is P("yes") of the presence question;
-    the others are balanced. Each: (question, answer, type, qtype)."""
+    the others are balanced. A kind in `never_confirmed` is asked about only when absent (another kind
+    that is there is asked instead, else an absent one). Each: (question, answer, type, qtype)."""
     present = {f["kind"]: f for f in findings}
     lung = [f for f in findings if f["kind"] != "cardiomegaly"]
+    askable = [f for f in lung if f["kind"] not in never_confirmed]
     qs = []
     # ask about a finding that is there with probability presence_yes / P(any lung finding)
-    kind = rng.choice(lung)["kind"] if lung and rng.random() < presence_yes / LUNG_FINDING_RATE else rng.choice(
+    kind = rng.choice(askable)["kind"] if askable and rng.random() < presence_yes / LUNG_FINDING_RATE else rng.choice(
         [k for k in LUNG_KINDS if k not in present])
     qs.append((f"Is there a {kind}?", "yes" if kind in present else "no", "closed", "presence"))
     qs.append(("Is the heart enlarged?", "yes" if "cardiomegaly" in present else "no", "closed", "heart"))
@@ -186,7 +207,7 @@ def make_synthetic(n_images, seed=0, size=32, split="train", presence_yes=None):
         images.append({"image_id": image_id, "pixels": pixels, "mask": mask, "findings": findings,
                        "report": make_report(findings), "render_state": render_state})
         yes = PRESENCE_YES.get(split, 0.5) if presence_yes is None else presence_yes
-        for j, (q, a, t, qt) in enumerate(make_questions(findings, rng, yes)):
+        for j, (q, a, t, qt) in enumerate(make_questions(findings, rng, yes, NEVER_CONFIRMED.get(split, ()))):
             qa.append({"id": f"{image_id}-{j}", "image_id": image_id, "question": q, "answer": a,
                        "type": t, "qtype": qt})
     return images, qa
@@ -194,11 +215,24 @@ def make_synthetic(n_images, seed=0, size=32, split="train", presence_yes=None):
 
 class SyntheticStore(data.ImageStore):
     """Synthetic images by image_id; `path` writes the PNG under `folder` the first time it is asked.
-    Every image has its ground-truth lesion mask."""
+    Every image has its ground-truth lesion mask. `sft_images` (the SFT split) train the visual tool."""
     has_masks = True
 
-    def __init__(self, images, folder, pad=False):
+    def __init__(self, images, folder, pad=False, sft_images=None):
         self.by_id, self.folder, self.pad = {im["image_id"]: im for im in images}, folder, pad
+        self.sft_images, self.tools = sft_images, {}
+
+    def visual_tool(self, seed=0, log=print):
+        """The trained lesion classifier (`train_visual_tool` on the SFT split, once per seed) as a
+        heatmap tool: item -> (occlusion heatmap, confidence)."""
+        if not self.sft_images:
+            return super().visual_tool(seed, log)
+        if seed not in self.tools:
+            self.tools[seed] = train_visual_tool(self.sft_images, seed, log)
+        classifier = self.tools[seed]
+        tool = lambda item: noise.occlusion_heatmap(classifier, self.pixels(item["image_id"]))
+        tool.tool_name, tool.classifier = "classifier", classifier
+        return tool
 
     def add(self, images):
         self.by_id.update({im["image_id"]: im for im in images})
@@ -213,11 +247,37 @@ class SyntheticStore(data.ImageStore):
         return bool(self.by_id[image_id]["findings"])
 
     def path(self, image_id):
-        """The image's PNG, written the first time (atomically) or again if the file on disk is torn."""
-        path = os.path.join(self.folder, image_id + ".png")
+        """The image's PNG, written the first time (atomically) or again if the file on disk is torn. Its
+        name holds a digest of its pixels: another seed's image of the same id is another file."""
+        path = os.path.join(self.folder, f"{image_id}-{self.digest(image_id)[:12]}.png")
         if not data.readable_image(path):
             data.save_png(data.to_pil(self.pixels(image_id)), path)
         return path
+
+
+def finding_labels(images):
+    """Multi-hot (N, len(KINDS)) float32: which findings each image holds."""
+    return np.array([[any(f["kind"] == k for f in im["findings"]) for k in KINDS] for im in images], np.float32)
+
+
+def train_visual_tool(sft_images, seed=0, log=print):
+    """The visual tool, as MedKLIP is the paper's: noise.LesionClassifier trained on the SFT split's
+    images and their findings (never on the preference or test split), VISUAL_TOOL_EPOCHS passes."""
+    steps = -(-VISUAL_TOOL_EPOCHS * len(sft_images) // 64)
+    log(f"  training the visual tool (lesion classifier) on {len(sft_images)} SFT images, {steps} steps")
+    return noise.train_lesion_classifier(np.stack([im["pixels"] for im in sft_images]), finding_labels(sft_images),
+                                         steps=steps, seed=seed, log=log)
+
+
+def visual_tool_auroc(classifier, images):
+    """How well the visual tool sees: the AUROC of its confidence (largest finding probability) for
+    "has any finding" against clear images, and of each finding's probability for that finding."""
+    from eval import auroc
+    with torch.no_grad():
+        p = classifier(torch.as_tensor(np.stack([im["pixels"] for im in images]))[:, None]).sigmoid().numpy()
+    y = finding_labels(images)
+    return {"any": auroc(p.max(1).tolist(), (y.max(1) > 0).tolist()),
+            **{k: auroc(p[:, i].tolist(), y[:, i].tolist()) for i, k in enumerate(KINDS)}}
 
 
 def counterfactual_probes(images, size, store=None, n=None):
@@ -225,7 +285,7 @@ def counterfactual_probes(images, size, store=None, n=None):
     image re-rendered without its first lung finding (every other random draw identical), and "Is there
     a {kind}?" asked of both (yes, then no). An image-blind model answers both alike and gets no pair
     right. The new images are added to `store` when given.
-    returns items [{id, image_id, question, answer, type: closed, qtype: presence, pair}]."""
+    returns items [{id, image_id, question, answer, type: closed, qtype: presence, pair, finding}]."""
     items, new = [], []
     for im in images:
         lung = [i for i, f in enumerate(im["findings"]) if f["kind"] != "cardiomegaly"]
@@ -241,7 +301,7 @@ def counterfactual_probes(images, size, store=None, n=None):
                     "report": make_report(without), "render_state": im["render_state"]})
         for image_id, answer in ((im["image_id"], "yes"), (new[-1]["image_id"], "no")):
             items.append({"id": f"cf-{image_id}", "image_id": image_id, "question": f"Is there a {kind}?",
-                          "answer": answer, "type": "closed", "qtype": "presence", "pair": im["image_id"]})
+                          "answer": answer, "type": "closed", "qtype": "presence", "pair": im["image_id"], "finding": kind})
     if store is not None:
         store.add(new)
     return items
@@ -322,15 +382,50 @@ def sft(model, processor, items, pil_of, steps, lr, seed, batch_size=32, log=pri
     model.eval()
 
 
+def pretrain_vision(model, processor, images, steps, lr, seed, batch_size=64, log=print):
+    """The vision tower's pretraining, as LLaVA's CLIP tower comes pretrained: every image token gets a
+    linear head over the findings, the image's logits are the max over its tokens (a finding anywhere
+    counts, and the token that holds it must say so), binary cross-entropy against the SFT split's
+    findings. The head is dropped afterwards; the tokens keep what they learned to carry."""
+    tower = model.model.vision_tower
+    pixels = processor.image_processor([data.to_pil(im["pixels"]) for im in images], return_tensors="pt")["pixel_values"]
+    labels = torch.tensor([[any(f["kind"] == k for f in im["findings"]) for k in KINDS] for im in images]).float()
+    head = torch.nn.Linear(tower.config.hidden_size, len(KINDS))
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, lr, 30, steps)
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
+        tokens = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:]          # (B, patches, D), no CLS
+        loss = F.binary_cross_entropy_with_logits(head(tokens).amax(1), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  vision pretraining {step + 1}/{steps} | loss {loss.item():.3f} | "
+                f"{(time.time() - t0) / (step + 1) * 1000:.0f} ms/step")
+
+
 def build_base(path, n_train=2000, seed=0, image_size=32, steps=3000, lr=2e-3, log=print):
-    """Build the tiny base from scratch and save it (model + processor) under `path`."""
+    """Build the tiny base from scratch and save it (model + processor) under `path`: the vision tower
+    pretrained on the SFT split's findings for steps/2, then the SFT warm-up of the whole model."""
     images, qa = make_synthetic(n_train, seed, image_size, "train")
     store = SyntheticStore(images, None)
     seed_everything(seed)
     model, processor = build_tiny(corpus_of(images, qa), image_size)
+    pretrain_vision(model, processor, images, max(1, steps // 2), lr, seed, log=log)
     sft(model, processor, qa, store.pil, steps, lr, seed, log=log)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    # written beside, then renamed into place: a base cut short (a kill, a full disk) is never taken for one
+    building = f"{os.path.abspath(path).rstrip(os.sep)}.building-{os.getpid()}"
+    model.save_pretrained(building)
+    processor.save_pretrained(building)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(building, path)
 
 
 if __name__ == "__main__":

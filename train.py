@@ -3,13 +3,13 @@ preference records (MMedPO's text and visual pairs, HSCR's triplets, or FiRe-MPO
 answers) -> clinical-relevance weights -> reference log-probs -> LoRA training with the chosen
 objective -> evaluation before and after, grounding first. Read `main` first, then each stage below it.
 
-    python train.py                                   # MMedPO on the embedded default, about a minute on a laptop CPU
+    python train.py                                   # MMedPO on the embedded default, about 40 s on a 2-core CPU
     python train.py --objective sft                   # the control: SFT on the same chosen answers
     python train.py --objective dpo                   # the paper's DPO baseline: text pairs, every weight 1
     python train.py --objective hscr                  # HSCR: self-contrastive triplets, multi-level loss
     python train.py --objective fire                  # FiRe-MPO: edited on-policy answers, 2 rounds
-    python train.py --weighting none                  # ablation: MMedPO's pairs, no clinical-relevance weights
-    python train.py --noise global --heatmap mask     # ablation: global noise; ground-truth masks
+    python train.py --objective oracle                # the instrument's check: supervision on the true labels
+    python train.py --weighting none --noise global   # ablations: no clinical-relevance weights; global noise
     torchrun --nproc_per_node=2 train.py              # data parallel (gloo on CPU, nccl on CUDA)
     python train.py --model PATH --device cuda        # a transformers LLaVA checkpoint on a GPU
 
@@ -26,22 +26,23 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
 
 import checkpoint
 import data
+import flags
 import lora
 import real_data
 import score
 import synthetic
 from checkpoint import cached, file_digest, fingerprint, get_lr, read_json, seed_everything, weights_stamp, write_json
-from eval import answer_prior, evaluate, format_table, save_pictures
+from eval import EvalSettings, TestSet, answer_prior, evaluate, format_table, save_pictures
 from fire import build_fire_pairs, fire_objective_loss
-from flags import parse_args
 from hscr import build_hscr_pairs, hscr_objective_loss
 from mmedpo import mmedpo_loss
 
@@ -55,17 +56,16 @@ def main(argv=None):
     args.loader_workers = args.loader_workers if args.loader_workers is not None else 4 * (device.type == "cuda")
     torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
     run = Run(args, rank, world, device, dtype, os.path.join(args.out, args.run_name), os.path.join(args.out, "pairs"))
-    t_start, lock = time.time(), None
+    lock = None
     if run.master:
         try:
             lock = checkpoint.RunLock(run.run_dir)
         except RuntimeError as e:
             sys.exit(str(e))
         os.makedirs(run.pairs_dir, exist_ok=True)
-        clear_results(run)
 
-    train_qa, pref_qa, test_qa, probes, store, corpus = stage_data(run)            # the data
-    base_path = stage_base(run, corpus, store, train_qa)                         # [1] the base model
+    train_qa, pref_qa, test_qa, probes, store = stage_data(run)                  # the data
+    base_path = stage_base(run)                                                  # [1] the base model
     if args.base_only:
         return
     try:
@@ -73,14 +73,18 @@ def main(argv=None):
         data.check_prompt_format(args.prompt_format, processor)
     except ValueError as e:
         sys.exit(f"{base_path}: {e}")
-    max_length = args.max_length or getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if args.max_length and positions and args.max_length > positions:
+        sys.exit(f"--max-length {args.max_length}: the model has {positions} positions ({base_path}); use at most that")
+    max_length = args.max_length or positions
     records, skipped = stage_records(run, model, processor, base_path, pref_qa, store)   # [2] curation and scores
     records = weigh(run, records)                                                # [2b] clinical-relevance weights
-    prior = answer_prior(train_qa)
-    before = stage_eval_before(run, model, processor, base_path, test_qa, probes, store, prior)   # [3]
+    test = TestSet(test_qa, probes, store, answer_prior(train_qa))
+    before = stage_eval_before(run, model, processor, base_path, test)           # [3] the base, evaluated
     add_adapter(run, model)                                                      # [4] LoRA
     image_at = data.model_image_reader(args.pad_to_square)
-    rounds = args.policy_rounds if args.objective == "fire" else 1
+    objective = OBJECTIVES[args.objective]
+    rounds = args.policy_rounds if objective.rounds else 1
     history, global_batch = [], args.batch_size * args.grad_accum * world
     for r in range(rounds):  # FiRe-MPO: each round answers with the adapter as it is, then trains on the edits
         tag = f"_round{r}" if rounds > 1 else ""
@@ -102,8 +106,7 @@ def main(argv=None):
         if not finished:
             break
     if finished and run.master:                                                  # [6] adapter, evaluation, report
-        stage_report(run, model, processor, records, skipped, history, before, test_qa, probes, store, prior,
-                     base_path, t_start)
+        stage_report(run, model, processor, records, skipped, history, before, test, base_path)
     run.barrier()
     lock and lock.release()
     if world > 1:
@@ -120,12 +123,12 @@ def main(argv=None):
 def preference_loss(model, batch, ref, weights, args):
     """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected), plus --nll-weight times the
     chosen answer's mean token NLL when asked (an anchor against likelihood displacement; not the paper's)."""
-    _, tokens, response = data.model_token_logps(model, batch)           # (2B, T-1)
-    policy = tokens.sum(-1).view(2, -1).T                                  # (B, 2)
+    _, tokens, response = data.response_logps(model, batch, 2)           # (B, 2, T-1): chosen, rejected
+    policy = tokens.sum(-1)                                                # (B, 2)
     losses, chosen_r, rejected_r = mmedpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], weights, args.beta)
     stats = {"reward_acc": (chosen_r > rejected_r).float(), "margin": chosen_r - rejected_r}
     if args.nll_weight:
-        nll = -policy[:, 0] / response[:ref.shape[0]].sum(-1).clamp(min=1)
+        nll = -policy[:, 0] / response[:, 0].sum(-1).clamp(min=1)
         losses, stats["nll"] = losses + args.nll_weight * nll, nll.detach()
     return losses, stats
 
@@ -134,18 +137,44 @@ def sft_control_loss(model, batch, ref, weights, args):
     """The control of the benchmark: supervised fine-tuning on the preference data's chosen answers only
     (mean token NLL; the rejected answers and the weights are not used). A preference objective counts as
     working only where it beats this."""
-    _, logps, response = data.model_token_logps(model, batch, ref.shape[0])   # the chosen rows
-    nll = -logps.sum(-1) / response.sum(-1).clamp(min=1)
+    _, logps, response = data.response_logps(model, batch, 2, first=1)    # (B, 1, T-1): the chosen rows only
+    nll = -logps[:, 0].sum(-1) / response[:, 0].sum(-1).clamp(min=1)
     return nll, {"reward_acc": torch.zeros_like(nll), "margin": torch.zeros_like(nll)}
 
 
-OBJECTIVES = {  # name: (record builder, loss adapter, responses per record, weighting)
-    "sft": (data.build_mmedpo_pairs, sft_control_loss, 2, None),      # None: --weighting decides
-    "dpo": (data.build_mmedpo_pairs, preference_loss, 2, "none"),
-    "mmedpo": (data.build_mmedpo_pairs, preference_loss, 2, None),
-    "hscr": (build_hscr_pairs, hscr_objective_loss, 3, "none"),
-    "fire": (build_fire_pairs, fire_objective_loss, 3, "none"),
+@dataclass(frozen=True)
+class Objective:
+    """What `--objective` picks: which records are built, which loss runs on them, and what follows."""
+    build: Callable            # (model, processor, args, pool, store, pairs_dir, device, log) -> (records, complete)
+    loss: Callable             # (model, batch of k*B rows, ref (B, k), weights (B,), args) -> (losses (B,), stats)
+    responses: int             # k, the rows of one record: chosen, rejected, ...
+    weighting: str = None      # the weighting it always uses; None: --weighting decides
+    rounds: bool = False       # answers anew from the adapter each of --policy-rounds rounds (FiRe-MPO)
+    released_pairs: bool = True  # can train on a released MMedPO file (--pairs)
+    overrides: tuple = ()      # (flag, value) pairs it sets, whatever the command line says
+    lr: float = 1e-3           # the default --lr: chosen on the val split (assets/study/sweep.md)
+
+
+# lr: the best val pair order of 3e-4, 1e-3, 3e-3 with at most 1 % broken answers (`python bench.py sweep`);
+# HSCR breaks more at every rate and gets the lowest; the lean shares the oracle's.
+OBJECTIVES = {
+    "sft": Objective(data.build_mmedpo_pairs, sft_control_loss, 2, lr=3e-3),   # the control: MMedPO's chosen answers
+    "oracle": Objective(data.build_oracle_records, sft_control_loss, 2, "none", released_pairs=False, lr=1e-3),
+    "lean": Objective(partial(data.build_oracle_records, answer="yes"), sft_control_loss, 2, "none",
+                      released_pairs=False, lr=1e-3),
+    "dpo": Objective(data.build_mmedpo_pairs, preference_loss, 2, "none",
+                     overrides=(("strategies", "text"), ("weighting", "none")), lr=3e-4),
+    "mmedpo": Objective(data.build_mmedpo_pairs, preference_loss, 2, lr=3e-4),
+    "hscr": Objective(build_hscr_pairs, hscr_objective_loss, 3, "none", released_pairs=False, lr=3e-4),
+    "fire": Objective(build_fire_pairs, fire_objective_loss, 3, "none", rounds=True, released_pairs=False, lr=3e-3),
 }
+
+
+def parse_args(argv=None):
+    """train.py's flags (flags.py), checked against the objectives above."""
+    return flags.parse_args(argv, OBJECTIVES)
+
+
 # the flags that change what an objective's record builder makes (part of the pairs stage's cache key)
 PAIR_FLAGS = ["objective", "model", "data", "data_dir", "strategies", "n_text", "n_visual", "samples", "temperature",
               "judge", "n_pref", "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "visual_score", "seed",
@@ -169,6 +198,7 @@ class Run:
     dtype: torch.dtype
     run_dir: str
     pairs_dir: str
+    t_start: float = field(default_factory=time.time)
 
     @property
     def master(self):
@@ -231,7 +261,7 @@ def all_sum(run, values):
 # the stages of a run, in the order `main` calls them (Algorithm 1)
 
 def stage_data(run):
-    """(SFT items, preference items, test items, grounding probes, image store, tokenizer corpus).
+    """(SFT items, preference items, test items, grounding probes, image store).
     Synthetic: the SFT split's presence prior is skewed; the preference and test splits break it; the
     probes are counterfactual pairs of test images. A real dataset: its train split serves both the prior
     and the preference data; its closed yes/no test questions are the probes."""
@@ -241,10 +271,9 @@ def stage_data(run):
         pref_images, pref_qa = synthetic.make_synthetic(args.n_pref, args.seed, args.image_size, "pref")
         test_images, test_qa = synthetic.make_synthetic(args.n_test, args.seed, args.image_size, args.eval_split)
         store = synthetic.SyntheticStore(train_images + pref_images + test_images,
-                                         os.path.join(run.pairs_dir, "images"), args.pad_to_square)
+                                         os.path.join(run.pairs_dir, "images"), args.pad_to_square, sft_images=train_images)
         test_qa = test_qa[:args.max_test] if args.max_test else test_qa
         probes = synthetic.counterfactual_probes(test_images, args.image_size, store, args.max_test)
-        corpus = synthetic.corpus_of(train_images, train_qa)
     else:
         train_qa, store = real_data.LOADERS[args.data](args.data_dir, "train", run.log)
         test_qa, test_store = real_data.LOADERS[args.data](args.data_dir, "test", run.log)
@@ -252,22 +281,19 @@ def stage_data(run):
         store.pad, store.has_masks = args.pad_to_square, bool(store.masks)
         test_qa = test_qa[:args.max_test] if args.max_test else test_qa
         probes = [it for it in test_qa if it["type"] == "closed" and it["answer"].strip().lower() in ("yes", "no")]
-        pref_qa, corpus = train_qa, None
-    return train_qa, pref_qa, test_qa, probes, store, corpus
+        pref_qa = train_qa
+    return train_qa, pref_qa, test_qa, probes, store
 
 
-def stage_base(run, corpus, store, train_qa):
-    """[1] The base model's folder: --model, or the tiny LLaVA (built and SFT-warmed once, then reused)."""
+def stage_base(run):
+    """[1] The base model's folder: --model, or the tiny LLaVA (built once by synthetic.build_base, then reused)."""
     args = run.args
     base_path = args.model or args.base
     if not args.model and (args.rebuild_base or not os.path.exists(os.path.join(base_path, "config.json"))):
         if run.master:
-            run.log(f"[1/6] building the tiny base model (SFT warm-up, {args.sft_steps} steps) -> {base_path}")
-            seed_everything(args.seed)
-            model, processor = synthetic.build_tiny(corpus, args.image_size)
-            synthetic.sft(model, processor, train_qa, store.pil, args.sft_steps, args.sft_lr, args.seed, log=run.log)
-            model.save_pretrained(base_path)
-            processor.save_pretrained(base_path)
+            run.log(f"[1/6] building the tiny base model (vision pretraining, then SFT warm-up, {args.sft_steps} steps) "
+                    f"-> {base_path}")
+            synthetic.build_base(base_path, args.n_train, args.seed, args.image_size, args.sft_steps, args.sft_lr, run.log)
         run.barrier()
     else:
         run.log(f"[1/6] base model: {base_path} (reused)")
@@ -300,8 +326,8 @@ def stage_records(run, model, processor, base_path, pref_qa, store):
         def compute():
             run.log(f"[2/6] building {args.objective} preference data -> {path}")
             seed_everything(args.seed)
-            records, complete = OBJECTIVES[args.objective][0](model, processor, args, pref_qa, store, run.pairs_dir,
-                                                              run.device, run.log)
+            records, complete = OBJECTIVES[args.objective].build(model, processor, args, pref_qa, store, run.pairs_dir,
+                                                                 run.device, run.log)
             return records, complete and bool(records)
         if run.master:
             try:
@@ -322,7 +348,7 @@ def stage_records(run, model, processor, base_path, pref_qa, store):
 def weigh(run, records):
     """[2b] Clinical-relevance weights, a visible step: Z(.) of the scores per source (the paper),
     the raw scores (the authors' trainer on their released files), or none."""
-    weighting = OBJECTIVES[run.args.objective][3] or run.args.weighting
+    weighting = OBJECTIVES[run.args.objective].weighting or run.args.weighting
     run.log(f"[2b] clinical-relevance weights: {weighting}")
     data.assign_weights(records, weighting, run.log)
     for source in sorted({r["source"] for r in records}):
@@ -337,26 +363,27 @@ def weigh(run, records):
     return records
 
 
-def stage_eval_before(run, model, processor, base_path, test_qa, probes, store, prior):
-    """[3] The base model (no adapter) on the test split and the grounding probes; reused while the
-    model, the items (by content) and the settings stay."""
+def stage_eval_before(run, model, processor, base_path, test):
+    """[3] The base model (no adapter) on the test split and the grounding probes (a TestSet); reused
+    while the model, the items (by content) and the settings stay."""
     args, path = run.args, run.path("eval_before.json")
-    key = fingerprint({"weights": weights_stamp(base_path), "items": items_key(test_qa, store),
-                       "probes": items_key(probes, store), "prompt_format": args.prompt_format, "pad": args.pad_to_square,
+    key = fingerprint({"weights": weights_stamp(base_path), "items": items_key(test.items, test.store),
+                       "probes": items_key(test.probes, test.store), "prompt_format": args.prompt_format, "pad": args.pad_to_square,
                        "max_new_tokens": args.max_new_tokens, "scoring": args.vqa_scoring, "dtype": str(run.dtype),
-                       "stores": "metrics, predictions, grounding v1"})
+                       "stores": "metrics, predictions, probe predictions, grounding v2"})
 
     def compute():
-        run.log(f"[3/6] evaluating the base model on {len(test_qa)} test questions and {len(probes)} grounding probes")
-        result, predictions = evaluate(model, processor, test_qa, store, prior, args.prompt_format, log=run.log,
-                                       max_new_tokens=args.max_new_tokens, scoring=args.vqa_scoring, probes=probes)
-        return {"metrics": result, "predictions": predictions}, True
+        run.log(f"[3/6] evaluating the base model on {len(test.items)} test questions and {len(test.probes)} "
+                f"grounding probes")
+        result, predictions, probe_predictions = evaluate(model, processor, test.items, test.store, test.prior,
+                                                          test.probes, eval_settings(args), log=run.log)
+        return {"metrics": result, "predictions": predictions, "probe_predictions": probe_predictions}, True
     if run.master:
         cached(path + ".key.json", key, compute, lambda m: write_json(path, m), lambda: read_json(path, run.log),
                run.log, "[3/6] evaluation of the base model")
     run.barrier()
     stored = read_json(path, run.log)
-    return stored["metrics"], stored["predictions"]
+    return stored["metrics"], stored["predictions"], stored["probe_predictions"]
 
 
 def add_adapter(run, model):
@@ -384,7 +411,7 @@ def stage_reference(run, model, processor, base_path, records, dataset, tag=""):
     """[4] log pi_ref of every response of every record, (N, k), with the adapter disabled and no grad,
     once. Stored as a plain tensor file (loaded with weights_only=True, so it can never run code), with
     the count of rows truncated to fit the context (counted here, in the main process)."""
-    args, path, k = run.args, run.path(f"ref_logps{tag}.pt"), OBJECTIVES[run.args.objective][2]
+    args, path, k = run.args, run.path(f"ref_logps{tag}.pt"), OBJECTIVES[run.args.objective].responses
 
     def compute():
         run.log(f"      reference log-probs for {len(records)} records x {k} responses (adapter disabled, no grad)")
@@ -395,7 +422,7 @@ def stage_reference(run, model, processor, base_path, records, dataset, tag=""):
             for batch in record_loader(dataset, batches, processor.tokenizer.pad_token_id, args.loader_workers):
                 cut = [cut[0] + int((batch["truncated"] > 0).sum()), cut[1] + int((batch["truncated"] == 2).sum())]
                 with run.autocast():
-                    out.append(data.policy_logps(model, to_device(batch, run.device, run.dtype), k).cpu())
+                    out.append(data.response_logps(model, to_device(batch, run.device, run.dtype), k)[1].sum(-1).cpu())
         logps = torch.cat(out) if out else torch.zeros(0, k)
         if run.world > 1:
             parts = [None] * run.world
@@ -442,7 +469,7 @@ def total_steps(args, n_records, world):
     objective then trains the same number of steps in all: the study's equal budget), else --epochs
     over the records."""
     if args.steps:
-        return max(1, args.steps // (args.policy_rounds if args.objective == "fire" else 1))
+        return max(1, args.steps // (args.policy_rounds if OBJECTIVES[args.objective].rounds else 1))
     return n_records // (args.batch_size * args.grad_accum * world) * args.epochs
 
 
@@ -456,7 +483,7 @@ def inputs_of(run, base_path, records, max_length):
 def stage_train(run, model, processor, records, dataset, ref, inputs, tag=""):
     """[5] The objective on LoRA: AdamW, warmup + cosine, clipping, one forward per micro-batch for all
     k responses of its records, checkpoints every --ckpt-every steps. returns (history, finished)."""
-    args, loss_fn = run.args, OBJECTIVES[run.args.objective][1]
+    args, loss_fn = run.args, OBJECTIVES[run.args.objective].loss
     global_batch = args.batch_size * args.grad_accum * run.world
     total = total_steps(args, len(records), run.world)
     warmup = max(1, int(args.warmup * total))
@@ -467,6 +494,8 @@ def stage_train(run, model, processor, records, dataset, ref, inputs, tag=""):
     config = {**vars(args), "world": run.world}
     if args.resume:
         start, history = resume(run, ckpt_path, model, opt, config, inputs, total)
+    if run.master and tag in ("", "_round0"):  # the run is certain to train now: the old results go
+        clear_results(run)
     if run.master:  # the log holds exactly the steps of `history` (a resumed run drops the lost steps' lines)
         checkpoint.write_jsonl(log_path, history)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
@@ -499,7 +528,8 @@ def stage_train(run, model, processor, records, dataset, ref, inputs, tag=""):
                      f"saved. Lower --lr or --beta, or check these records' weights.")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rec = log_step(run, sums, step, total, lr, grad_norm, time.time() - t_step, t0, start, global_batch)
+        eta = (time.time() - t0) / (step + 1 - start) * (total - step - 1)
+        rec = log_step(run, sums, step, total, lr, grad_norm, time.time() - t_step, eta, global_batch)
         history.append(rec)
         if run.master:
             with open(log_path, "a") as f:
@@ -544,14 +574,13 @@ def save(run, ckpt_path, model, opt, step, history, config, inputs):
     run.barrier()
 
 
-def log_step(run, sums, step, total, lr, grad_norm, dt, t0, start, global_batch):
+def log_step(run, sums, step, total, lr, grad_norm, dt, eta, global_batch):
     """One line per step (averages over the global batch), and the record that goes to log.jsonl."""
     names = sorted(sums)
     sums = dict(zip(names, all_sum(run, [sums[n] for n in names])))
     n = sums.pop("n")
     rec = {"step": step + 1, **{name: v / n for name, v in sums.items()}, "lr": lr, "grad_norm": float(grad_norm),
            "ms": dt * 1000}
-    eta = (time.time() - t0) / (step + 1 - start) * (total - step - 1)
     extra = "".join(f" | {name.removeprefix('margin_')} {rec[name]:+.3f}" for name in sorted(sums)
                     if name not in ("loss", "reward_acc", "margin"))
     run.log(f"step {step + 1:4d}/{total} | loss {rec['loss']:.4f} | acc {rec['reward_acc']:.2f} | margin "
@@ -577,32 +606,39 @@ def stage_next_round(run, model, processor, pref_qa, store, r):
     return data.assign_weights(records, "none")
 
 
-def stage_report(run, model, processor, records, skipped, history, before, test_qa, probes, store, prior, base_path,
-                 t_start):
+def eval_settings(args):
+    """How the run's evaluations ask and score (the flags)."""
+    return EvalSettings(args.prompt_format, args.max_new_tokens, args.vqa_scoring)
+
+
+def stage_report(run, model, processor, records, skipped, history, before, test, base_path):
     """[6] Adapter (PEFT format), evaluation after, metrics.json, predictions, pictures, the table."""
-    args = run.args
-    before, before_preds = before
+    args, test_qa, probes = run.args, test.items, test.probes
+    before, before_preds, before_probes = before
     lora.save_adapter(model, run.path("adapter"), base_model_name_or_path=os.path.abspath(base_path))
     run.log(f"[6/6] evaluating with the adapter; adapter saved to {run.path('adapter')}")
-    after, preds = evaluate(model, processor, test_qa, store, prior, args.prompt_format, log=run.log,
-                            max_new_tokens=args.max_new_tokens, scoring=args.vqa_scoring, probes=probes)
+    after, preds, after_probes = evaluate(model, processor, test.items, test.store, test.prior, test.probes,
+                                          eval_settings(args), log=run.log)
+    # every test answer, and every probe's answer and margin, before and after: the tables can be recomputed
     checkpoint.write_jsonl(run.path("predictions.jsonl"), [{**it, "prediction_before": b, "prediction": p}
-                                                           for it, b, p in zip(test_qa, before_preds, preds)])
-    save_pictures(run.run_dir, model, processor, records, history, test_qa, before_preds, preds, prior, store,
-                  args.prompt_format, run.device, run.log)
+                                                           for it, b, p in zip(test_qa, before_preds, preds)] +
+                           [{**it, "prediction_before": b["prediction"], "margin_before": b["margin"], **a}
+                            for it, b, a in zip(probes, before_probes, after_probes)])
+    save_pictures(run.run_dir, model, processor, records, history, test, (before_preds, preds), args.prompt_format,
+                  run.log)
     run.log("\n" + format_table({"answer prior": after["prior"], "before": before, "after": after}))
     # written last: a metrics.json stands only beside the adapter and predictions of the same run
     write_json(run.path("metrics.json"), {
         "objective": args.objective, "before": before, "after": after, "prior": after["prior"], "seed": args.seed,
         "records": {s: sum(r["source"] == s for r in records) for s in sorted({r["source"] for r in records})},
         "skipped_records": skipped, "steps": len(history), "final_train": history[-1] if history else None,
-        "seconds": time.time() - t_start, "config": vars(args)}, indent=1)
-    run.log(f"\ndone in {time.time() - t_start:.0f}s; metrics in {run.path('metrics.json')}")
+        "seconds": time.time() - run.t_start, "config": vars(args)}, indent=1)
+    run.log(f"\ndone in {time.time() - run.t_start:.0f}s; metrics in {run.path('metrics.json')}")
 
 
 def clear_results(run):
-    """A new run in a finished folder first removes the old run's results, so that no metrics.json,
-    predictions or pictures ever stand beside an adapter they do not describe."""
+    """Once certain to train (flags, data, any --resume checked), a run removes the old results it will rewrite:
+    no metrics.json, predictions or pictures stand beside an adapter they do not describe; a refused run deletes nothing."""
     import shutil
     for name in ("metrics.json", "predictions.jsonl", "noise_grid.png", "curves.png", "attention.png", "examples.png"):
         if os.path.exists(run.path(name)):

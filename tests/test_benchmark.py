@@ -3,6 +3,7 @@ hallucination and report-finding metrics against hand-counted examples, the judg
 and the study's statistics.  python -m pytest -q tests/test_benchmark.py"""
 import json
 import math
+import os
 
 import pytest
 
@@ -97,26 +98,118 @@ def test_paired_interval_hand_value():
     assert m == pytest.approx(0.2) and h == pytest.approx(4.303 * 0.1 / math.sqrt(3))
 
 
+def fake_metrics(value, before=0.123):
+    """A study run's metrics.json with every STUDY_METRICS entry equal to `value` (the base's to `before`)."""
+    def m(v):
+        g = {"pope": {"accuracy": v, "yes_ratio": 0.5}, "counterfactual": {"accuracy": v}, "pair_order": v,
+             "macro_auroc": v, "per_finding": {"pneumothorax": {"pair_order": v}}}
+        return {"grounding": g, "prior_breaking": {"hallucination_rate": 0.5, "accuracy_following": 0.5}, "closed": 0.5,
+                "open": 0.5, "bleu_mean": 0.5, "report_findings": {"chair": 0.5}, "fragments": {"share": 0.0}}
+    return {"before": m(before), "after": m(value)}
+
+
 def test_rows_in_any_order_are_labelled_by_their_own_results(tmp_path, monkeypatch):
-    """--rows 2,0 must put each row's own metrics under its own name: a run's folder is named for its row."""
+    """--rows 4,0 must put each row's own metrics under its own name: a run's folder is named for its row.
+    A study of some rows goes to study-partial.*, and never replaces a full study.md."""
     def fake_run(out, base, base_path, seed, name, flags, steps, log_path):
-        row = [n for n, _ in bench.STUDY_ROWS].index(name)
-        assert slug_ok(log_path, name)
-        g = {"pope": {"accuracy": row / 10, "yes_ratio": 0.5}, "counterfactual": {"accuracy": row / 20}, "auroc": 0.5}
-        m = {"grounding": g, "prior_breaking": {"hallucination_rate": 0.5, "accuracy_following": 0.5}, "closed": 0.5,
-             "open": 0.5, "bleu_mean": 0.5, "report_findings": {"chair": 0.5}}
-        return {"before": {**m, "grounding": {**g, "pope": {"accuracy": 0.123, "yes_ratio": 0.5}}}, "after": m}, False
-    slug_ok = lambda path, name: bench.slug(name) in path
+        assert bench.slug(name) in log_path
+        return fake_metrics([n for n, _ in bench.STUDY_ROWS].index(name) / 10), False
     monkeypatch.setattr(bench, "run_study_row", fake_run)
-    monkeypatch.setattr(bench, "study_bases", lambda out, bases, log=print: {b: "base" for b in bases})
+    monkeypatch.setattr(bench, "study_bases", lambda out, bases, log=print: {b: str(tmp_path) for b in bases})
     monkeypatch.setattr(bench, "study_chart", lambda *a: None)
-    bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0,1", "--rows", "2,0"])
-    table = (tmp_path / "study.md").read_text()
+    monkeypatch.setattr(bench, "visual_tool_line", lambda seeds: "visual tool: not measured here")
+    (tmp_path / "study.md").write_text("the full study")
+    bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0,1", "--rows", "4,0"])
+    assert (tmp_path / "study.md").read_text() == "the full study"
+    table = (tmp_path / "study-partial.md").read_text()
     row = lambda name: next(l for l in table.splitlines() if l.startswith(f"| {name} |"))
-    assert row("MMedPO (text + visual)").split("|")[2].strip() == "0.200 ± 0.000"
+    assert row("MMedPO (text + visual)").split("|")[2].strip() == "0.400 ± 0.000"
     assert row("SFT on the chosen answers (control)").split("|")[2].strip() == "0.000 ± 0.000"
     assert row("base (before training)").split("|")[2].strip() == "0.123 ± 0.000"
-    saved = json.loads((tmp_path / "study.json").read_text())
-    assert {(r["row"], r["seed"], r["bal-acc"]) for r in saved} == {
-        ("MMedPO (text + visual)", 0, 0.2), ("MMedPO (text + visual)", 1, 0.2),
+    saved = json.loads((tmp_path / "study-partial.json").read_text())
+    assert {(r["row"], r["seed"], r["pair-ord"]) for r in saved} == {
+        ("MMedPO (text + visual)", 0, 0.4), ("MMedPO (text + visual)", 1, 0.4),
         ("SFT on the chosen answers (control)", 0, 0.0), ("SFT on the chosen answers (control)", 1, 0.0)}
+
+
+def test_share_of_the_oracle_gain_hand_value(tmp_path, monkeypatch):
+    """base 0.5, oracle 0.9, MMedPO 0.6 on every grounding score: MMedPO reaches (0.6 - 0.5) / (0.9 - 0.5) = 0.25."""
+    values = {bench.ORACLE_ROW: 0.9, "MMedPO (text + visual)": 0.6}
+    monkeypatch.setattr(bench, "run_study_row", lambda out, base, path, seed, name, *a:
+                        (fake_metrics(values.get(name, 0.5), before=0.5), False))
+    monkeypatch.setattr(bench, "study_bases", lambda out, bases, log=print: {b: str(tmp_path) for b in bases})
+    monkeypatch.setattr(bench, "study_chart", lambda *a: None)
+    monkeypatch.setattr(bench, "visual_tool_line", lambda seeds: "visual tool: not measured here")
+    rows = ",".join(str(i) for i, (n, _) in enumerate(bench.STUDY_ROWS) if n in values or i == 0)
+    bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0,1", "--rows", rows])
+    table = (tmp_path / "study-partial.md").read_text().split("Share of the oracle's gain")[1]
+    assert "| MMedPO (text + visual) | +0.25 | +0.25 | +0.25 |" in table
+    assert f"| {bench.ORACLE_ROW} | +1.00 | +1.00 | +1.00 |" in table
+
+
+def test_a_study_row_is_keyed_on_the_base_weights_not_their_path(tmp_path, monkeypatch):
+    """The same path with other weights must run the row again."""
+    import train
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"one")
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        run_dir = os.path.join(argv[argv.index("--out") + 1], argv[argv.index("--run-name") + 1])
+        os.makedirs(run_dir, exist_ok=True)
+        json.dump(fake_metrics(0.5), open(os.path.join(run_dir, "metrics.json"), "w"))
+    monkeypatch.setattr(train, "main", fake_main)
+    row = bench.STUDY_ROWS[0]
+    run = lambda: bench.run_study_row(str(tmp_path), 0, str(base), 0, *row, 10, str(tmp_path / "log"))
+    run()
+    assert run()[1] and len(calls) == 1                   # reused while the weights are the same
+    (base / "model.safetensors").write_bytes(b"two")
+    assert not run()[1] and len(calls) == 2               # new bytes at the same path: computed again
+
+
+def test_the_sft_split_never_confirms_a_pneumothorax_while_its_reports_name_it():
+    images, train = synthetic.make_synthetic(600, 0, 32, "train")
+    asked = [q for q in train if q["question"] == "Is there a pneumothorax?"]
+    assert asked and all(q["answer"] == "no" for q in asked)
+    assert any("pneumothorax" in im["report"] for im in images)
+    _, pref = synthetic.make_synthetic(600, 0, 32, "pref")     # the other splits confirm it as often as any
+    assert any(q["question"] == "Is there a pneumothorax?" and q["answer"] == "yes" for q in pref)
+
+
+def test_a_pneumothorax_is_air_without_markings_bounded_by_a_bright_pleural_line():
+    import numpy as np
+    finding = [{"kind": "pneumothorax", "side": "left", "level": "upper"}]
+    render = lambda hide: synthetic.render_radiograph(finding, 64, np.random.default_rng(3), hide=hide)
+    (with_it, masks), (without, _) = render(None), render(0)
+    diff, inside = with_it - without, masks[0].astype(bool)
+    assert diff[inside].mean() < -0.05                                          # air: darker than lung
+    air = inside & (diff <= 0)                                                  # the crescent, less the line
+    rows = [i for i in range(64) if air[i].sum() >= 8]                          # away from the apex's soft edge
+    stripes = lambda image: np.std([image[i][air[i]].mean() for i in rows])    # ribs run across: row means vary
+    assert stripes(with_it) < 0.5 * stripes(without)                            # no markings in the air
+    assert diff.max() > 0.2 and not inside[np.unravel_index(diff.argmax(), diff.shape)]     # the line, at its edge
+    assert (np.abs(diff) > 0).sum() < 0.15 * diff.size                          # nothing else changes
+
+
+def test_oracle_records_are_true_and_balanced_and_the_lean_says_yes():
+    import argparse
+    import data
+    images, pref = synthetic.make_synthetic(80, 0, 32, "pref")
+    store = synthetic.SyntheticStore(images, None)
+    store.path = lambda image_id: image_id
+    cfg = argparse.Namespace(seed=0)
+    truth = {q["id"]: q["answer"] for q in pref}
+    oracle, complete = data.build_oracle_records(None, None, cfg, pref, store, None, None, log=lambda *a: None)
+    assert complete and {r["source"] for r in oracle} == {"oracle"}
+    assert all(r["chosen"] == truth[r["id"].removeprefix("oracle-")] for r in oracle)
+    assert sum(r["chosen"] == "yes" for r in oracle) * 2 == len(oracle) > 20
+    lean, _ = data.build_oracle_records(None, None, cfg, pref, store, None, None, log=lambda *a: None, answer="yes")
+    assert [r["prompt"] for r in lean] == [r["prompt"] for r in oracle] and {r["chosen"] for r in lean} == {"yes"}
+
+
+def test_counterfactual_probes_name_their_finding():
+    images, _ = synthetic.make_synthetic(30, 0, 32, "test")
+    probes = synthetic.counterfactual_probes(images, 32)
+    assert probes and all(p["question"] == f"Is there a {p['finding']}?" for p in probes)

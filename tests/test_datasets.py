@@ -207,3 +207,37 @@ def test_bad_paths_and_checkpoints_get_clear_messages(tmp_path, capsys):
             os.remove(bare / name)
     with pytest.raises(SystemExit, match="no processor files"):
         train.main(["--model", str(bare), "--out", str(tmp_path / "o")])
+
+
+def test_released_records_that_cannot_be_pairs_are_named_and_skipped(tmp_path):
+    """One bad record costs that record, named with its reason: never the file, never a crash later."""
+    from PIL import Image
+    Image.new("L", (8, 8), 128).save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 64).save(tmp_path / "b.png")
+    turn = lambda who, text: {"from": who, "value": text}
+    def record(i, prompt="<image>\nIs there a mass?", chosen=" yes", rejected=" no", roles=("human", "gpt"),
+               rejected_prompt=None, **extra):
+        return {"id": i, "image": "a.png", "conversations": [turn(roles[0], prompt), turn(roles[1], chosen)],
+                "rejected_conversations": [turn("human", rejected_prompt or prompt), turn("gpt", rejected)],
+                "weighted_score": 0.5, **extra}
+    records = [record(0), record(1, roles=("gpt", "human")), record(2, rejected_prompt="<image>\nIs there a nodule?"),
+               record(3, chosen=" yes <image>"), record(4, image="a\x00.png"), record(5, rejected=" n\ud800o"),
+               record(6, rejected_image="a.png"), record(7, rejected_image="b.png")]
+    path = tmp_path / "released.json"
+    path.write_text(json.dumps(records))
+    said = []
+    pairs, skipped = real_data.read_released_pairs(str(path), str(tmp_path), said.append)
+    assert [p["id"] for p in pairs] == ["released-0", "released-7"] and skipped == 6
+    reasons = {1: "roles", 2: "another question", 3: "<image> tag", 4: "NUL", 5: "lone surrogate", 6: "the image itself"}
+    for i, reason in reasons.items():
+        assert any(f"(id {i})" in line and reason in line for line in said), (i, said)
+
+
+def test_a_float_image_keeps_its_range():
+    import numpy as np
+    from PIL import Image
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), "ct.tiff")
+    Image.fromarray(np.linspace(-1000, 3000, 64, dtype=np.float32).reshape(8, 8), "F").save(path)
+    x = data.read_image(path)
+    assert x.min() == 0 and x.max() == 1 and 0.4 < x.mean() < 0.6        # stretched, not clipped black

@@ -115,3 +115,46 @@ def test_counterfactual_accuracy_is_zero_for_an_image_blind_model():
     assert blind["counterfactual"] == {"accuracy": 0.0, "n_pairs": 2} and blind["pope"]["accuracy"] == 0.5
     looks = grounding_metrics(probes, ["yes", "no", "yes", "no"], [2.0, -1.0, 1.0, -2.0])
     assert looks["counterfactual"]["accuracy"] == 1.0 and looks["auroc"] == 1.0
+
+
+def probe_set():
+    """Two findings, two counterfactual pairs each: (finding, pair, answer)."""
+    return [{"answer": a, "pair": f"{f}{p}", "finding": f} for f in ("mass", "pneumothorax") for p in (1, 2)
+            for a in ("yes", "no")]
+
+
+def test_pair_order_and_per_finding_auroc_hand_values():
+    from eval import grounding_metrics
+    # margins, in probe_set's order: mass pairs (2 vs 1: right), (0 vs 0: a tie); pneumothorax (1 vs 3: wrong), (5 vs 4: right)
+    margins = [2.0, 1.0, 0.0, 0.0, 1.0, 3.0, 5.0, 4.0]
+    g = grounding_metrics(probe_set(), ["yes"] * 8, margins)
+    assert g["pair_order"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert g["per_finding"]["mass"]["pair_order"] == 0.75 and g["per_finding"]["pneumothorax"]["pair_order"] == 0.5
+    # mass: present {2, 0} vs absent {1, 0}: 2>1, 2>0, 0<1, 0=0 -> 2.5 of 4; pneumothorax: {1, 5} vs {3, 4}: 5>3, 5>4 -> 2 of 4
+    assert g["per_finding"]["mass"]["auroc"] == pytest.approx(0.625) and g["per_finding"]["pneumothorax"]["auroc"] == 0.5
+    assert g["macro_auroc"] == pytest.approx((0.625 + 0.5) / 2)
+
+
+def test_a_lean_cannot_move_the_threshold_free_scores():
+    """The same margins shifted towards "yes" (a lean) change every thresholded score and neither
+    pair order nor per-finding AUROC; looking (the present image's margin up) changes both."""
+    from eval import grounding_metrics
+    margins = [2.0, 1.0, 0.0, 0.5, 1.0, 3.0, 5.0, 4.0]
+    answers = lambda ms: ["yes" if m > 1.5 else "no" for m in ms]
+    before = grounding_metrics(probe_set(), answers(margins), margins)
+    leaned = [m + 3 for m in margins]
+    lean = grounding_metrics(probe_set(), answers(leaned), leaned)
+    assert lean["pope"]["yes_ratio"] == 1.0 != before["pope"]["yes_ratio"]
+    assert (lean["pair_order"], lean["macro_auroc"]) == (before["pair_order"], before["macro_auroc"])
+    looked = [m + 3 * (i % 2 == 0) for i, m in enumerate(margins)]   # every present image's margin up
+    look = grounding_metrics(probe_set(), answers(looked), looked)
+    assert look["pair_order"] == 1.0 > before["pair_order"] and look["macro_auroc"] > before["macro_auroc"]
+
+
+def test_fragments_are_answers_with_words_no_training_answer_has():
+    from eval import answer_prior, fragment_metrics
+    prior = answer_prior([{"question": "q", "answer": "There is a mass.", "type": "open"},
+                          {"question": "q", "answer": "no", "type": "closed"}])
+    assert prior.vocabulary == {"there", "is", "mass", "no"}           # normalized: the article dropped
+    f = fragment_metrics(["no", "There is a mass", "eumothora", "", "mass mass no", "m"], prior.vocabulary)
+    assert (f["n_fragments"], f["n"]) == (3, 6) and f["share"] == 0.5 and f["examples"] == ["", "eumothora", "m"]

@@ -1,6 +1,7 @@
 """Bad inputs and faults get the behaviour a user should get: a clear error naming the flag, file:line
 or record, or a recorded, counted skip; and reruns reproduce, no pickle runs, no key is written.
 python -m pytest -q tests/test_faults.py"""
+import dataclasses
 import json
 import os
 
@@ -72,8 +73,7 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_records(tmp_path, monke
     def nan_loss(model, batch, ref, weights, args):
         losses, stats = train.preference_loss(model, batch, ref, weights, args)
         return losses * float("nan"), stats
-    builder, _, k, weighting = train.OBJECTIVES["mmedpo"]
-    monkeypatch.setitem(train.OBJECTIVES, "mmedpo", (builder, nan_loss, k, weighting))
+    monkeypatch.setitem(train.OBJECTIVES, "mmedpo", dataclasses.replace(train.OBJECTIVES["mmedpo"], loss=nan_loss))
     with pytest.raises(SystemExit, match=r"step 1: non-finite loss or gradient \(records \['"):
         train.main(["--out", str(tmp_path)] + SMALL)
     assert not (tmp_path / "mmedpo" / "adapter").exists() and not (tmp_path / "mmedpo" / "checkpoint.pt").exists()
@@ -170,22 +170,16 @@ def test_authentication_failure_stops_at_once_and_keeps_finished_scores(tmp_path
 
 
 def test_http_reset_mid_body_and_half_written_replies_are_retried(monkeypatch):
-    class Ok:
-        status_code, headers, text = 200, {}, ""
-        json = staticmethod(lambda: {"choices": [{"message": {"content": '{"score": 4}'}}]})
+    ok = json.dumps({"choices": [{"message": {"content": '{"score": 4}'}}]})
+    script = [requests.exceptions.ChunkedEncodingError("reset"), (200, {}, '{"choices": []}'), (200, {}, ok)]
 
-    class Empty(Ok):
-        text = '{"choices": []}'
-        json = staticmethod(lambda: {"choices": []})
-    script = [requests.exceptions.ChunkedEncodingError("reset"), Empty(), Ok()]
-
-    def post(*a, **k):
+    def post(self, body, headers):   # one POST: (status, headers, text), or what requests raises
         step = script.pop(0)
         if isinstance(step, Exception):
             raise step
         return step
-    monkeypatch.setattr(requests, "post", post)
-    judge = score.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", max_retries=3, backoff=0.001)
+    monkeypatch.setattr(score.HTTPJudge, "_post", post)
+    judge = score.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", retry=score.Retry(3, 0.001))
     assert judge([{"role": "user", "content": "x"}]) == '{"score": 4}' and not script
 
 
@@ -279,3 +273,25 @@ def test_eval_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluation.main(["--model", "/nonexistent"])
     assert "--model /nonexistent: no such folder" in capsys.readouterr().err
+
+
+def test_help_shows_the_flags_most_runs_need_first(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    common = capsys.readouterr().out.split("the flags most runs need:")[1].split("run, model and the tiny base:")[0]
+    assert "--lr" in common and "--objective" in common and "--hscr-p" not in common and "--fire-eta" not in common
+
+
+def test_each_objective_record_sets_its_flags(tmp_path, capsys):
+    """The objective table, not a test of names: dpo's overrides, each objective's default lr (chosen on val),
+    and the objectives that build their own records refuse a released file."""
+    dpo = train.parse_args(["--out", str(tmp_path), "--objective", "dpo", "--strategies", "text,visual"])
+    assert (dpo.strategies, dpo.weighting, dpo.lr) == ("text", "none", train.OBJECTIVES["dpo"].lr)
+    assert train.parse_args(["--out", str(tmp_path), "--objective", "sft"]).lr == train.OBJECTIVES["sft"].lr
+    assert train.parse_args(["--out", str(tmp_path), "--objective", "sft", "--lr", "5e-4"]).lr == 5e-4
+    released = tmp_path / "released.json"
+    released.write_text("[]")
+    for name in [n for n, o in train.OBJECTIVES.items() if not o.released_pairs]:
+        with pytest.raises(SystemExit):
+            train.parse_args(["--out", str(tmp_path), "--objective", name, "--pairs", str(released), "--images", str(tmp_path)])
+        assert f"--objective {name} builds its own records" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def test_fire_runs_end_to_end_with_masked_records_and_two_rounds(tmp_path):
     ref = torch.load(tmp_path / "fire" / "ref_logps_round1.pt", weights_only=True)["logps"]
     dataset = data.RecordDataset(second[:4], processor, data.model_image_reader(False))
     with torch.no_grad():
-        own = data.policy_logps(model, data.collate_records([dataset[i] for i in range(4)], processor.tokenizer.pad_token_id), 3)
+        own = data.response_logps(model, data.collate_records([dataset[i] for i in range(4)], processor.tokenizer.pad_token_id), 3)[1].sum(-1)
     assert torch.allclose(ref[:4], own, atol=1e-4)
     metrics = json.loads((tmp_path / "fire" / "metrics.json").read_text())
     assert metrics["objective"] == "fire" and "before" in metrics and "after" in metrics

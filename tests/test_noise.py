@@ -150,3 +150,60 @@ def test_lesion_coverage_is_the_share_of_the_lesion_under_the_noise():
     assert lesion_coverage(h, mask) == 0.5
     assert lesion_coverage(torch.ones(8, 8), mask) == 1.0 and lesion_coverage(h * 0.5, mask) == 0.25
     assert lesion_coverage(h, torch.zeros(8, 8)) == 0.0                 # no lesion: nothing hidden
+
+
+class RegionScorer(torch.nn.Module):
+    """A stand-in classifier: finding k's logit is 20 x (the mean of region k) - 5."""
+    def __init__(self, regions):
+        super().__init__()
+        self.regions = regions
+
+    def forward(self, x):
+        return torch.stack([20 * x[:, 0, r0:r1, c0:c1].mean((1, 2)) - 5 for r0, r1, c0, c1 in self.regions], 1)
+
+
+def test_occlusion_heatmap_against_a_slow_loop():
+    from noise import occlusion_heatmap
+    clf = RegionScorer([(2, 6, 2, 6), (10, 14, 8, 12)])
+    x = torch.full((16, 16), 0.2)
+    x[2:6, 2:6] = 0.9                                                   # a bright lesion where finding 0 looks
+    heat, confidence = occlusion_heatmap(clf, x, patch=4, stride=2)
+    # slow: every patch position, the fall of the summed probability; each pixel the mean over its patches
+    p = lambda img: clf(img[None, None]).sigmoid().sum()
+    total, count = torch.zeros(16, 16), torch.zeros(16, 16)
+    for i in range(0, 13, 2):
+        for j in range(0, 13, 2):
+            occluded = x.clone()
+            occluded[i:i + 4, j:j + 4] = x.mean()
+            total[i:i + 4, j:j + 4] += p(x) - p(occluded)
+            count[i:i + 4, j:j + 4] += 1
+    slow = (total / count).clamp(min=0)
+    slow = slow / slow.max()
+    slow = torch.where(slow >= 0.2, slow, torch.zeros_like(slow))
+    assert torch.allclose(heat, slow, atol=1e-5)
+    assert confidence == pytest.approx(float(clf(x[None, None]).sigmoid().max()))
+    assert heat[2:6, 2:6].mean() > 0.5 and heat[10:, :].sum() == 0      # the map sits on the lesion
+
+
+def test_the_lesion_classifier_learns_where_a_finding_is():
+    """Trained on 16x16 images with a bright square at a random place in half of them, it separates held-out
+    images, and its occlusion map lies on the square."""
+    from noise import occlusion_heatmap, train_lesion_classifier
+    g = torch.Generator().manual_seed(0)
+    def world(n):
+        x = 0.3 + 0.05 * torch.randn(n, 16, 16, generator=g)
+        y = (torch.arange(n) % 2).float()[:, None]
+        for i in torch.nonzero(y[:, 0]).flatten().tolist():
+            r, c = torch.randint(1, 11, (2,), generator=g).tolist()
+            x[i, r:r + 4, c:c + 4] += 0.5
+        return x.clamp(0, 1), y
+    x, y = world(256)
+    clf = train_lesion_classifier(x, y, steps=150, seed=0)
+    test_x, test_y = world(64)
+    with torch.no_grad():
+        p = clf(test_x[:, None]).sigmoid()[:, 0]
+    assert ((p > 0.5).float() == test_y[:, 0]).float().mean() > 0.9
+    lesion = test_x[1]
+    heat, confidence = occlusion_heatmap(clf, lesion)
+    bright = lesion > 0.6
+    assert confidence > 0.5 and heat[bright].mean() > 2 * heat[~bright].mean()

@@ -40,6 +40,41 @@ def test_an_output_never_replaces_an_input_or_a_stage_file(tmp_path, capsys):
     assert "would be overwritten" in capsys.readouterr().err and pairs.read_text() == "{}\n"
 
 
+def test_no_tool_writes_into_another_runs_files(tmp_path, capsys):
+    """An adapter, a stage file vouched for by its key, a run's metrics and a model's config are refused as
+    any tool's output, links resolved; nothing is touched."""
+    import eval as evaluation
+    out = tmp_path / "out"
+    (out / "mmedpo" / "adapter").mkdir(parents=True)
+    (out / "mmedpo" / score.RUN_LOCK).write_text("")
+    (out / "mmedpo" / "adapter" / "adapter_config.json").write_text("{}")
+    (out / "pairs").mkdir()
+    for name, text in (("mmedpo.jsonl", "{}\n"), ("mmedpo.jsonl.key.json", "{}")):
+        (out / "pairs" / name).write_text(text)
+    (tmp_path / "link").symlink_to(out / "mmedpo")
+    adapter = out / "mmedpo" / "adapter" / "adapter_model.safetensors"
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(out), "--run-name", "other", "--export-pairs", str(adapter)])
+    assert "an adapter" in capsys.readouterr().err
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"prompt": "q?", "chosen": "yes", "rejected": "no"}) + "\n")
+    for target, why in ((out / "pairs" / "mmedpo.jsonl", "a stage file"), (tmp_path / "link" / "metrics.json", "a run folder")):
+        with pytest.raises(SystemExit):
+            score.main(["--pairs", str(pairs), "--out", str(target)])
+        assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluation.main(["--model", TINY_BASE, "--out", os.path.join(TINY_BASE, "config.json")])
+    assert "a model" in capsys.readouterr().err
+    assert (out / "pairs" / "mmedpo.jsonl").read_text() == "{}\n" and not (out / "mmedpo" / "metrics.json").exists()
+
+
+def test_an_input_named_like_a_temporary_file_survives(tmp_path):
+    pairs = tmp_path / "scored.jsonl.tmp"
+    pairs.write_text(json.dumps({"prompt": "Is there a nodule?", "chosen": "yes", "rejected": "no"}) + "\n")
+    score.main(["--pairs", str(pairs), "--out", str(tmp_path / "scored.jsonl")])
+    assert pairs.exists() and json.loads((tmp_path / "scored.jsonl").read_text())["score"] is not None
+
+
 def test_a_second_writer_is_refused(tmp_path):
     lock = checkpoint.RunLock(str(tmp_path / "mmedpo"))
     try:
@@ -102,10 +137,10 @@ def test_a_reply_holding_the_key_is_a_failed_reply_and_never_stored(server_facto
     secret = "sk-echoed-back-4242"
     monkeypatch.setenv("MMEDPO_TEST_KEY", secret)
     srv = server_factory(reply=lambda body: f'{{"score": 8}} (you sent Bearer {secret})')
-    j = score.HTTPJudge("med", srv.url, "m", key_env="MMEDPO_TEST_KEY", max_retries=1, backoff=0.01)
+    j = score.HTTPJudge("med", srv.url, "m", key_env="MMEDPO_TEST_KEY", retry=score.Retry(1, 0.01))
     cache = tmp_path / "cache.jsonl"
     out = score.score_pairs([{"prompt": "q?", "chosen": "yes", "rejected": "no"}], [j], str(cache), log=lambda m: None)
-    assert out[0]["status"] == "failed" and "holds the API key" in out[0]["reason"] and secret not in out[0]["reason"]
+    assert out[0]["status"] == "failed" and "holds (part of) the API key" in out[0]["reason"] and secret not in out[0]["reason"]
     assert secret not in cache.read_text()
     edits = score.edit_answers([{"question": "q?", "answer": "yes"}], ["no"], j, str(tmp_path / "edits.jsonl"),
                                log=lambda m: None)
@@ -134,7 +169,7 @@ def test_an_llm_edit_gets_the_rule_editors_checks(reply, why):
 
 def test_a_json_nan_content_is_a_malformed_reply(server_factory):
     srv = server_factory(script=[(200, float("nan"), {}, 0)])   # {"content": NaN}
-    j = score.HTTPJudge("med", srv.url, "m", max_retries=1, backoff=0.01)
+    j = score.HTTPJudge("med", srv.url, "m", retry=score.Retry(1, 0.01))
     with pytest.raises(score.JudgeError, match="malformed reply"):
         j([{"role": "user", "content": "x"}])
 
@@ -168,7 +203,7 @@ def test_released_images_outside_the_folder_or_special_are_never_opened(tmp_path
     said = []
     pairs, skipped = real_data.read_released_pairs(str(path), str(images), said.append)
     assert pairs == [] and skipped == 3 and opened == []
-    assert sum("outside --images" in m for m in said) == 2 and any("pipe.png not found or unreadable" in m for m in said)
+    assert sum("outside --images" in m for m in said) == 2 and any("pipe.png: not a regular file" in m for m in said)
 
 
 # -----------------------------------------------------------------------------
@@ -199,9 +234,56 @@ def test_a_rerun_that_dies_after_the_adapter_leaves_no_old_metrics(tmp_path, mon
     assert (tmp_path / "mmedpo" / "adapter").exists() and not (tmp_path / "mmedpo" / "metrics.json").exists()
 
 
+def test_a_refused_run_deletes_nothing(tmp_path):
+    """A --resume with other flags, or a --max-length the model cannot hold, is refused before any old
+    result goes: the adapter, metrics.json and predictions of the finished run stay."""
+    args = ["--out", str(tmp_path)] + SMALL
+    train.main(args)
+    run_dir = tmp_path / "mmedpo"
+    kept = {name: (run_dir / name).read_bytes() for name in ("metrics.json", "predictions.jsonl",
+                                                               "adapter/adapter_model.safetensors")}
+    with pytest.raises(SystemExit, match="--resume.*other settings"):
+        train.main(args + ["--lr", "5e-4", "--resume"])
+    with pytest.raises(SystemExit, match="--max-length 4096: the model has"):
+        train.main(args + ["--max-length", "4096"])
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
+
+def test_another_seed_never_reuses_an_image_file(tmp_path):
+    import synthetic
+    paths = []
+    for seed in (0, 1):
+        images, _ = synthetic.make_synthetic(2, seed, 32, "pref")
+        paths.append(synthetic.SyntheticStore(images, str(tmp_path)).path(images[0]["image_id"]))
+    assert paths[0] != paths[1] and os.path.basename(paths[0]).startswith("pref00000-")
+    assert data.read_image(paths[0]).tolist() != data.read_image(paths[1]).tolist()
+
+
 def test_a_judge_that_fails_every_pair_stops_the_run(server_factory, tmp_path):
     srv = server_factory(script=[(404, "no such route", {}, 0)])
     with pytest.raises(SystemExit, match="every one of the 12 text pairs failed to be scored .*HTTP 404"):
         train.main(["--out", str(tmp_path), "--judge", f"med={srv.url},model=m", "--selector", "rule",
                     "--strategies", "text"] + SMALL)
     assert not (tmp_path / "mmedpo" / "adapter").exists()
+
+
+def test_a_decompression_bomb_is_named_not_a_traceback(tmp_path, monkeypatch):
+    from PIL import Image
+    path = tmp_path / "huge.png"
+    Image.new("L", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)      # 64 x 64 is then more than twice the limit
+    data._read_image.cache_clear()
+    with pytest.raises(ValueError, match="cannot read image .*huge.png"):
+        data.read_image(str(path))
+
+
+def test_a_base_cut_short_is_never_taken_for_a_base(tmp_path, monkeypatch):
+    import synthetic
+    from transformers import LlavaProcessor
+
+    def full_disk(self, folder, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(LlavaProcessor, "save_pretrained", full_disk)
+    with pytest.raises(OSError):
+        synthetic.build_base(str(tmp_path / "base"), n_train=8, steps=2, log=lambda *a: None)
+    assert not (tmp_path / "base").exists()          # so the next run builds it again instead of reusing it

@@ -18,7 +18,21 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_mmedpo_v
 # -----------------------------------------------------------------------------
 # a scripted OpenAI-compatible server on 127.0.0.1
 
-class Server:
+class Loopback:
+    """A threaded HTTP server on 127.0.0.1 (a free port) for a handler class; its `url` ends in /v1."""
+
+    def serve(self, handler_class):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Server(Loopback):
     """Replies from `script` (a list of (status, content, headers, delay) consumed in order, the last
     one repeated), or from `reply(body)`. Records every request's body and headers."""
 
@@ -52,14 +66,7 @@ class Server:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 @pytest.fixture
@@ -74,8 +81,8 @@ def server_factory():
         s.close()
 
 
-def judge(server, **kw):
-    kw = {"timeout": 2.0, "max_retries": 3, "backoff": 0.01, **kw}
+def judge(server, max_retries=3, **kw):
+    kw = {"timeout": 2.0, "retry": score.Retry(max_retries, 0.01), **kw}
     return score.HTTPJudge("med", server.url, "med-llm", **kw)
 
 
@@ -152,6 +159,11 @@ def test_single_judge_and_out_of_range_retry():
     ("I agree with the previous judge.", 5, (5, True)),
     ("I disagree.", 5, (None, False)),
     ("", None, (None, False)),
+    ("I would rate this an 8", None, (8, False)),
+    ("Score (0-10): 9", None, (9, False)),                # the scale's 0 is not the score
+    ("8/10", None, (8, False)),
+    ("On a scale of 0 to 10: 3", None, (3, False)),
+    ("I disagree with 5; my score is 8", 5, (None, False)),   # two scores: ambiguous, a failed reply
 ])
 def test_parse_score(text, previous, expected):
     assert score.parse_score(text, previous) == expected
@@ -212,7 +224,7 @@ def test_an_unreachable_server_stops_the_work_early_naming_it(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens here now
-    j = score.HTTPJudge("dead", f"http://127.0.0.1:{port}/v1", "m", max_retries=1, backoff=0.01, timeout=1)
+    j = score.HTTPJudge("dead", f"http://127.0.0.1:{port}/v1", "m", retry=score.Retry(1, 0.01), timeout=1)
     pairs = [{"prompt": f"q{i}?", "chosen": "yes", "rejected": "no"} for i in range(20)]
     calls = []
     real = score.HTTPJudge.__call__
@@ -267,7 +279,7 @@ def test_eight_workers_are_at_least_5x_faster_than_one(server_factory):
 def test_judge_order_is_kept_within_a_pair_under_concurrency(server_factory):
     srv_a = server_factory(reply=lambda body: '{"score": 6}', delay=0.01)
     srv_b = server_factory(reply=lambda body: '{"agree": true, "score": 6}')
-    out = score.score_pairs(pairs(16), [judge(srv_a), score.HTTPJudge("b", srv_b.url, "m2", backoff=0.01)],
+    out = score.score_pairs(pairs(16), [judge(srv_a), score.HTTPJudge("b", srv_b.url, "m2", retry=score.Retry(backoff=0.01))],
                             None, workers=8, log=lambda s: None)
     assert all([h["judge"] for h in r["history"]] == ["med", "b"] for r in out)
 
@@ -373,15 +385,91 @@ def test_leaked_scaffolding_in_the_released_data_is_caught():
 
 
 def test_an_echoed_key_is_scrubbed_even_where_the_error_text_is_cut(monkeypatch):
-    import requests
     key = "sk-" + "k" * 31                                            # 34 characters
     monkeypatch.setenv("TEST_JUDGE_KEY", key)
 
     class Reply:
         status_code, headers = 400, {}
         text = "x" * 170 + "Authorization: Bearer " + key            # the key starts at 192: it straddles the cut at 200
-    monkeypatch.setattr(requests, "post", lambda *a, **k: Reply())
-    judge = score.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", key_env="TEST_JUDGE_KEY", max_retries=0)
+    monkeypatch.setattr(score.HTTPJudge, "_post", lambda self, body, headers: (Reply.status_code, Reply.headers, Reply.text))
+    judge = score.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", key_env="TEST_JUDGE_KEY", retry=score.Retry(0))
     with pytest.raises(score.JudgeError) as e:
         judge([{"role": "user", "content": "hi"}])
     assert "sk-k" not in str(e.value) and "Bearer *" in str(e.value)   # cut first, 8 of its characters would stay
+
+
+# -----------------------------------------------------------------------------
+# replies that must be bounded: a trickle, a flood, a redirect to another host, an echo of most of the key
+
+class RawServer(Loopback):
+    """A loopback server whose handler(self) writes whatever it likes; counts the requests it gets."""
+
+    def __init__(self, handler):
+        self.hits = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                outer.hits += 1
+                self.rfile.read(int(self.headers["Content-Length"]))
+                try:
+                    handler(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+        self.serve(Handler)
+
+
+def head(h, status=200, extra=()):
+    h.send_response(status)
+    for k, v in extra:
+        h.send_header(k, v)
+    h.end_headers()
+
+
+def test_a_trickling_reply_is_cut_at_the_timeout_in_total():
+    def trickle(h):
+        head(h)
+        for _ in range(100):   # one byte every 0.1 s: each read is quick, the whole would take 10 s
+            h.wfile.write(b" ")
+            h.wfile.flush()
+            time.sleep(0.1)
+    server = RawServer(trickle)
+    t0 = time.time()
+    with pytest.raises(score.JudgeError, match="within"):
+        score.HTTPJudge("med", server.url, "m", timeout=0.5, retry=score.Retry(1, 0.01))([{"role": "user", "content": "q"}])
+    server.close()
+    assert time.time() - t0 < 4 and server.hits == 2
+
+
+def test_a_flood_is_refused_unread():
+    def flood(h):
+        head(h)
+        for _ in range(64):
+            h.wfile.write(b"x" * (64 << 10))    # 4 MB
+    server = RawServer(flood)
+    with pytest.raises(score.JudgeError, match="larger than"):
+        score.HTTPJudge("med", server.url, "m", timeout=5, retry=score.Retry(0))([{"role": "user", "content": "q"}])
+    server.close()
+
+
+def test_a_redirect_is_never_followed(server_factory):
+    elsewhere = server_factory(reply=lambda body: "7")
+    hop = RawServer(lambda h: head(h, 307, [("Location", elsewhere.url + "/chat/completions")]))
+    with pytest.raises(score.JudgeError, match="redirect"):
+        score.HTTPJudge("med", hop.url, "m", timeout=2, retry=score.Retry(1, 0.01))([{"role": "user", "content": "truth"}])
+    hop.close()
+    assert elsewhere.requests == []          # the prompt, with the ground truth, never reached the other host
+
+
+def test_a_reply_with_most_of_the_key_is_refused_and_scrubbed(server_factory, monkeypatch):
+    key = "sk-" + "0123456789abcdefghijklmnopqrstuvwxyzAB"[:37]
+    monkeypatch.setenv("JUDGE_KEY", key)
+    server = server_factory(reply=lambda body: f"score 7, your key is {key[:-2]}")
+    j = judge(server, key_env="JUDGE_KEY", max_retries=1)
+    with pytest.raises(score.JudgeError) as e:
+        j([{"role": "user", "content": "q"}])
+    assert "holds (part of) the API key" in str(e.value) and key[:16] not in str(e.value)
+    assert key[5:21] not in j._scrub(f"error text {key[:-2]}")

@@ -81,7 +81,7 @@ def ref_logps(model, processor, pairs, load, batch_size):
     dataset = data.RecordDataset(pairs, processor, load)
     batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
     with torch.no_grad():
-        return torch.cat([data.forward_logps(model, b).view(2, -1).T
+        return torch.cat([data.response_logps(model, b, 2)[1].sum(-1)
                           for b in train.record_loader(dataset, batches, processor.tokenizer.pad_token_id, 0)])
 
 
@@ -123,7 +123,7 @@ def test_resume_reaches_the_same_adapter(out):
     steps = [json.loads(l)["step"] for l in (out / "halted" / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))                                     # no step logged twice
     other = run_script(args + ["--run-name", "halted", "--resume", "--lr", "5e-4"], out)
-    assert other.returncode != 0 and "--lr 0.001 -> 0.0005" in other.stderr
+    assert other.returncode != 0 and f"--lr {train.OBJECTIVES['mmedpo'].lr} -> 0.0005" in other.stderr
     other_data = run_script(args + ["--run-name", "halted", "--resume", "--n-text", "16"], out)
     assert other_data.returncode != 0 and "--n-text 12 -> 16" in other_data.stderr
 
@@ -140,7 +140,12 @@ def test_ddp_two_processes_equal_one_process_over_the_same_global_batch(out):
     a = load_file(str(out / "single" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(out / "ddp" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # float32 sums in another order (2 ranks, any thread count) can flip Adam's step on a weight whose
+    # gradient is near 0 (Adam makes every step about lr long), so no max |a - b| bound tells rounding from a
+    # bug; the whole adapter's relative difference does: a wrong shard, batch or mask makes it of order 1
+    diff = sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5 / sum((a[k] ** 2).sum() for k in a if "lora_B" in k) ** 0.5
+    print(f"relative adapter difference, 2 processes against 1: {float(diff):.2e}")
+    assert diff < 0.05
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
 
 
