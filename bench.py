@@ -365,7 +365,8 @@ def study_main(argv):
     import train  # noqa: F401  every project module is loaded now: a long study runs one version of the code
     ap = argparse.ArgumentParser(description="the synthetic benchmark study: every objective and ablation, equal budgets")
     ap.add_argument("--out", default="out/study", help="runs go to OUT/baseB/seedS/ROW; reused when their flags are unchanged")
-    ap.add_argument("--bases", type=int_list, default=[0, 1], help="base models: 0 the shipped one, b > 0 built with seed b")
+    ap.add_argument("--bases", type=int_list, default=[0, 1],
+                    help="base models: 0 and 1 are shipped (assets/tiny-base, assets/tiny-base-1); b > 1 is built with seed b")
     ap.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3])
     ap.add_argument("--rows", type=int_list, default=None, help=f"row numbers 0..{len(STUDY_ROWS) - 1} (default: all)")
     ap.add_argument("--steps", type=int, default=144, help="optimizer steps of every row (MMedPO's 3 epochs)")

@@ -287,3 +287,9 @@ def test_a_base_cut_short_is_never_taken_for_a_base(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         synthetic.build_base(str(tmp_path / "base"), n_train=8, steps=2, log=lambda *a: None)
     assert not (tmp_path / "base").exists()          # so the next run builds it again instead of reusing it
+
+
+def test_a_relative_out_is_the_same_folder_as_its_absolute_spelling(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = train.parse_args(["--out", "runs"]), train.parse_args(["--out", str(tmp_path / "runs")])
+    assert relative.out == absolute.out == str(tmp_path / "runs")
