@@ -1,11 +1,12 @@
-"""MMedPO's data: prompt formats, images, preference records and their files, Strategy 1 (text pairs)
-and Strategy 2 (visual pairs) built by the target model, and the batches (records tokenised once, the
-k responses of B records in one k*B-row batch, made by `collate_records` and undone by `per_response`).
+"""MMedPO's data: preference records and their files, Strategy 1 (text pairs) and Strategy 2 (visual
+pairs) built by the target model, the batches (records tokenised once, the k responses of B records in
+one k*B-row batch, made by `collate_records` and undone by `per_response`), prompt formats and images.
 
-The file reads in the order of the paper's Algorithm 1: the records MMedPO trains on
-(`build_mmedpo_pairs`), Strategy 1, Strategy 2, then the batches. The synthetic world lives in
-synthetic.py, the real datasets in real_data.py, HSCR's and FiRe-MPO's records in hscr.py and fire.py;
-every store of images has the `ImageStore` interface below.
+The file reads downward, in the order of the paper's Algorithm 1: the records MMedPO trains on
+(`build_mmedpo_pairs`), Strategy 1, Strategy 2, then the batches; a function's helpers follow it, and
+the images, which every part uses, close the file. The synthetic world lives in synthetic.py, the real
+datasets in real_data.py, HSCR's and FiRe-MPO's records in hscr.py and fire.py; every store of images
+has the `ImageStore` interface.
 
     python -c "import data, synthetic; print(synthetic.make_synthetic(1)[1][0])"
 
@@ -32,6 +33,7 @@ from noise import (attention_heatmap, detect_lesions, heatmap_from_mask, lesion_
 from rule_judge import NEGATIONS, clean_answer, polarity, words
 from score import read_jsonl, select_dispreferred, write_hallucination
 
+
 PROMPT_FORMATS = {  # {question} is the user's question; the image placeholder comes first
     "plain": "<image>\n{question}\nAnswer:",
     "mistral": "[INST] <image>\n{question} [/INST]",  # LLaVA-Med v1.5 (Mistral-7B), llava-hf chat layout
@@ -44,124 +46,11 @@ PROMPT_FORMATS = {  # {question} is the user's question; the image placeholder c
 SPLITS = {"synthetic": ("train", "pref", "val", "test"), "slake": ("train", "validation", "test"), "vqa-rad": ("train", "test"),
           "iu-xray": ("train", "val", "test"), "mimic-cxr": ("train", "val", "test")}
 
+
 # generation caps (Strategy 1 sampling, evaluation) per dataset, in new tokens: released rejected answers
 # have a median of 11 words on SLAKE / VQA-RAD and 45 on IU-Xray, whose reference reports have 51
 MAX_NEW_TOKENS = {"synthetic": (48, 48), "slake": (64, 64), "vqa-rad": (64, 64), "iu-xray": (256, 256),
                   "mimic-cxr": (256, 256)}
-
-
-def check_prompt_format(prompt_format, processor=None):
-    """ValueError unless the format is 'chat' (with a processor that has a chat template) or a template
-    holding both '<image>' and '{question}'."""
-    if prompt_format == "chat":
-        if processor is not None and not getattr(processor, "chat_template", None):
-            raise ValueError("--prompt-format chat: the processor has no chat template; use plain, mistral, vicuna "
-                             "or a template")
-        return
-    fmt = PROMPT_FORMATS.get(prompt_format, prompt_format)
-    if "<image>" not in fmt or "{question}" not in fmt:
-        raise ValueError(f"prompt format {fmt!r} needs both '<image>' and '{{question}}' (or: plain, mistral, vicuna, chat)")
-
-
-def format_prompt(processor, prompt_format, question):
-    """The prompt text for one question, with the image placeholder where the model expects it."""
-    if prompt_format == "chat":
-        check_prompt_format(prompt_format, processor)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return PROMPT_FORMATS.get(prompt_format, prompt_format).format(question=question)
-
-
-# -----------------------------------------------------------------------------
-# images
-
-def to_pil(pixels):
-    """(H, W) float in [0, 1] (values outside are clipped) -> 8-bit grayscale PIL image."""
-    return Image.fromarray((np.clip(np.asarray(pixels, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8), "L")
-
-
-def pad_to_square(image):
-    """LLaVA's preprocessing: pad a PIL image to a square with its mean colour, centred."""
-    w, h = image.size
-    if w == h:
-        return image
-    fill = tuple(int(v) for v in ImageStat.Stat(image).mean)
-    square = Image.new(image.mode, (max(w, h), max(w, h)), fill if len(fill) > 1 else fill[0])
-    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-    return square
-
-
-def read_image(path):
-    """A grayscale image, (H, W) float32 in [0, 1], shared by a cache keyed on size and mtime (never modify it).
-    16-bit and float images keep their range. Only a regular file is opened (a FIFO would block); a
-    missing, special, corrupt or oversized file raises ValueError naming it."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"cannot read image {path}: not a regular file")
-    return _read_image(path, st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=1024)
-def _read_image(path, size, mtime_ns):
-    try:
-        with Image.open(path) as im:
-            if im.mode.startswith("I;16") or im.mode == "I":   # 16-bit grayscale (common in medical PNGs)
-                x = np.clip(np.asarray(im, np.float32) / 65535.0, 0, 1)
-            elif im.mode == "F":  # float (TIFF): kept if in [0, 1], else stretched to it (never clipped black)
-                x = np.nan_to_num(np.asarray(im, np.float32))
-                lo, hi = float(x.min()), float(x.max())
-                x = x if lo >= 0 and hi <= 1 else (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-            else:
-                x = np.asarray(im.convert("L"), np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    return x  # shared by every caller of the cache: read it, never write to it
-
-
-def readable_image(path):
-    """True if `path` is a regular image file PIL can read."""
-    try:
-        read_image(path)
-        return True
-    except ValueError:
-        return False
-
-
-def save_png(image, path):
-    """Write a PIL image atomically: a kill never leaves a torn PNG."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"), "wb")
-
-
-def model_image_reader(pad):
-    """path -> the PIL image as the model sees it (8-bit grayscale survives the float round trip exactly)."""
-    return lambda path: pad_to_square(to_pil(read_image(path))) if pad else to_pil(read_image(path))
-
-
-class ImageStore:
-    """Images by image_id, behind one interface for synthetic arrays in memory and files of a real
-    dataset. A store has `pixels(image_id)` (H, W) in [0, 1], `path(image_id)` (a file), `mask(image_id)`
-    (the lesion mask, or None), `has_lesion(image_id)`, `has_masks` (the data carries true lesion masks)
-    and `pad` (pad to a square before the processor, as LLaVA does)."""
-    has_masks, pad = False, False
-
-    def pil(self, image_id):
-        return to_pil(self.pixels(image_id))
-
-    def for_model(self, image_id):
-        """The PIL image as the model sees it."""
-        return pad_to_square(self.pil(image_id)) if self.pad else self.pil(image_id)
-
-    def digest(self, image_id):
-        """A hash of the image's content (for cache keys): its pixels."""
-        return hashlib.sha256(np.ascontiguousarray(self.pixels(image_id)).tobytes()).hexdigest()[:24]
-
-    def visual_tool(self, seed=0, log=print):
-        """The trained lesion classifier, item -> (heatmap, confidence): only labelled training images train one."""
-        raise ValueError("--heatmap classifier needs labelled training images (the synthetic default has them); "
-                         "use --heatmap detector, mask or attention")
 
 
 # -----------------------------------------------------------------------------
@@ -283,49 +172,6 @@ def build_mmedpo_pairs(model, processor, cfg, pool, store, pairs_dir, device, lo
     return pairs, complete
 
 
-def build_oracle_records(model, processor, cfg, pool, store, pairs_dir, device, log=print, answer=None):
-    """The instrument's oracle: the preference split's presence questions (on real data its closed yes/no
-    ones) with their TRUE answers, as many "yes" as "no" (drawn with the run's seed), for plain
-    supervision. A grounding score that this row cannot raise cannot show what a method does. With
-    `answer` ("yes": the lean) every question gets that answer: a row that must NOT raise it. The other
-    answer is kept as `rejected` for the layout, never trained on. returns (records, complete)."""
-    yes_no = lambda it: str(it["answer"]).strip().lower()
-    presence = [it for it in pool if it.get("qtype") == "presence"] or \
-        [it for it in pool if it["type"] == "closed" and yes_no(it) in ("yes", "no")]
-    by_answer = {a: [it for it in presence if yes_no(it) == a] for a in ("yes", "no")}
-    n, rng, name = min(len(v) for v in by_answer.values()), random.Random(cfg.seed), "lean" if answer else "oracle"
-    items = sorted(rng.sample(by_answer["yes"], n) + rng.sample(by_answer["no"], n), key=lambda it: it["id"])
-    log(f"{name}: {len(items)} presence questions ({n} truly yes, {n} truly no) of {len(presence)}, answered "
-        + (f"{answer!r} whatever the image" if answer else "with the truth"))
-    return [{"id": f"{name}-{it['id']}", "source": name, "image": store.path(it["image_id"]), "rejected_image": None,
-             "prompt": it["question"], "chosen": answer or it["answer"], "rejected": "no" if (answer or yes_no(it)) == "yes"
-             else "yes", "score": None, "weight": None, "provenance": f"{answer!r} to every question (a lean)" if answer
-             else "the true answer (an oracle)"} for it in items], True
-
-
-def states_absence(answer):
-    """True for an answer that says a thing is not there: a leading "no", or only negation words."""
-    ws = words(answer)
-    return polarity(answer) == "no" or bool(ws) and set(ws) <= NEGATIONS | {"abnormality", "finding", "findings"}
-
-
-def answer_change(model, processor, pairs, prompt_format, pad, max_new_tokens, log=print):
-    """Does the noise act on the model? Greedy answers on the clean and on the noised image of every
-    visual pair: each pair records `answer_changes`, and the share is printed."""
-    if not pairs:
-        return
-    reader = model_image_reader(pad)
-    clean = generate_answers(model, processor, [(reader(p["image"]), p["prompt"]) for p in pairs], prompt_format,
-                             batch_size=128, max_new_tokens=max_new_tokens)
-    noised = generate_answers(model, processor, [(reader(p["rejected_image"]), p["prompt"]) for p in pairs],
-                              prompt_format, batch_size=128, max_new_tokens=max_new_tokens)
-    for p, a, b in zip(pairs, clean, noised):
-        p["answer_changes"] = words(a) != words(b)
-    changed = sum(p["answer_changes"] for p in pairs)
-    log(f"      the noise changes the target model's greedy answer on {changed} of {len(pairs)} visual pairs "
-        f"({changed / len(pairs):.0%})")
-
-
 def build_text_pairs(items, samples, judge, image_path, seed=0, log=print):
     """Strategy 1 (text dispreference D_t). items: [{id, image_id, question, answer}], samples: the
     target model's N sampled answers per item. The judge picks the sample that most clearly
@@ -348,6 +194,143 @@ def build_text_pairs(items, samples, judge, image_path, seed=0, log=print):
     log(f"text pairs: {len(pairs)} ({selected} with a sampled answer, {len(pairs) - selected} injected,"
         f" {leaked} leaked samples dropped)")
     return pairs
+
+
+def states_absence(answer):
+    """True for an answer that says a thing is not there: a leading "no", or only negation words."""
+    ws = words(answer)
+    return polarity(answer) == "no" or bool(ws) and set(ws) <= NEGATIONS | {"abnormality", "finding", "findings"}
+
+
+def heatmap_tool(name, model=None, processor=None, prompt_format="plain", store=None, device=None, seed=0, log=print):
+    """Where the lesion is (Strategy 2): classifier (the store's trained `visual_tool`), detector, mask, attention."""
+    if name == "attention":
+        return attention_tool(model, processor, prompt_format, store.pixels, device)
+    if name == "classifier":
+        return store.visual_tool(seed, log)
+    return name
+
+
+def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
+    """The target model as its own visual tool: item -> (heatmap, confidence) from the attention of
+    the answer tokens to the image tokens in the last `layers` language-model layers."""
+    image_token = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    dtype = next(model.parameters()).dtype
+
+    def model_attention(item):
+        pixels = pixels_of(item["image_id"])
+        batch = encode_rows(processor, [(to_pil(pixels), item["question"], item["answer"])], fmt)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")  # fused attention kernels do not return the weights
+        try:
+            with torch.no_grad():
+                inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else None)
+                          for k, v in batch.items() if k != "labels"}
+                out = model(**inputs, output_attentions=True)
+        finally:
+            model.set_attn_implementation(previous)
+        stacked = torch.stack([a[0] for a in out.attentions[-layers:]]).float().cpu()  # (layers, heads, T, T)
+        return attention_heatmap(stacked, batch["input_ids"][0] == image_token,
+                                 batch["labels"][0] != IGNORE_INDEX, np.asarray(pixels).shape)
+    model_attention.tool_name = "attention"
+    return model_attention
+
+
+def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local", k=500, seed=0, visual_score="confidence",
+                       log=print):
+    """Strategy 2 (visual dispreference D_v): the same answer given to an image whose lesion is noised.
+    store: an ImageStore (pixels, mask, path); heatmap: see `lesion_heatmap`; noise: local, or global
+    (h = 1). The pair's clinical-relevance score (`visual_score`):
+        confidence  the visual tool's confidence, as in the paper (the detector's; for ground-truth mask
+                    heatmaps the lesion's contrast with its surroundings)
+        coverage    an oracle: how much of the *true* lesion the noise covers, where the data has masks
+    Items with an empty heatmap (nothing to noise), no mask, or a mask that does not fit their image
+    are skipped and counted. Noised images and heatmaps are PNGs under out_dir."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs, skipped = [], Counter()
+    for it in items:
+        x = torch.as_tensor(store.pixels(it["image_id"]))
+        h, confidence = lesion_heatmap(it, store, heatmap, log)
+        if h is None:
+            skipped[confidence] += 1
+            continue
+        if noise == "global":
+            h = torch.ones_like(x)
+        if float(h.sum()) == 0:
+            skipped["empty heatmap"] += 1
+            continue
+        pid = f"visual-{it['id']}"
+        noised_path, heatmap_path = write_noised(x, h, k, gen, pid, out_dir)
+        truth = lesion_mask(store, it["image_id"]) if visual_score == "coverage" else None
+        relevance, how = ((lesion_coverage(h, truth), "the noise's coverage of the true lesion (an oracle)")
+                          if truth is not None else (float(confidence), "the visual tool's confidence"))
+        pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
+                      "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
+                      "rejected": it["answer"], "score": relevance, "weight": None,
+                      "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, 'tool_name', heatmap)}, score: {how}"})
+    log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
+                                         if skipped else ""))
+    return pairs
+
+
+def lesion_heatmap(item, store, heatmap="detector", log=print):
+    """Where the lesion of an item's image is: (heatmap (H, W) in [0, 1], confidence), or (None, reason).
+    heatmap: detector (noise.detect_lesions; its confidence), mask (ground-truth masks or boxes, widened
+    by a soft margin; the confidence is the lesion's contrast with its surroundings, noise.mask_confidence),
+    or a callable item -> (heatmap, confidence) such as the trained classifier's or `attention_tool`."""
+    x = torch.as_tensor(store.pixels(item["image_id"]))                     # (H, W) in [0, 1]
+    if callable(heatmap):
+        return heatmap(item)
+    if heatmap == "detector":
+        return detect_lesions(x)
+    if heatmap != "mask":
+        raise ValueError(f"unknown heatmap source {heatmap!r} (detector, mask, or a callable)")
+    try:
+        m = store.mask(item["image_id"])
+    except ValueError as e:
+        log(f"  {e}; skipped")
+        return None, "mask does not fit"
+    if m is None:
+        return None, "no mask"
+    h = heatmap_from_mask(m)
+    if h.sum() > 0:  # 1 inside the mask, a soft margin outside it
+        h = torch.maximum(h, smooth_heatmap(h, sigma=max(0.5, 0.02 * h.shape[0])))
+    return h, mask_confidence(x, m)
+
+
+def write_noised(x, h, k, generator, name, out_dir):
+    """x* = localized_noise(x, h) and the heatmap, as PNGs under out_dir/noised and out_dir/heatmaps.
+    returns (noised path, heatmap path)."""
+    noised = localized_noise(x[None, None], h[None].float(), k=k, generator=generator)[0, 0]
+    paths = [os.path.join(out_dir, sub, name + ".png") for sub in ("noised", "heatmaps")]
+    for path, image in zip(paths, (noised, h)):
+        save_png(to_pil(image), path)
+    return paths
+
+
+def lesion_mask(store, image_id):
+    """The image's true lesion mask when the data has one (synthetic images; SLAKE's masks), else None."""
+    try:
+        return store.mask(image_id) if store.has_masks else None
+    except ValueError:
+        return None
+
+
+def answer_change(model, processor, pairs, prompt_format, pad, max_new_tokens, log=print):
+    """Does the noise act on the model? Greedy answers on the clean and on the noised image of every
+    visual pair: each pair records `answer_changes`, and the share is printed."""
+    if not pairs:
+        return
+    reader = model_image_reader(pad)
+    clean = generate_answers(model, processor, [(reader(p["image"]), p["prompt"]) for p in pairs], prompt_format,
+                             batch_size=128, max_new_tokens=max_new_tokens)
+    noised = generate_answers(model, processor, [(reader(p["rejected_image"]), p["prompt"]) for p in pairs],
+                              prompt_format, batch_size=128, max_new_tokens=max_new_tokens)
+    for p, a, b in zip(pairs, clean, noised):
+        p["answer_changes"] = words(a) != words(b)
+    changed = sum(p["answer_changes"] for p in pairs)
+    log(f"      the noise changes the target model's greedy answer on {changed} of {len(pairs)} visual pairs "
+        f"({changed / len(pairs):.0%})")
 
 
 Sampling = namedtuple("Sampling", "n temperature seed")   # n answers per row at a temperature, from a seed
@@ -395,185 +378,28 @@ def generate_answers(model, processor, rows, prompt_format="plain", batch_size=6
     return out
 
 
-def heatmap_tool(name, model=None, processor=None, prompt_format="plain", store=None, device=None, seed=0, log=print):
-    """Where the lesion is (Strategy 2): classifier (the store's trained `visual_tool`), detector, mask, attention."""
-    if name == "attention":
-        return attention_tool(model, processor, prompt_format, store.pixels, device)
-    if name == "classifier":
-        return store.visual_tool(seed, log)
-    return name
-
-
-def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
-    """The target model as its own visual tool: item -> (heatmap, confidence) from the attention of
-    the answer tokens to the image tokens in the last `layers` language-model layers."""
-    image_token = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
-    dtype = next(model.parameters()).dtype
-
-    def model_attention(item):
-        pixels = pixels_of(item["image_id"])
-        batch = encode_rows(processor, [(to_pil(pixels), item["question"], item["answer"])], fmt)
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")  # fused attention kernels do not return the weights
-        try:
-            with torch.no_grad():
-                inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else None)
-                          for k, v in batch.items() if k != "labels"}
-                out = model(**inputs, output_attentions=True)
-        finally:
-            model.set_attn_implementation(previous)
-        stacked = torch.stack([a[0] for a in out.attentions[-layers:]]).float().cpu()  # (layers, heads, T, T)
-        return attention_heatmap(stacked, batch["input_ids"][0] == image_token,
-                                 batch["labels"][0] != IGNORE_INDEX, np.asarray(pixels).shape)
-    model_attention.tool_name = "attention"
-    return model_attention
-
-
-def lesion_heatmap(item, store, heatmap="detector", log=print):
-    """Where the lesion of an item's image is: (heatmap (H, W) in [0, 1], confidence), or (None, reason).
-    heatmap: detector (noise.detect_lesions; its confidence), mask (ground-truth masks or boxes, widened
-    by a soft margin; the confidence is the lesion's contrast with its surroundings, noise.mask_confidence),
-    or a callable item -> (heatmap, confidence) such as the trained classifier's or `attention_tool`."""
-    x = torch.as_tensor(store.pixels(item["image_id"]))                     # (H, W) in [0, 1]
-    if callable(heatmap):
-        return heatmap(item)
-    if heatmap == "detector":
-        return detect_lesions(x)
-    if heatmap != "mask":
-        raise ValueError(f"unknown heatmap source {heatmap!r} (detector, mask, or a callable)")
-    try:
-        m = store.mask(item["image_id"])
-    except ValueError as e:
-        log(f"  {e}; skipped")
-        return None, "mask does not fit"
-    if m is None:
-        return None, "no mask"
-    h = heatmap_from_mask(m)
-    if h.sum() > 0:  # 1 inside the mask, a soft margin outside it
-        h = torch.maximum(h, smooth_heatmap(h, sigma=max(0.5, 0.02 * h.shape[0])))
-    return h, mask_confidence(x, m)
-
-
-def write_noised(x, h, k, generator, name, out_dir):
-    """x* = localized_noise(x, h) and the heatmap, as PNGs under out_dir/noised and out_dir/heatmaps.
-    returns (noised path, heatmap path)."""
-    noised = localized_noise(x[None, None], h[None].float(), k=k, generator=generator)[0, 0]
-    paths = [os.path.join(out_dir, sub, name + ".png") for sub in ("noised", "heatmaps")]
-    for path, image in zip(paths, (noised, h)):
-        save_png(to_pil(image), path)
-    return paths
-
-
-def lesion_mask(store, image_id):
-    """The image's true lesion mask when the data has one (synthetic images; SLAKE's masks), else None."""
-    try:
-        return store.mask(image_id) if store.has_masks else None
-    except ValueError:
-        return None
-
-
-def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local", k=500, seed=0, visual_score="confidence",
-                       log=print):
-    """Strategy 2 (visual dispreference D_v): the same answer given to an image whose lesion is noised.
-    store: an ImageStore (pixels, mask, path); heatmap: see `lesion_heatmap`; noise: local, or global
-    (h = 1). The pair's clinical-relevance score (`visual_score`):
-        confidence  the visual tool's confidence, as in the paper (the detector's; for ground-truth mask
-                    heatmaps the lesion's contrast with its surroundings)
-        coverage    an oracle: how much of the *true* lesion the noise covers, where the data has masks
-    Items with an empty heatmap (nothing to noise), no mask, or a mask that does not fit their image
-    are skipped and counted. Noised images and heatmaps are PNGs under out_dir."""
-    gen = torch.Generator().manual_seed(seed)
-    pairs, skipped = [], Counter()
-    for it in items:
-        x = torch.as_tensor(store.pixels(it["image_id"]))
-        h, confidence = lesion_heatmap(it, store, heatmap, log)
-        if h is None:
-            skipped[confidence] += 1
-            continue
-        if noise == "global":
-            h = torch.ones_like(x)
-        if float(h.sum()) == 0:
-            skipped["empty heatmap"] += 1
-            continue
-        pid = f"visual-{it['id']}"
-        noised_path, heatmap_path = write_noised(x, h, k, gen, pid, out_dir)
-        truth = lesion_mask(store, it["image_id"]) if visual_score == "coverage" else None
-        relevance, how = ((lesion_coverage(h, truth), "the noise's coverage of the true lesion (an oracle)")
-                          if truth is not None else (float(confidence), "the visual tool's confidence"))
-        pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
-                      "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
-                      "rejected": it["answer"], "score": relevance, "weight": None,
-                      "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, 'tool_name', heatmap)}, score: {how}"})
-    log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
-                                         if skipped else ""))
-    return pairs
+def build_oracle_records(model, processor, cfg, pool, store, pairs_dir, device, log=print, answer=None):
+    """The instrument's oracle: the preference split's presence questions (on real data its closed yes/no
+    ones) with their TRUE answers, as many "yes" as "no" (drawn with the run's seed), for plain
+    supervision. A grounding score that this row cannot raise cannot show what a method does. With
+    `answer` ("yes": the lean) every question gets that answer: a row that must NOT raise it. The other
+    answer is kept as `rejected` for the layout, never trained on. returns (records, complete)."""
+    yes_no = lambda it: str(it["answer"]).strip().lower()
+    presence = [it for it in pool if it.get("qtype") == "presence"] or \
+        [it for it in pool if it["type"] == "closed" and yes_no(it) in ("yes", "no")]
+    by_answer = {a: [it for it in presence if yes_no(it) == a] for a in ("yes", "no")}
+    n, rng, name = min(len(v) for v in by_answer.values()), random.Random(cfg.seed), "lean" if answer else "oracle"
+    items = sorted(rng.sample(by_answer["yes"], n) + rng.sample(by_answer["no"], n), key=lambda it: it["id"])
+    log(f"{name}: {len(items)} presence questions ({n} truly yes, {n} truly no) of {len(presence)}, answered "
+        + (f"{answer!r} whatever the image" if answer else "with the truth"))
+    return [{"id": f"{name}-{it['id']}", "source": name, "image": store.path(it["image_id"]), "rejected_image": None,
+             "prompt": it["question"], "chosen": answer or it["answer"], "rejected": "no" if (answer or yes_no(it)) == "yes"
+             else "yes", "score": None, "weight": None, "provenance": f"{answer!r} to every question (a lean)" if answer
+             else "the true answer (an oracle)"} for it in items], True
 
 
 # -----------------------------------------------------------------------------
 # batches: every record tokenised once, k responses per record, one k*B-row batch
-
-def encode_rows(processor, rows, prompt_format="plain", max_length=None):
-    """Tokenize rows of (PIL image, question, response) for one forward pass, right-padded. The prompt goes
-    through the processor (which expands <image> into the image tokens); the response is tokenized
-    alone, then EOS. Labels are the response tokens, IGNORE_INDEX elsewhere. Beyond `max_length`,
-    question tokens go from the middle of the prompt (never image tokens), then the response's end.
-    returns {input_ids, attention_mask, labels: (N, T) long, pixel_values: (N, 3, H, W),
-             truncated: (N,) long, 0 whole, 1 prompt cut, 2 prompt and response cut}."""
-    tok = processor.tokenizer
-    prompts = [format_prompt(processor, prompt_format, q) for _, q, _ in rows]
-    enc = processor(images=[im for im, _, _ in rows], text=prompts, return_tensors="pt", padding=True)
-    image_token_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
-    seqs, labels, truncated = [], [], []
-    for i, (_, _, text) in enumerate(rows):
-        prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-        response = response_ids(tok, text) + [tok.eos_token_id]
-        cut = 0
-        if max_length and len(prompt_ids) + len(response) > max_length:
-            excess = len(prompt_ids) + len(response) - max_length
-            droppable = [j for j in range(1, len(prompt_ids) - 4) if prompt_ids[j] != image_token_id]
-            drop = set(droppable[max(0, len(droppable) - excess):])
-            prompt_ids, cut = [t for j, t in enumerate(prompt_ids) if j not in drop], 1
-            room = max_length - len(prompt_ids)
-            if room < 1:
-                raise ValueError(f"row {i}: the image tokens alone exceed max_length={max_length}")
-            if len(response) > room:  # the response is cut at the end, as the prompt could not give more
-                response, cut = response[:room], 2
-        seqs.append(prompt_ids + response)
-        labels.append([IGNORE_INDEX] * len(prompt_ids) + response)
-        truncated.append(cut)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return {"input_ids": right_pad(seqs, pad), "attention_mask": right_pad([[1] * len(s) for s in seqs], 0),
-            "labels": right_pad(labels, IGNORE_INDEX), "pixel_values": enc["pixel_values"],
-            "truncated": torch.tensor(truncated)}
-
-
-def response_ids(tokenizer, text):
-    """A response's token ids as they stand in a batch (before the closing EOS): FiRe-MPO's edit masks
-    are computed on these, so they must come from this one function."""
-    return tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
-
-
-def right_pad(seqs, value, length=None):
-    """Sequences (lists or 1-D tensors) -> (N, T) tensor, right-padded with `value`; T the longest or `length`."""
-    T = length or max(len(s) for s in seqs)
-    dtype = seqs[0].dtype if torch.is_tensor(seqs[0]) else torch.long
-    out = torch.full((len(seqs), T), value, dtype=dtype)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.as_tensor(s, dtype=dtype)
-    return out
-
-
-def record_rows(record):
-    """The (image path, response) rows of one record, in the objective's order: chosen, rejected
-    (on the noised image for a visual pair), then for HSCR the second rejected answer, for FiRe-MPO
-    the chosen answer again on the lesion-corrupted image."""
-    rows = [(record["image"], record["chosen"]), (record.get("rejected_image") or record["image"], record["rejected"])]
-    if record.get("rejected2") is not None:
-        rows.append((record["image"], record["rejected2"]))
-    if record.get("corrupted_image") is not None:
-        rows.append((record["corrupted_image"], record["chosen"]))
-    return rows
-
 
 class RecordDataset(torch.utils.data.Dataset):
     """Records (pairs or triplets) as encoded rows. Each record is tokenised on first use and kept,
@@ -610,6 +436,81 @@ class RecordDataset(torch.utils.data.Dataset):
         return rows
 
 
+def record_rows(record):
+    """The (image path, response) rows of one record, in the objective's order: chosen, rejected
+    (on the noised image for a visual pair), then for HSCR the second rejected answer, for FiRe-MPO
+    the chosen answer again on the lesion-corrupted image."""
+    rows = [(record["image"], record["chosen"]), (record.get("rejected_image") or record["image"], record["rejected"])]
+    if record.get("rejected2") is not None:
+        rows.append((record["image"], record["rejected2"]))
+    if record.get("corrupted_image") is not None:
+        rows.append((record["corrupted_image"], record["chosen"]))
+    return rows
+
+
+def encode_rows(processor, rows, prompt_format="plain", max_length=None):
+    """Tokenize rows of (PIL image, question, response) for one forward pass, right-padded. The prompt goes
+    through the processor (which expands <image> into the image tokens); the response is tokenized
+    alone, then EOS. Labels are the response tokens, IGNORE_INDEX elsewhere. Beyond `max_length`,
+    question tokens go from the middle of the prompt (never image tokens), then the response's end.
+    returns {input_ids, attention_mask, labels: (N, T) long, pixel_values: (N, 3, H, W),
+             truncated: (N,) long, 0 whole, 1 prompt cut, 2 prompt and response cut}."""
+    tok = processor.tokenizer
+    prompts = [format_prompt(processor, prompt_format, q) for _, q, _ in rows]
+    enc = processor(images=[im for im, _, _ in rows], text=prompts, return_tensors="pt", padding=True)
+    image_token_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    seqs, labels, truncated = [], [], []
+    for i, (_, _, text) in enumerate(rows):
+        prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+        response = response_ids(tok, text) + [tok.eos_token_id]
+        cut = 0
+        if max_length and len(prompt_ids) + len(response) > max_length:
+            excess = len(prompt_ids) + len(response) - max_length
+            droppable = [j for j in range(1, len(prompt_ids) - 4) if prompt_ids[j] != image_token_id]
+            drop = set(droppable[max(0, len(droppable) - excess):])
+            prompt_ids, cut = [t for j, t in enumerate(prompt_ids) if j not in drop], 1
+            room = max_length - len(prompt_ids)
+            if room < 1:
+                raise ValueError(f"row {i}: the image tokens alone exceed max_length={max_length}")
+            if len(response) > room:  # the response is cut at the end, as the prompt could not give more
+                response, cut = response[:room], 2
+        seqs.append(prompt_ids + response)
+        labels.append([IGNORE_INDEX] * len(prompt_ids) + response)
+        truncated.append(cut)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return {"input_ids": right_pad(seqs, pad), "attention_mask": right_pad([[1] * len(s) for s in seqs], 0),
+            "labels": right_pad(labels, IGNORE_INDEX), "pixel_values": enc["pixel_values"],
+            "truncated": torch.tensor(truncated)}
+
+
+def format_prompt(processor, prompt_format, question):
+    """The prompt text for one question, with the image placeholder where the model expects it."""
+    if prompt_format == "chat":
+        check_prompt_format(prompt_format, processor)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return PROMPT_FORMATS.get(prompt_format, prompt_format).format(question=question)
+
+
+def check_prompt_format(prompt_format, processor=None):
+    """ValueError unless the format is 'chat' (with a processor that has a chat template) or a template
+    holding both '<image>' and '{question}'."""
+    if prompt_format == "chat":
+        if processor is not None and not getattr(processor, "chat_template", None):
+            raise ValueError("--prompt-format chat: the processor has no chat template; use plain, mistral, vicuna "
+                             "or a template")
+        return
+    fmt = PROMPT_FORMATS.get(prompt_format, prompt_format)
+    if "<image>" not in fmt or "{question}" not in fmt:
+        raise ValueError(f"prompt format {fmt!r} needs both '<image>' and '{{question}}' (or: plain, mistral, vicuna, chat)")
+
+
+def response_ids(tokenizer, text):
+    """A response's token ids as they stand in a batch (before the closing EOS): FiRe-MPO's edit masks
+    are computed on these, so they must come from this one function."""
+    return tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+
+
 def collate_records(batch, pad_id):
     """A list of B records of k rows each -> one batch of k*B rows, response-major (every chosen row,
     then every rejected row, ...), right-padded: {input_ids, attention_mask, labels (kB, T), pixel_values,
@@ -625,9 +526,14 @@ def collate_records(batch, pad_id):
     return out
 
 
-def per_response(rows, k):
-    """Undo `collate_records`'s layout, (k*B, ...) -> (B, k, ...): column j holds every record's j-th response."""
-    return rows.view(k, -1, *rows.shape[1:]).transpose(0, 1)
+def right_pad(seqs, value, length=None):
+    """Sequences (lists or 1-D tensors) -> (N, T) tensor, right-padded with `value`; T the longest or `length`."""
+    T = length or max(len(s) for s in seqs)
+    dtype = seqs[0].dtype if torch.is_tensor(seqs[0]) else torch.long
+    out = torch.full((len(seqs), T), value, dtype=dtype)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(s, dtype=dtype)
+    return out
 
 
 def response_logps(model, batch, k, first=None):
@@ -640,3 +546,100 @@ def response_logps(model, batch, k, first=None):
                    pixel_values=batch["pixel_values"][:n]).logits
     tokens, response = token_logps(logits, batch["labels"][:n])
     return per_response(logits, j), per_response(tokens, j), per_response(response, j)
+
+
+def per_response(rows, k):
+    """Undo `collate_records`'s layout, (k*B, ...) -> (B, k, ...): column j holds every record's j-th response."""
+    return rows.view(k, -1, *rows.shape[1:]).transpose(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# images
+
+def model_image_reader(pad):
+    """path -> the PIL image as the model sees it (8-bit grayscale survives the float round trip exactly)."""
+    return lambda path: pad_to_square(to_pil(read_image(path))) if pad else to_pil(read_image(path))
+
+
+class ImageStore:
+    """Images by image_id, behind one interface for synthetic arrays in memory and files of a real
+    dataset. A store has `pixels(image_id)` (H, W) in [0, 1], `path(image_id)` (a file), `mask(image_id)`
+    (the lesion mask, or None), `has_lesion(image_id)`, `has_masks` (the data carries true lesion masks)
+    and `pad` (pad to a square before the processor, as LLaVA does)."""
+    has_masks, pad = False, False
+
+    def for_model(self, image_id):
+        """The PIL image as the model sees it."""
+        return pad_to_square(self.pil(image_id)) if self.pad else self.pil(image_id)
+
+    def pil(self, image_id):
+        return to_pil(self.pixels(image_id))
+
+    def digest(self, image_id):
+        """A hash of the image's content (for cache keys): its pixels."""
+        return hashlib.sha256(np.ascontiguousarray(self.pixels(image_id)).tobytes()).hexdigest()[:24]
+
+    def visual_tool(self, seed=0, log=print):
+        """The trained lesion classifier, item -> (heatmap, confidence): only labelled training images train one."""
+        raise ValueError("--heatmap classifier needs labelled training images (the synthetic default has them); "
+                         "use --heatmap detector, mask or attention")
+
+
+def readable_image(path):
+    """True if `path` is a regular image file PIL can read."""
+    try:
+        read_image(path)
+        return True
+    except ValueError:
+        return False
+
+
+def read_image(path):
+    """A grayscale image, (H, W) float32 in [0, 1], shared by a cache keyed on size and mtime (never modify it).
+    16-bit and float images keep their range. Only a regular file is opened (a FIFO would block); a
+    missing, special, corrupt or oversized file raises ValueError naming it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"cannot read image {path}: not a regular file")
+    return _read_image(path, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=1024)
+def _read_image(path, size, mtime_ns):
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I;16") or im.mode == "I":   # 16-bit grayscale (common in medical PNGs)
+                x = np.clip(np.asarray(im, np.float32) / 65535.0, 0, 1)
+            elif im.mode == "F":  # float (TIFF): kept if in [0, 1], else stretched to it (never clipped black)
+                x = np.nan_to_num(np.asarray(im, np.float32))
+                lo, hi = float(x.min()), float(x.max())
+                x = x if lo >= 0 and hi <= 1 else (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+            else:
+                x = np.asarray(im.convert("L"), np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return x  # shared by every caller of the cache: read it, never write to it
+
+
+def to_pil(pixels):
+    """(H, W) float in [0, 1] (values outside are clipped) -> 8-bit grayscale PIL image."""
+    return Image.fromarray((np.clip(np.asarray(pixels, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+
+
+def pad_to_square(image):
+    """LLaVA's preprocessing: pad a PIL image to a square with its mean colour, centred."""
+    w, h = image.size
+    if w == h:
+        return image
+    fill = tuple(int(v) for v in ImageStat.Stat(image).mean)
+    square = Image.new(image.mode, (max(w, h), max(w, h)), fill if len(fill) > 1 else fill[0])
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
+def save_png(image, path):
+    """Write a PIL image atomically: a kill never leaves a torn PNG."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"), "wb")

@@ -50,11 +50,6 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def delta(self, x):
-        """(alpha/r) B A dropout(x), in x's dtype."""
-        a = self.lora_A.weight
-        return (self.lora_B(self.lora_A(self.lora_dropout(x).to(a.dtype))) * self.scaling).to(x.dtype)
-
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
         if self.merged and self.disabled:
@@ -63,9 +58,10 @@ class LoRALinear(nn.Linear):
             return out + self.delta(x)
         return out
 
-    def delta_weight(self):
-        """(alpha/r) B A as an (out, in) matrix."""
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+    def delta(self, x):
+        """(alpha/r) B A dropout(x), in x's dtype."""
+        a = self.lora_A.weight
+        return (self.lora_B(self.lora_A(self.lora_dropout(x).to(a.dtype))) * self.scaling).to(x.dtype)
 
     def merge(self):
         if not self.merged:
@@ -79,13 +75,12 @@ class LoRALinear(nn.Linear):
                 self.weight -= self.delta_weight().to(self.weight.dtype)
             self.merged = False
 
+    def delta_weight(self):
+        """(alpha/r) B A as an (out, in) matrix."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.lora_alpha}"
-
-
-def lora_layers(model):
-    """(qualified name, LoRALinear) for every adapter in the model."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
@@ -132,15 +127,6 @@ def disable_lora(model):
             m.disabled = was
 
 
-def lora_state_dict(model):
-    """{module path}.lora_A.weight / .lora_B.weight -> tensor, for every adapter (no other keys)."""
-    sd = {}
-    for name, m in lora_layers(model):
-        sd[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        sd[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
-    return sd
-
-
 def save_adapter(model, path, base_model_name_or_path="", task_type="CAUSAL_LM"):
     """Write `adapter_model.safetensors` + `adapter_config.json` in PEFT's layout, which
     peft.PeftModel.from_pretrained and vLLM's LoRA loader read unchanged."""
@@ -171,6 +157,15 @@ def save_adapter(model, path, base_model_name_or_path="", task_type="CAUSAL_LM")
             with open(tmp, "w") as f:
                 json.dump(data, f, indent=2)
         os.replace(tmp, os.path.join(path, name))
+
+
+def lora_state_dict(model):
+    """{module path}.lora_A.weight / .lora_B.weight -> tensor, for every adapter (no other keys)."""
+    sd = {}
+    for name, m in lora_layers(model):
+        sd[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        sd[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return sd
 
 
 def load_adapter(model, path):
@@ -222,3 +217,8 @@ def load_lora_state_dict(model, state, where="state dict"):
             module_name, _, which = name.rpartition(".lora_")  # "...q_proj", "A.weight"
             target = modules[module_name].lora_A if which.startswith("A") else modules[module_name].lora_B
             target.weight.copy_(value)
+
+
+def lora_layers(model):
+    """(qualified name, LoRALinear) for every adapter in the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]

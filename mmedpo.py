@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 IGNORE_INDEX = -100  # label value of prompt, image and padding positions
 
 
@@ -84,19 +85,6 @@ def normalize_scores(scores, mu=1.0, var=0.1, lo=0.75, hi=1.25):
         return torch.full_like(s, mu, dtype=torch.float32)
     z = (s - s.mean()) / std
     return (mu + math.sqrt(var) * z).clamp(lo, hi).float()
-
-
-def _check_same_shape(name, tensors):
-    shapes = [tuple(t.shape) for t in tensors]
-    if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] == 0:
-        raise ValueError(f"{name}: expected {len(tensors)} non-empty (B,) tensors of one shape, got {shapes}")
-
-
-def _weights_like(weights, like):
-    """Per-example weights as a detached tensor like `like`; None means all 1."""
-    if weights is None:
-        return torch.ones_like(like)
-    return torch.as_tensor(weights, dtype=like.dtype, device=like.device).detach()
 
 
 def mmedpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -221,3 +209,19 @@ def bidirectional_kl(policy_logits, ref_logits, mask, lam=0.5):
     mask = mask.float()
     per_token = lam * kl_ref_pi + (1 - lam) * kl_pi_ref
     return (per_token * mask).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# the losses' input checks
+
+def _check_same_shape(name, tensors):
+    shapes = [tuple(t.shape) for t in tensors]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] == 0:
+        raise ValueError(f"{name}: expected {len(tensors)} non-empty (B,) tensors of one shape, got {shapes}")
+
+
+def _weights_like(weights, like):
+    """Per-example weights as a detached tensor like `like`; None means all 1."""
+    if weights is None:
+        return torch.ones_like(like)
+    return torch.as_tensor(weights, dtype=like.dtype, device=like.device).detach()

@@ -8,9 +8,10 @@ compute the average"). A strong LLM also picks, among answers sampled from the t
 that most clearly contradicts the ground truth, or writes a believable hallucination when none does;
 for FiRe-MPO an editor corrects an answer minimally.
 
-The file reads in the paper's order: prompts -> reply parsing -> one judge turn -> `consensus` ->
-select / inject / edit -> the HTTP judge (any OpenAI-compatible server: vLLM, Ollama, llama.cpp, TGI,
-OpenAI) -> many pairs at once (thread pool, JSONL cache, progress) -> the command line.
+The file reads downward, a function's helpers after it: the chained `consensus` -> one judge turn ->
+its prompt and the reply's parsing -> select / inject / edit -> the HTTP judge (any OpenAI-compatible
+server: vLLM, Ollama, llama.cpp, TGI, OpenAI) -> many pairs at once (thread pool, JSONL cache,
+progress) -> the command line.
 The offline default judge is `rule_judge.RuleJudge`, a documented heuristic stand-in.
 
     python score.py --pairs out/pairs/mmedpo.jsonl --out out/scores.jsonl                  # rule judge
@@ -52,7 +53,7 @@ class JudgeUnreachable(JudgeError):
 
 
 # -----------------------------------------------------------------------------
-# the paper's steps: prompts, reply parsing, one judge turn, the chained consensus, select / inject / edit
+# the paper's steps: the prompts, the chained consensus, one judge turn and its parsing, select / inject / edit
 
 SYSTEM_SCORE = (
     "You are a board-certified radiologist reviewing a WRONG answer to a question about a medical image. "
@@ -81,8 +82,48 @@ SYSTEM_INJECT = (
     "yes/no), keep its length and style. Reply with the answer text only.")
 
 
-def _one_line(text):
-    return " ".join(str(text).split())
+def consensus(judges, question, truth, rejected, rounds=5):
+    """Chained consensus (paper Sec. 3.2.1): judges take turns in a fixed, cycling order; each sees
+    the last score given and agrees (adopts it) or proposes its own. The walk stops at consensus, when
+    one full cycle (the last g turns) gave the same score from every judge that answered (the last g
+    scores of the history S are equal when nobody abstained), or after `rounds` cycles. Either way the
+    score is the mean of S, as the paper: "iterate until a consensus is reached or the maximum number
+    of rounds is met, then compute the average s = sum s_i / |S|". Abstentions stay out of S.
+    Example, two judges: 7, then 5, then 5 (agreed) -> consensus, score (7 + 5 + 5) / 3 = 5.67.
+
+    returns {score (float or None if every turn abstained), consensus (bool), history [turn dicts]}.
+    Raises JudgeError if a judge cannot be reached."""
+    g, history, scores = len(judges), [], []
+    if g == 0:
+        raise ValueError("consensus needs at least one judge")
+    agreed = False
+    for turn in range(rounds * g):
+        entry = ask_score(judges[turn % g], question, truth, rejected, scores[-1] if scores else None)
+        history.append(entry)
+        if entry["abstained"]:
+            continue
+        scores.append(entry["score"])
+        cycle = [h["score"] for h in history[-g:] if not h["abstained"]]
+        if turn >= g - 1 and len(set(cycle)) == 1:
+            agreed = True
+            break
+    return {"score": sum(scores) / len(scores) if scores else None, "consensus": agreed, "history": history}
+
+
+def ask_score(judge, question, truth, rejected, previous=None):
+    """One judge turn: ask, retry once with a corrective message if the reply is unusable.
+    returns a history entry {judge, score, agreed, abstained, reply}."""
+    messages = score_messages(question, truth, rejected, previous)
+    reply = judge(messages)
+    score, agreed = parse_score(reply, previous)
+    if score is None:
+        messages = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content":
+                               'Your reply could not be read. Reply with JSON only: {"agree": true or false, '
+                               '"score": integer from 0 to 10}.'}]
+        reply = judge(messages)
+        score, agreed = parse_score(reply, previous)
+    return {"judge": judge.name, "score": score, "agreed": agreed, "abstained": score is None,
+            "reply": reply[:200]}
 
 
 def score_messages(question, truth, rejected, previous=None):
@@ -128,50 +169,6 @@ def parse_score(text, previous=None):
     if previous is not None and re.search(r"\bagree", text, re.I) and not re.search(r"disagree", text, re.I):
         return previous, True
     return None, False
-
-
-def ask_score(judge, question, truth, rejected, previous=None):
-    """One judge turn: ask, retry once with a corrective message if the reply is unusable.
-    returns a history entry {judge, score, agreed, abstained, reply}."""
-    messages = score_messages(question, truth, rejected, previous)
-    reply = judge(messages)
-    score, agreed = parse_score(reply, previous)
-    if score is None:
-        messages = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content":
-                               'Your reply could not be read. Reply with JSON only: {"agree": true or false, '
-                               '"score": integer from 0 to 10}.'}]
-        reply = judge(messages)
-        score, agreed = parse_score(reply, previous)
-    return {"judge": judge.name, "score": score, "agreed": agreed, "abstained": score is None,
-            "reply": reply[:200]}
-
-
-def consensus(judges, question, truth, rejected, rounds=5):
-    """Chained consensus (paper Sec. 3.2.1): judges take turns in a fixed, cycling order; each sees
-    the last score given and agrees (adopts it) or proposes its own. The walk stops at consensus, when
-    one full cycle (the last g turns) gave the same score from every judge that answered (the last g
-    scores of the history S are equal when nobody abstained), or after `rounds` cycles. Either way the
-    score is the mean of S, as the paper: "iterate until a consensus is reached or the maximum number
-    of rounds is met, then compute the average s = sum s_i / |S|". Abstentions stay out of S.
-    Example, two judges: 7, then 5, then 5 (agreed) -> consensus, score (7 + 5 + 5) / 3 = 5.67.
-
-    returns {score (float or None if every turn abstained), consensus (bool), history [turn dicts]}.
-    Raises JudgeError if a judge cannot be reached."""
-    g, history, scores = len(judges), [], []
-    if g == 0:
-        raise ValueError("consensus needs at least one judge")
-    agreed = False
-    for turn in range(rounds * g):
-        entry = ask_score(judges[turn % g], question, truth, rejected, scores[-1] if scores else None)
-        history.append(entry)
-        if entry["abstained"]:
-            continue
-        scores.append(entry["score"])
-        cycle = [h["score"] for h in history[-g:] if not h["abstained"]]
-        if turn >= g - 1 and len(set(cycle)) == 1:
-            agreed = True
-            break
-    return {"score": sum(scores) / len(scores) if scores else None, "consensus": agreed, "history": history}
 
 
 def select_dispreferred(judge, question, truth, candidates):
@@ -224,10 +221,16 @@ def edit_answer(judge, question, truth, answer):
     return text, f"edited by {judge.name}"
 
 
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
 # -----------------------------------------------------------------------------
 # judges behind an OpenAI-compatible server
 
 Retry = namedtuple("Retry", "max_retries backoff max_backoff", defaults=(4, 1.0, 30.0))  # seconds, doubled each try
+
+
 MAX_REPLY_BYTES = 1 << 20  # a chat completion of a few tokens is a few kB; a larger reply is refused, not read
 
 
@@ -377,9 +380,35 @@ def parse_judge(spec, flag="--judge"):
 # -----------------------------------------------------------------------------
 # many pairs at once: thread pool, JSONL cache, progress; then the command line
 
-def cache_key(*parts):
-    """The key of one cached result: a hash of everything it depends on (inputs, judges, prompt version)."""
-    return hashlib.sha256(json.dumps([*parts, PROMPT_VERSION]).encode()).hexdigest()[:32]
+def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
+    """Score the rejected answer of each pair by consensus, `workers` pairs at a time (the judge order
+    inside a pair is kept), through `run_cached` (cache, per-pair failures, authentication stop).
+    returns a list of {key, score, consensus, history, status: scored|unscored|failed, reason}."""
+    keys = [pair_key(p, judges, rounds) for p in pairs]
+
+    def work(i):
+        p = pairs[i]
+        r = consensus(judges, question_of(p), p["chosen"], p["rejected"], rounds)
+        return {**r, "status": "scored" if r["score"] is not None else "unscored"}
+
+    log(f"scoring {len(pairs)} pairs with {[j.name for j in judges]} (scores in the cache are reused)")
+    results = [{"score": None, "consensus": False, "history": [], **r}
+               for r in run_cached(keys, work, cache_path, workers, log, "scored")]
+    unscored, failed = (sum(r["status"] == s for r in results) for s in ("unscored", "failed"))
+    if unscored or failed:
+        log(f"  {unscored} pairs unscored (every judge abstained), {failed} failed: they get the neutral weight")
+    return results
+
+
+def edit_answers(items, answers, judge, cache_path=None, workers=4, log=print):
+    """FiRe-MPO's minimal edits of many answers through `run_cached`: for each (item, answer), the
+    judge's corrected answer. returns [{status: edited|right|failed, edited (text or None), how}]."""
+    keys = [cache_key(it["question"], it["answer"], a, judge.name, judge.model) for it, a in zip(items, answers)]
+
+    def work(i):
+        text, how = edit_answer(judge, items[i]["question"], items[i]["answer"], answers[i])
+        return {"status": "right" if text is None else "edited", "edited": text, "how": how}
+    return [{"edited": None, "how": r.get("reason", ""), **r} for r in run_cached(keys, work, cache_path, workers, log, "edited")]
 
 
 def pair_key(pair, judges, rounds=5):
@@ -388,33 +417,9 @@ def pair_key(pair, judges, rounds=5):
                      rounds)
 
 
-def load_cache(path, log=None):
-    """{key: record} from a JSONL cache. A line that is not a JSON object with a string `key` and
-    `status` is reported as file:line and skipped (asked again); a torn last line (a crash mid-write)
-    is cut off the file."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    cache = {}
-    if not os.path.exists(path):
-        return cache
-    with open(path, "rb") as f:
-        data = f.read()
-    good_end = 0
-    for n, line in enumerate(data.splitlines(keepends=True), 1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if not line.endswith(b"\n"):
-                break  # torn tail
-            rec = None
-        if isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("status"), str):
-            cache[rec["key"]] = rec
-        elif line.strip():
-            log(f"{path}:{n}: skipped, not a cache record (asked again)")
-        good_end += len(line)
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return cache
+def cache_key(*parts):
+    """The key of one cached result: a hash of everything it depends on (inputs, judges, prompt version)."""
+    return hashlib.sha256(json.dumps([*parts, PROMPT_VERSION]).encode()).hexdigest()[:32]
 
 
 def question_of(pair):
@@ -481,35 +486,33 @@ def run_cached(keys, work, cache_path=None, workers=4, log=print, what="scored")
     return [results[i] for i in range(len(keys))]
 
 
-def score_pairs(pairs, judges, cache_path=None, workers=4, rounds=5, log=print):
-    """Score the rejected answer of each pair by consensus, `workers` pairs at a time (the judge order
-    inside a pair is kept), through `run_cached` (cache, per-pair failures, authentication stop).
-    returns a list of {key, score, consensus, history, status: scored|unscored|failed, reason}."""
-    keys = [pair_key(p, judges, rounds) for p in pairs]
-
-    def work(i):
-        p = pairs[i]
-        r = consensus(judges, question_of(p), p["chosen"], p["rejected"], rounds)
-        return {**r, "status": "scored" if r["score"] is not None else "unscored"}
-
-    log(f"scoring {len(pairs)} pairs with {[j.name for j in judges]} (scores in the cache are reused)")
-    results = [{"score": None, "consensus": False, "history": [], **r}
-               for r in run_cached(keys, work, cache_path, workers, log, "scored")]
-    unscored, failed = (sum(r["status"] == s for r in results) for s in ("unscored", "failed"))
-    if unscored or failed:
-        log(f"  {unscored} pairs unscored (every judge abstained), {failed} failed: they get the neutral weight")
-    return results
-
-
-def edit_answers(items, answers, judge, cache_path=None, workers=4, log=print):
-    """FiRe-MPO's minimal edits of many answers through `run_cached`: for each (item, answer), the
-    judge's corrected answer. returns [{status: edited|right|failed, edited (text or None), how}]."""
-    keys = [cache_key(it["question"], it["answer"], a, judge.name, judge.model) for it, a in zip(items, answers)]
-
-    def work(i):
-        text, how = edit_answer(judge, items[i]["question"], items[i]["answer"], answers[i])
-        return {"status": "right" if text is None else "edited", "edited": text, "how": how}
-    return [{"edited": None, "how": r.get("reason", ""), **r} for r in run_cached(keys, work, cache_path, workers, log, "edited")]
+def load_cache(path, log=None):
+    """{key: record} from a JSONL cache. A line that is not a JSON object with a string `key` and
+    `status` is reported as file:line and skipped (asked again); a torn last line (a crash mid-write)
+    is cut off the file."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    cache = {}
+    if not os.path.exists(path):
+        return cache
+    with open(path, "rb") as f:
+        data = f.read()
+    good_end = 0
+    for n, line in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if not line.endswith(b"\n"):
+                break  # torn tail
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("status"), str):
+            cache[rec["key"]] = rec
+        elif line.strip():
+            log(f"{path}:{n}: skipped, not a cache record (asked again)")
+        good_end += len(line)
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return cache
 
 
 def read_jsonl(path, log=None):
@@ -544,18 +547,6 @@ def read_jsonl(path, log=None):
 RUN_LOCK = ".mmedpo-run.lock"  # the file a run holds locked in its folder (checkpoint.RunLock)
 
 
-def _project_folder(folder):
-    """What project folder `folder` is (a run folder, an adapter, a model), or None."""
-    has = lambda name: os.path.exists(os.path.join(folder, name))
-    if has(RUN_LOCK) or has("metrics.json") and has("log.jsonl"):
-        return "a run folder"
-    if has("adapter_config.json"):
-        return "an adapter"
-    if has("config.json") and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
-        return "a model"
-    return None
-
-
 def guarded_output(path):
     """Why `path` (links resolved) must not be written by a tool's --out, or None: it lies in a run
     folder, an adapter or a model (their marker file in its folder or the one above), or another
@@ -567,6 +558,18 @@ def guarded_output(path):
         what = os.path.isdir(folder) and _project_folder(folder)
         if what:
             return f"it lies in {what} ({folder})"
+    return None
+
+
+def _project_folder(folder):
+    """What project folder `folder` is (a run folder, an adapter, a model), or None."""
+    has = lambda name: os.path.exists(os.path.join(folder, name))
+    if has(RUN_LOCK) or has("metrics.json") and has("log.jsonl"):
+        return "a run folder"
+    if has("adapter_config.json"):
+        return "an adapter"
+    if has("config.json") and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
+        return "a model"
     return None
 
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+import reading
 import train
 from fire import fire_objective_loss
 from hscr import hscr_objective_loss
@@ -130,3 +131,16 @@ def test_fire_adapter_tokens_visual_and_kl(model):
         assert losses[i].item() == pytest.approx(expected, rel=1e-4)
         assert stats["l_kl"][i].item() == pytest.approx(kl, rel=1e-4) and kl > 1e-3
         assert stats["margin"][i].item() == pytest.approx(tok, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("adapter, k, home", [(train.preference_loss, 2, "train.py"),
+                                              (hscr_objective_loss, 3, "hscr.py"), (fire_objective_loss, 3, "fire.py")])
+def test_a_loss_adapter_reads_downward_into_data_and_mmedpo(model, adapter, k, home):
+    """From the objective's adapter a reader goes into data.py (the forward, per response), mmedpo.py (the
+    math) and the LoRA layers only, and never climbs back up inside a file."""
+    args = types.SimpleNamespace(beta=0.1, nll_weight=0.0, hscr_lambda=0.5, fire_gamma=0.3, fire_eta=0.2, fire_lambda=0.25)
+    _, calls = reading.project_calls(adapter, model, scripted_batch(k), torch.zeros(B, k), torch.ones(B), args)
+    reached = reading.functions(calls)
+    assert {f for f, _, _ in reached} <= {home, "data.py", "mmedpo.py", "lora.py"}
+    assert ("data.py", "response_logps") in {(f, q) for f, q, _ in reached}
+    assert reading.upward_calls(calls) == []

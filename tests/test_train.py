@@ -11,6 +11,7 @@ import torch
 import checkpoint
 import data
 import lora
+import reading
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +76,29 @@ def test_cached_reference_and_before_eval_follow_the_model(out, capsys):
     train.main(args)
     printed = capsys.readouterr().out
     assert "reference log-probs for" in printed and "evaluating the base model" in printed
+
+
+def test_one_training_step_reads_downward(out, monkeypatch):
+    """One MMedPO step (the loop's second pass) read from train.py's loop: into the objective's adapter,
+    data.py's batch and forward, mmedpo.py's math and the LoRA layers (the learning rate from
+    checkpoint.py), and never back up inside a file."""
+    traced, stage_train = [], train.stage_train
+
+    def stage_train_traced(*args, **kwargs):
+        result, calls = reading.project_calls(stage_train, *args, **kwargs)
+        traced.append(calls)
+        return result
+    monkeypatch.setattr(train, "stage_train", stage_train_traced)
+    train.main(["--out", str(out), "--base", str(out / "base"), "--run-name", "reading", "--halt-at-step", "3"] + TINY)
+    calls = traced[0]
+    starts = [i for i, (callee, caller) in enumerate(calls) if callee[1] == "get_lr" and caller[1] == "stage_train"]
+    step = calls[starts[1]:starts[2]]
+    reached = [(f, name) for f, name, _ in reading.functions(step)]
+    assert {f for f, _ in reached} <= {"train.py", "data.py", "mmedpo.py", "lora.py", "checkpoint.py"}
+    for function in [("train.py", "preference_loss"), ("data.py", "collate_records"), ("data.py", "response_logps"),
+                     ("mmedpo.py", "token_logps"), ("mmedpo.py", "mmedpo_loss"), ("train.py", "log_step")]:
+        assert function in reached
+    assert reading.upward_calls(step) == []
 
 
 def ref_logps(model, processor, pairs, load, batch_size):

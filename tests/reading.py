@@ -1,0 +1,54 @@
+"""The reading path of a call: which functions of the project's files it runs, in order, and where a
+reader following it would climb back up (a function called from its own file but defined above its
+caller). Files read downward have none. Used by tests/test_train.py and tests/test_objectives.py."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _project(code):
+    path = code.co_filename
+    return not path.startswith("<") and path.endswith(".py") and os.path.dirname(os.path.abspath(path)) == ROOT
+
+
+def _name(code):
+    return os.path.basename(code.co_filename), code.co_qualname, code.co_firstlineno
+
+
+def project_calls(fn, *args, **kwargs):
+    """(fn's result, calls): one (callee, caller) per call of a function of the project's top-level files
+    while fn runs, each (file, qualified name, first line); the caller is the nearest project frame
+    below the callee (through torch's module calls or a DataLoader), None if there is none."""
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and _project(frame.f_code):
+            caller = frame.f_back
+            while caller is not None and not _project(caller.f_code):
+                caller = caller.f_back
+            calls.append((_name(frame.f_code), caller and _name(caller.f_code)))
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        sys.setprofile(previous)
+    return result, calls
+
+
+def functions(calls):
+    """The top-level functions and methods reached, in the order first called (a nested function, lambda
+    or comprehension is read as part of the function that holds it)."""
+    seen = []
+    for callee, _ in calls:
+        if "<" not in callee[1] and callee not in seen:
+            seen.append(callee)
+    return seen
+
+
+def upward_calls(calls):
+    """'file: caller -> callee' for every call whose callee sits above its caller in the same file."""
+    return sorted({f"{callee[0]}: {caller[1]} (line {caller[2]}) -> {callee[1]} (line {callee[2]})"
+                   for callee, caller in calls if caller is not None and "<" not in callee[1]
+                   and callee[0] == caller[0] and callee[2] < caller[2]})
