@@ -13,7 +13,8 @@ is printed. Peak memory: CUDA's max_memory_allocated on a GPU, the process's max
 
     python bench.py                      # CPU, batch 16, 30 timed steps
     python bench.py --device cuda --batch-size 32
-    python bench.py study                # the synthetic benchmark: every objective x 3 seeds -> out/study/
+    python bench.py study                # the synthetic benchmark: every row, 2 base models x 4 seeds -> out/study/
+    python bench.py sweep                # the validation runs behind each objective's learning rate
 """
 import argparse
 import json
@@ -31,22 +32,35 @@ import torch
 import checkpoint
 
 
-def setup(args):
-    import data
-    import lora
-    import synthetic
-    images, qa = synthetic.make_synthetic(64, 0, args.image_size)
-    corpus = [f"{q['question']}\nAnswer: {q['answer']}" for q in qa] + [im["report"] for im in images]
-    torch.manual_seed(0)
-    model, processor = synthetic.build_tiny(corpus, args.image_size)
-    model.to(args.device)
-    lora.add_lora(model, r=8, alpha=16)
-    pil = {im["image_id"]: data.to_pil(im["pixels"]) for im in images}
-    noised = {im["image_id"]: data.to_pil(im["pixels"][::-1].copy()) for im in images}  # any other image
-    pairs = [{"image": q["image_id"], "rejected_image": None if i % 2 else "n" + q["image_id"], "prompt": q["question"],
-              "chosen": q["answer"], "rejected": "no" if q["answer"] == "yes" else "yes"} for i, q in enumerate(qa)]
-    load = lambda key: noised[key[1:]] if key.startswith("n") else pil[key]
-    return model, processor, pairs, load
+def main():
+    if sys.argv[1:2] == ["study"]:
+        return study_main(sys.argv[2:])
+    if sys.argv[1:2] == ["sweep"]:
+        return sweep_main(sys.argv[2:])
+    from flags import POS_INT, NONNEG_INT, number
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=POS_INT, default=16)
+    ap.add_argument("--image-size", type=number(int, 8), default=32)
+    ap.add_argument("--steps", type=POS_INT, default=30)
+    ap.add_argument("--warmup", type=NONNEG_INT, default=3)
+    ap.add_argument("--variant", choices=["ours", "naive"], default=None, help="run one variant (used internally)")
+    args = ap.parse_args()
+    if args.variant:
+        return run_variant(args)
+    results = {}
+    for variant in ("ours", "naive"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + sys.argv[1:]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # the child's own message, not a CalledProcessError
+            sys.exit(f"bench.py: the {variant} variant failed:\n{done.stderr[-2000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"DPO step, tiny LLaVA, batch {args.batch_size} pairs, {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"{'':8s} {'ms/step':>9s} {'pairs/s':>9s} {'peak MB':>9s} | median ms of: batch, forward(+loss), backward, optimizer")
+    for v, r in results.items():
+        print(f"{v:8s} {r['ms_per_step']:9.1f} {r['pairs_per_s']:9.1f} {r['peak_mb']:9.0f} | {r['batch_ms']:6.1f} "
+              f"{r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:6.1f}")
+    print(f"speed-up of ours over naive: {results['naive']['ms_per_step'] / results['ours']['ms_per_step']:.2f}x")
 
 
 def run_variant(args):
@@ -108,35 +122,22 @@ def run_variant(args):
                       **{f"{k}_ms": statistics.median(v) * 1000 for k, v in parts.items()}}))
 
 
-def main():
-    if sys.argv[1:2] == ["study"]:
-        return study_main(sys.argv[2:])
-    if sys.argv[1:2] == ["sweep"]:
-        return sweep_main(sys.argv[2:])
-    from flags import POS_INT, NONNEG_INT, number
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=POS_INT, default=16)
-    ap.add_argument("--image-size", type=number(int, 8), default=32)
-    ap.add_argument("--steps", type=POS_INT, default=30)
-    ap.add_argument("--warmup", type=NONNEG_INT, default=3)
-    ap.add_argument("--variant", choices=["ours", "naive"], default=None, help="run one variant (used internally)")
-    args = ap.parse_args()
-    if args.variant:
-        return run_variant(args)
-    results = {}
-    for variant in ("ours", "naive"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + sys.argv[1:]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:  # the child's own message, not a CalledProcessError
-            sys.exit(f"bench.py: the {variant} variant failed:\n{done.stderr[-2000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"DPO step, tiny LLaVA, batch {args.batch_size} pairs, {args.device}, torch threads {torch.get_num_threads()}")
-    print(f"{'':8s} {'ms/step':>9s} {'pairs/s':>9s} {'peak MB':>9s} | median ms of: batch, forward(+loss), backward, optimizer")
-    for v, r in results.items():
-        print(f"{v:8s} {r['ms_per_step']:9.1f} {r['pairs_per_s']:9.1f} {r['peak_mb']:9.0f} | {r['batch_ms']:6.1f} "
-              f"{r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:6.1f}")
-    print(f"speed-up of ours over naive: {results['naive']['ms_per_step'] / results['ours']['ms_per_step']:.2f}x")
+def setup(args):
+    import data
+    import lora
+    import synthetic
+    images, qa = synthetic.make_synthetic(64, 0, args.image_size)
+    corpus = [f"{q['question']}\nAnswer: {q['answer']}" for q in qa] + [im["report"] for im in images]
+    torch.manual_seed(0)
+    model, processor = synthetic.build_tiny(corpus, args.image_size)
+    model.to(args.device)
+    lora.add_lora(model, r=8, alpha=16)
+    pil = {im["image_id"]: data.to_pil(im["pixels"]) for im in images}
+    noised = {im["image_id"]: data.to_pil(im["pixels"][::-1].copy()) for im in images}  # any other image
+    pairs = [{"image": q["image_id"], "rejected_image": None if i % 2 else "n" + q["image_id"], "prompt": q["question"],
+              "chosen": q["answer"], "rejected": "no" if q["answer"] == "yes" else "yes"} for i, q in enumerate(qa)]
+    load = lambda key: noised[key[1:]] if key.startswith("n") else pil[key]
+    return model, processor, pairs, load
 
 
 # -----------------------------------------------------------------------------
@@ -184,19 +185,102 @@ T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 
          12: 2.201, 13: 2.179, 16: 2.131, 21: 2.086}
 
 
-def mean_sd(xs):
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+BASE_ROW = "base (before training)"
 
 
-def paired_ci(xs, ys):
-    """Mean of the paired differences xs - ys and its 95 % t-interval (half-width; inf for one run)."""
-    m, sd = mean_sd([x - y for x, y in zip(xs, ys)])
-    return m, T_975[len(xs)] * sd / len(xs) ** 0.5 if len(xs) in T_975 else float("inf")
+def study_main(argv):
+    import train  # noqa: F401  every project module is loaded now: a long study runs one version of the code
+    ap = argparse.ArgumentParser(description="the synthetic benchmark study: every objective and ablation, equal budgets")
+    ap.add_argument("--out", default="out/study", help="runs go to OUT/baseB/seedS/ROW; reused when their flags are unchanged")
+    ap.add_argument("--bases", type=int_list, default=[0, 1],
+                    help="base models: 0 and 1 are shipped (assets/tiny-base, assets/tiny-base-1); b > 1 is built with seed b")
+    ap.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3])
+    ap.add_argument("--rows", type=int_list, default=None, help=f"row numbers 0..{len(STUDY_ROWS) - 1} (default: all)")
+    ap.add_argument("--steps", type=int, default=144, help="optimizer steps of every row (MMedPO's 3 epochs)")
+    args = ap.parse_args(argv)
+    if args.rows and max(args.rows) >= len(STUDY_ROWS):
+        ap.error(f"--rows: row numbers are 0..{len(STUDY_ROWS) - 1}")
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+    if len(args.bases) * len(args.seeds) > 1 and len(args.bases) * len(args.seeds) not in T_975:
+        ap.error(f"--bases x --seeds: {len(args.bases) * len(args.seeds)} runs per row; the intervals know "
+                 f"{', '.join(map(str, sorted(T_975)))} runs")
+    rows = [STUDY_ROWS[i] for i in args.rows] if args.rows else STUDY_ROWS
+    os.makedirs(args.out, exist_ok=True)
+    bases, results, t0 = study_bases(args.out, args.bases), {}, time.time()
+    runs = [(b, s) for b in args.bases for s in args.seeds]
+    for b, s in runs:
+        for name, flags in rows:
+            t = time.time()
+            log_path = os.path.join(args.out, f"base{b}-seed{s}-{slug(name)}.log")
+            results[(name, (b, s))], reused = run_study_row(args.out, b, bases[b], s, name, flags, args.steps, log_path)
+            g = results[(name, (b, s))]["after"]["grounding"]
+            frag = results[(name, (b, s))]["after"]["fragments"]["share"]
+            print(f"base {b} seed {s} | {name:38s} | pair-ord {g['pair_order']:.3f} | mAUROC {g['macro_auroc']:.3f} | "
+                  f"yes% {g['pope']['yes_ratio']:.3f} | frag% {frag:.3f} | {'reused' if reused else f'{time.time() - t:.0f}s'}",
+                  flush=True)
+    names = [name for name, _ in rows]
+    if STUDY_ROWS[0][0] not in names:  # the base row is read from the SFT control's "before"
+        for b, s in runs:
+            results[(STUDY_ROWS[0][0], (b, s))], _ = run_study_row(args.out, b, bases[b], s, *STUDY_ROWS[0], args.steps,
+                                                                    os.path.join(args.out, f"base{b}-seed{s}-sft.log"))
+    table = study_tables(names, results, runs)
+    hashes = "\n".join(f"- base {b}: {bases[b]}, weights sha256 {weights_digest(bases[b])}" for b in args.bases)
+    hashes += "\n\n" + visual_tool_line(args.seeds)
+    # a study of some rows only must not replace the full one: it goes to study-partial.*
+    stem = "study" if len(rows) == len(STUDY_ROWS) else "study-partial"
+    import train
+    lrs = {name: objective.lr for name, objective in train.OBJECTIVES.items()}
+    checkpoint.write_json(os.path.join(args.out, f"{stem}.json"),
+                          [{"row": name, "base": b, "seed": s, **{c: read(results[(name, (b, s))]["after"]) for c, read, _ in STUDY_METRICS},
+                            "before": {c: read(results[(name, (b, s))]["before"]) for c, read, _ in STUDY_METRICS}}
+                           for name in names for b, s in runs], indent=1)
+    command = (f"python bench.py study --bases {','.join(map(str, args.bases))} --seeds {','.join(map(str, args.seeds))} "
+               f"--steps {args.steps}" + (f" --rows {','.join(map(str, args.rows))}" if stem != "study" else ""))
+    checkpoint.atomic_write(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(
+        f"{command}\n\nLearning rates (chosen on val): {lrs}\n\n{hashes}\n\n{table}\n"))
+    study_chart(names, results, runs, os.path.join(args.out, f"{stem}.png"))
+    print("\n" + table + f"\n\nwritten to {args.out}/{stem}.md, {stem}.json and {stem}.png in {time.time() - t0:.0f}s")
 
 
-def slug(name):
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:48]
+def int_list(text):
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: numbers >= 0, each once")
+    return values
+
+
+def study_bases(out, bases, log=print):
+    """The base models of the study: base 0 is the shipped tiny base, base 1 the shipped
+    assets/tiny-base-1 (the same recipe with seed 1; shipped, since float sums on another thread count
+    give other bits and a base trained on them differs); base b > 1 is built once under OUT/base{b}/model."""
+    import synthetic
+    paths, assets = {}, os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+    for b in bases:
+        shipped = os.path.join(assets, "tiny-base" if b == 0 else f"tiny-base-{b}")
+        paths[b] = shipped if os.path.exists(os.path.join(shipped, "config.json")) else os.path.join(out, f"base{b}", "model")
+        if not os.path.exists(os.path.join(paths[b], "config.json")):
+            log(f"building base model {b} (seed {b}) -> {paths[b]}")
+            synthetic.build_base(paths[b], seed=b, log=lambda *a: None)
+    return paths
+
+
+def visual_tool_line(seeds, n_test=200):
+    """The visual tool of each seed (trained on that seed's SFT split) on that seed's test split."""
+    import synthetic
+    scores = []
+    for s in seeds:
+        sft_images, _ = synthetic.make_synthetic(2000, s, 32, "train")
+        test_images, _ = synthetic.make_synthetic(n_test, s, 32, "test")
+        classifier = synthetic.SyntheticStore([], None, sft_images=sft_images).visual_tool(s, lambda *a: None).classifier
+        scores.append(synthetic.visual_tool_auroc(classifier, test_images))
+    mean = {k: sum(sc[k] for sc in scores) / len(scores) for k in scores[0]}
+    per_seed = ", ".join(f"{sc['any']:.3f}" for sc in scores)
+    return (f"Visual tool (lesion classifier trained on each seed's SFT split), test AUROC over seeds {seeds}: any finding "
+            f"{mean['any']:.3f} (per seed {per_seed}); " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "any"))
 
 
 def run_study_row(out, base, base_path, seed, name, flags, steps, log_path):
@@ -225,23 +309,8 @@ def run_study_row(out, base, base_path, seed, name, flags, steps, log_path):
     return metrics, not computed
 
 
-def weights_digest(folder):
-    """sha256 of a model folder's weight files (their bytes, in name order): what a study row depends on."""
-    import hashlib
-    h = hashlib.sha256()
-    for f in sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))):
-        h.update(f.encode() + checkpoint.file_digest(os.path.join(folder, f)).encode())
-    return h.hexdigest()[:16]
-
-
-def value(results, name, run, read):
-    """A metric of one run of a row; the row "base (before training)" is the SFT control's 'before'."""
-    if name == BASE_ROW:
-        return read(results[(STUDY_ROWS[0][0], run)]["before"])
-    return read(results[(name, run)]["after"])
-
-
-BASE_ROW = "base (before training)"
+def slug(name):
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:48]
 
 
 def study_tables(names, results, runs):
@@ -321,99 +390,85 @@ def study_chart(names, results, runs, path, width=980, bar=14):
     img.save(path)
 
 
-def int_list(text):
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
-    if not values or min(values) < 0 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"{text!r}: numbers >= 0, each once")
-    return values
+def value(results, name, run, read):
+    """A metric of one run of a row; the row "base (before training)" is the SFT control's 'before'."""
+    if name == BASE_ROW:
+        return read(results[(STUDY_ROWS[0][0], run)]["before"])
+    return read(results[(name, run)]["after"])
 
 
-def study_bases(out, bases, log=print):
-    """The base models of the study: base 0 is the shipped tiny base, base 1 the shipped
-    assets/tiny-base-1 (the same recipe with seed 1; shipped, since float sums on another thread count
-    give other bits and a base trained on them differs); base b > 1 is built once under OUT/base{b}/model."""
-    import synthetic
-    paths, assets = {}, os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-    for b in bases:
-        shipped = os.path.join(assets, "tiny-base" if b == 0 else f"tiny-base-{b}")
-        paths[b] = shipped if os.path.exists(os.path.join(shipped, "config.json")) else os.path.join(out, f"base{b}", "model")
-        if not os.path.exists(os.path.join(paths[b], "config.json")):
-            log(f"building base model {b} (seed {b}) -> {paths[b]}")
-            synthetic.build_base(paths[b], seed=b, log=lambda *a: None)
-    return paths
+def paired_ci(xs, ys):
+    """Mean of the paired differences xs - ys and its 95 % t-interval (half-width; inf for one run)."""
+    m, sd = mean_sd([x - y for x, y in zip(xs, ys)])
+    return m, T_975[len(xs)] * sd / len(xs) ** 0.5 if len(xs) in T_975 else float("inf")
 
 
-def visual_tool_line(seeds, n_test=200):
-    """The visual tool of each seed (trained on that seed's SFT split) on that seed's test split."""
-    import synthetic
-    scores = []
-    for s in seeds:
-        sft_images, _ = synthetic.make_synthetic(2000, s, 32, "train")
-        test_images, _ = synthetic.make_synthetic(n_test, s, 32, "test")
-        classifier = synthetic.SyntheticStore([], None, sft_images=sft_images).visual_tool(s, lambda *a: None).classifier
-        scores.append(synthetic.visual_tool_auroc(classifier, test_images))
-    mean = {k: sum(sc[k] for sc in scores) / len(scores) for k in scores[0]}
-    per_seed = ", ".join(f"{sc['any']:.3f}" for sc in scores)
-    return (f"Visual tool (lesion classifier trained on each seed's SFT split), test AUROC over seeds {seeds}: any finding "
-            f"{mean['any']:.3f} (per seed {per_seed}); " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "any"))
+def mean_sd(xs):
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
-def study_main(argv):
-    import train  # noqa: F401  every project module is loaded now: a long study runs one version of the code
-    ap = argparse.ArgumentParser(description="the synthetic benchmark study: every objective and ablation, equal budgets")
-    ap.add_argument("--out", default="out/study", help="runs go to OUT/baseB/seedS/ROW; reused when their flags are unchanged")
-    ap.add_argument("--bases", type=int_list, default=[0, 1],
-                    help="base models: 0 and 1 are shipped (assets/tiny-base, assets/tiny-base-1); b > 1 is built with seed b")
-    ap.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3])
-    ap.add_argument("--rows", type=int_list, default=None, help=f"row numbers 0..{len(STUDY_ROWS) - 1} (default: all)")
-    ap.add_argument("--steps", type=int, default=144, help="optimizer steps of every row (MMedPO's 3 epochs)")
+def sweep_main(argv):
+    """The validation runs behind the chosen settings, written with their commands to OUT/sweep.md:
+    the noise's effect on the base model (no training), then every objective on the val split over
+    learning rates. The test split is never read."""
+    ap = argparse.ArgumentParser(description="validation sweeps behind the default settings (val split only)")
+    ap.add_argument("--out", default="out/study")
+    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    ap.add_argument("--objectives", default="mmedpo,dpo,sft,oracle,hscr,fire")
     args = ap.parse_args(argv)
-    if args.rows and max(args.rows) >= len(STUDY_ROWS):
-        ap.error(f"--rows: row numbers are 0..{len(STUDY_ROWS) - 1}")
-    if args.steps < 1:
-        ap.error("--steps must be >= 1")
-    if len(args.bases) * len(args.seeds) > 1 and len(args.bases) * len(args.seeds) not in T_975:
-        ap.error(f"--bases x --seeds: {len(args.bases) * len(args.seeds)} runs per row; the intervals know "
-                 f"{', '.join(map(str, sorted(T_975)))} runs")
-    rows = [STUDY_ROWS[i] for i in args.rows] if args.rows else STUDY_ROWS
-    os.makedirs(args.out, exist_ok=True)
-    bases, results, t0 = study_bases(args.out, args.bases), {}, time.time()
-    runs = [(b, s) for b in args.bases for s in args.seeds]
-    for b, s in runs:
-        for name, flags in rows:
-            t = time.time()
-            log_path = os.path.join(args.out, f"base{b}-seed{s}-{slug(name)}.log")
-            results[(name, (b, s))], reused = run_study_row(args.out, b, bases[b], s, name, flags, args.steps, log_path)
-            g = results[(name, (b, s))]["after"]["grounding"]
-            frag = results[(name, (b, s))]["after"]["fragments"]["share"]
-            print(f"base {b} seed {s} | {name:38s} | pair-ord {g['pair_order']:.3f} | mAUROC {g['macro_auroc']:.3f} | "
-                  f"yes% {g['pope']['yes_ratio']:.3f} | frag% {frag:.3f} | {'reused' if reused else f'{time.time() - t:.0f}s'}",
-                  flush=True)
-    names = [name for name, _ in rows]
-    if STUDY_ROWS[0][0] not in names:  # the base row is read from the SFT control's "before"
-        for b, s in runs:
-            results[(STUDY_ROWS[0][0], (b, s))], _ = run_study_row(args.out, b, bases[b], s, *STUDY_ROWS[0], args.steps,
-                                                                    os.path.join(args.out, f"base{b}-seed{s}-sft.log"))
-    table = study_tables(names, results, runs)
-    hashes = "\n".join(f"- base {b}: {bases[b]}, weights sha256 {weights_digest(bases[b])}" for b in args.bases)
-    hashes += "\n\n" + visual_tool_line(args.seeds)
-    # a study of some rows only must not replace the full one: it goes to study-partial.*
-    stem = "study" if len(rows) == len(STUDY_ROWS) else "study-partial"
+    lrs, objectives = args.lrs.split(","), args.objectives.split(",")
+    for lr in lrs:
+        try:
+            assert float(lr) > 0 and math.isfinite(float(lr))
+        except (ValueError, AssertionError):
+            ap.error(f"--lrs: {lr!r} is not a positive number")
     import train
-    lrs = {name: objective.lr for name, objective in train.OBJECTIVES.items()}
-    checkpoint.write_json(os.path.join(args.out, f"{stem}.json"),
-                          [{"row": name, "base": b, "seed": s, **{c: read(results[(name, (b, s))]["after"]) for c, read, _ in STUDY_METRICS},
-                            "before": {c: read(results[(name, (b, s))]["before"]) for c, read, _ in STUDY_METRICS}}
-                           for name in names for b, s in runs], indent=1)
-    command = (f"python bench.py study --bases {','.join(map(str, args.bases))} --seeds {','.join(map(str, args.seeds))} "
-               f"--steps {args.steps}" + (f" --rows {','.join(map(str, args.rows))}" if stem != "study" else ""))
-    checkpoint.atomic_write(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(
-        f"{command}\n\nLearning rates (chosen on val): {lrs}\n\n{hashes}\n\n{table}\n"))
-    study_chart(names, results, runs, os.path.join(args.out, f"{stem}.png"))
-    print("\n" + table + f"\n\nwritten to {args.out}/{stem}.md, {stem}.json and {stem}.png in {time.time() - t0:.0f}s")
+    if set(objectives) - set(train.OBJECTIVES):
+        ap.error(f"--objectives: unknown {sorted(set(objectives) - set(train.OBJECTIVES))}; choose from {list(train.OBJECTIVES)}")
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-base")
+    lines = ["# Validation sweeps (val split; the test split is never read)", "",
+             f"python bench.py sweep --lrs {args.lrs} --objectives {args.objectives}", "",
+             f"Base 0 weights sha256 {weights_digest(base)}", "", "## Does the noise hide the lesion from the base model?", ""]
+    lines += noise_sweep(base, folder=args.out)
+    lines += ["", "## Each objective on the val split (base 0, seed 0, 144 steps) by learning rate", ""]
+    sweep_lines, chosen = lr_sweep(args.out, objectives, lrs)
+    lines += sweep_lines + ["", "Chosen (highest pair order with at most 1 % broken answers): " +
+                            ", ".join(f"{o} {lr}" for o, lr in chosen.items())]
+    checkpoint.atomic_write(os.path.join(args.out, "sweep.md"), lambda f: f.write("\n".join(lines) + "\n"))
+    print(f"chosen: {chosen}\nwritten to {os.path.join(args.out, 'sweep.md')}")
+
+
+def lr_sweep(out, objectives, lrs, max_fragments=0.01):
+    """Each objective on the val split (base 0, seed 0, 144 steps) at each learning rate. The choice: the
+    highest pair order among the rates with at most `max_fragments` broken answers (else the lowest
+    rate). returns (markdown lines, {objective: chosen rate})."""
+    import contextlib
+    import train
+    cols = [c for c in STUDY_METRICS if c[0] in SWEEP_COLUMNS]
+    lines = ["| objective | lr | " + " | ".join(c for c, _, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    chosen = {}
+    for objective in objectives:
+        folder, results = os.path.join(out, "sweep", objective), {}
+        os.makedirs(folder, exist_ok=True)
+        for lr in lrs:  # one --out per objective: the preference data is built once and reused
+            with open(os.path.join(folder, f"lr{lr}.log"), "w") as log, contextlib.redirect_stdout(log):
+                train.main(["--out", folder, "--run-name", f"lr{lr}", "--objective", objective, "--eval-split", "val",
+                            "--steps", "144", "--lr", lr])
+            results[lr] = checkpoint.read_json(os.path.join(folder, f"lr{lr}", "metrics.json"))
+            a = results[lr]["after"]
+            lines.append(f"| {objective} | {lr} | " + " | ".join(f"{read(a):.3f}" for _, read, _ in cols) + " |")
+            print(lines[-1], flush=True)
+        before = results[lrs[0]]["before"]
+        lines.append(f"| {objective} | (base) | " + " | ".join(f"{read(before):.3f}" for _, read, _ in cols) + " |")
+        ok = [lr for lr in lrs if results[lr]["after"]["fragments"]["share"] <= max_fragments]
+        chosen[objective] = max(ok, key=lambda lr: results[lr]["after"]["grounding"]["pair_order"]) if ok else \
+            min(lrs, key=float)
+    return lines, chosen
+
+
+SWEEP_COLUMNS = ["pair-ord", "mAUROC", "ptx pair-ord", "bal-acc", "yes%", "frag%", "closed", "BLEU"]
 
 
 def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector", "mask"), n=128, folder="out/study"):
@@ -454,67 +509,13 @@ def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector",
             "|---|---|---|---|---|---|"] + [f"| {h} | {k} | {n} | {m:.3f} | {s:.0%} | {c:.0%} |" for h, k, n, m, s, c in rows]
 
 
-SWEEP_COLUMNS = ["pair-ord", "mAUROC", "ptx pair-ord", "bal-acc", "yes%", "frag%", "closed", "BLEU"]
-
-
-def lr_sweep(out, objectives, lrs, max_fragments=0.01):
-    """Each objective on the val split (base 0, seed 0, 144 steps) at each learning rate. The choice: the
-    highest pair order among the rates with at most `max_fragments` broken answers (else the lowest
-    rate). returns (markdown lines, {objective: chosen rate})."""
-    import contextlib
-    import train
-    cols = [c for c in STUDY_METRICS if c[0] in SWEEP_COLUMNS]
-    lines = ["| objective | lr | " + " | ".join(c for c, _, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
-    chosen = {}
-    for objective in objectives:
-        folder, results = os.path.join(out, "sweep", objective), {}
-        os.makedirs(folder, exist_ok=True)
-        for lr in lrs:  # one --out per objective: the preference data is built once and reused
-            with open(os.path.join(folder, f"lr{lr}.log"), "w") as log, contextlib.redirect_stdout(log):
-                train.main(["--out", folder, "--run-name", f"lr{lr}", "--objective", objective, "--eval-split", "val",
-                            "--steps", "144", "--lr", lr])
-            results[lr] = checkpoint.read_json(os.path.join(folder, f"lr{lr}", "metrics.json"))
-            a = results[lr]["after"]
-            lines.append(f"| {objective} | {lr} | " + " | ".join(f"{read(a):.3f}" for _, read, _ in cols) + " |")
-            print(lines[-1], flush=True)
-        before = results[lrs[0]]["before"]
-        lines.append(f"| {objective} | (base) | " + " | ".join(f"{read(before):.3f}" for _, read, _ in cols) + " |")
-        ok = [lr for lr in lrs if results[lr]["after"]["fragments"]["share"] <= max_fragments]
-        chosen[objective] = max(ok, key=lambda lr: results[lr]["after"]["grounding"]["pair_order"]) if ok else \
-            min(lrs, key=float)
-    return lines, chosen
-
-
-def sweep_main(argv):
-    """The validation runs behind the chosen settings, written with their commands to OUT/sweep.md:
-    the noise's effect on the base model (no training), then every objective on the val split over
-    learning rates. The test split is never read."""
-    ap = argparse.ArgumentParser(description="validation sweeps behind the default settings (val split only)")
-    ap.add_argument("--out", default="out/study")
-    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
-    ap.add_argument("--objectives", default="mmedpo,dpo,sft,oracle,hscr,fire")
-    args = ap.parse_args(argv)
-    lrs, objectives = args.lrs.split(","), args.objectives.split(",")
-    for lr in lrs:
-        try:
-            assert float(lr) > 0 and math.isfinite(float(lr))
-        except (ValueError, AssertionError):
-            ap.error(f"--lrs: {lr!r} is not a positive number")
-    import train
-    if set(objectives) - set(train.OBJECTIVES):
-        ap.error(f"--objectives: unknown {sorted(set(objectives) - set(train.OBJECTIVES))}; choose from {list(train.OBJECTIVES)}")
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-base")
-    lines = ["# Validation sweeps (val split; the test split is never read)", "",
-             f"python bench.py sweep --lrs {args.lrs} --objectives {args.objectives}", "",
-             f"Base 0 weights sha256 {weights_digest(base)}", "", "## Does the noise hide the lesion from the base model?", ""]
-    lines += noise_sweep(base, folder=args.out)
-    lines += ["", "## Each objective on the val split (base 0, seed 0, 144 steps) by learning rate", ""]
-    sweep_lines, chosen = lr_sweep(args.out, objectives, lrs)
-    lines += sweep_lines + ["", "Chosen (highest pair order with at most 1 % broken answers): " +
-                            ", ".join(f"{o} {lr}" for o, lr in chosen.items())]
-    checkpoint.atomic_write(os.path.join(args.out, "sweep.md"), lambda f: f.write("\n".join(lines) + "\n"))
-    print(f"chosen: {chosen}\nwritten to {os.path.join(args.out, 'sweep.md')}")
+def weights_digest(folder):
+    """sha256 of a model folder's weight files (their bytes, in name order): what a study row depends on."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))):
+        h.update(f.encode() + checkpoint.file_digest(os.path.join(folder, f)).encode())
+    return h.hexdigest()[:16]
 
 
 if __name__ == "__main__":

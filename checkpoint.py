@@ -7,6 +7,9 @@ as such, with the file named, and the old file is kept. A stage's output is reus
 file written *after* it holds the same key, and the key is built from the content the output depends
 on (`fingerprint`, `file_digest`), never from a path that can be rewritten.
 
+The file reads downward: the stage cache and its content keys, the training checkpoints, then the
+files every part writes and reads.
+
     python -m pytest -q tests/test_reliability.py tests/test_faults.py
 
 torch + stdlib (transformers inside `load_model`).
@@ -20,113 +23,8 @@ import os
 import torch
 
 
-class DiskFull(OSError):
-    """The disk filled up while a file was written; the previous version of that file is kept."""
-
-
-def atomic_write(path, write, mode="w"):
-    """Write `path` by calling write(f) on a temporary file beside it, then renaming it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise DiskFull(errno.ENOSPC, f"the disk is full: {path} was not written (its previous version, "
-                                         f"if any, is kept; every file finished before it is kept)") from None
-        raise
-
-
-def write_json(path, obj, indent=None):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=indent))
-
-
-def write_jsonl(path, records):
-    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
-
-
-def read_json(path, log=print):
-    """The JSON in `path`, or None if it is absent or unreadable (the stage is then redone)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, OSError) as e:
-        log(f"      {path} is unreadable ({e}); recomputing it")
-        return None
-
-
-def save_tensors(obj, path):
-    """torch.save of tensors and plain values only (read back by `load_tensors`), atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f), "wb")
-
-
-def load_tensors(path, log=print):
-    """A file written by save_tensors, read with weights_only=True: a pickle that would run code, or a
-    torn file, is refused with a message and treated as absent."""
-    if not os.path.exists(path):
-        return None
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # UnpicklingError for planted code, RuntimeError/EOFError for a torn file
-        log(f"      {path} is not a plain tensor file and was not loaded ({type(e).__name__}: {str(e)[:160]})")
-        return None
-
-
-def unwritable(path, is_folder):
-    """Why `path` (a folder, or a file) cannot be written, or None: checked before any work is done."""
-    if os.path.exists(path):
-        if is_folder != os.path.isdir(path):
-            return "exists and is not a folder" if is_folder else "is a folder"
-        return None if os.access(path, os.W_OK) else "is not writable"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is a file, so nothing can be created under it"
-    return None if os.access(parent, os.W_OK) else f"{parent} is not writable"
-
-
 # -----------------------------------------------------------------------------
 # content keys and the stage cache
-
-def fingerprint(obj):
-    """A short hash of any JSON-able value: the key under which a stage's output is stored."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-_DIGESTS = {}  # (path, size, mtime_ns) -> digest: each file is read once per process while it is unchanged
-
-
-def file_digest(path):
-    """A hash of the file's bytes (None for a missing file): two files with equal bytes get equal
-    digests wherever they lie, and a file rewritten in place gets a new one."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if stamp not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[stamp] = h.hexdigest()[:24]
-    return _DIGESTS[stamp]
-
-
-def weights_stamp(folder):
-    """Names, sizes and modification times (ns) of a model folder's weight files: rewriting a weight file
-    changes its time, and hashing a 7B model's 14 GB on every run would cost more than it protects."""
-    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
-    return [(f, os.path.getsize(os.path.join(folder, f)), os.stat(os.path.join(folder, f)).st_mtime_ns) for f in files]
-
 
 def cached(key_path, key, compute, save, load, log, what, writer=True):
     """Reuse a stage's output or compute it. `load()` is used when `key_path` holds `key` (the key is
@@ -150,6 +48,38 @@ def cached(key_path, key, compute, save, load, log, what, writer=True):
         else:
             log(f"      {what} is incomplete: it will be computed again on the next run")
     return value
+
+
+def fingerprint(obj):
+    """A short hash of any JSON-able value: the key under which a stage's output is stored."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def weights_stamp(folder):
+    """Names, sizes and modification times (ns) of a model folder's weight files: rewriting a weight file
+    changes its time, and hashing a 7B model's 14 GB on every run would cost more than it protects."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
+    return [(f, os.path.getsize(os.path.join(folder, f)), os.stat(os.path.join(folder, f)).st_mtime_ns) for f in files]
+
+
+_DIGESTS = {}  # (path, size, mtime_ns) -> digest: each file is read once per process while it is unchanged
+
+
+def file_digest(path):
+    """A hash of the file's bytes (None for a missing file): two files with equal bytes get equal
+    digests wherever they lie, and a file rewritten in place gets a new one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if stamp not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[stamp] = h.hexdigest()[:24]
+    return _DIGESTS[stamp]
 
 
 # -----------------------------------------------------------------------------
@@ -234,3 +164,79 @@ def load_model(path, dtype, device, trust_remote_code=False):
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), processor
+
+
+# -----------------------------------------------------------------------------
+# files: one atomic writer, JSON and tensor files, the writability check
+
+def write_json(path, obj, indent=None):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=indent))
+
+
+def write_jsonl(path, records):
+    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
+
+
+def read_json(path, log=print):
+    """The JSON in `path`, or None if it is absent or unreadable (the stage is then redone)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        log(f"      {path} is unreadable ({e}); recomputing it")
+        return None
+
+
+def save_tensors(obj, path):
+    """torch.save of tensors and plain values only (read back by `load_tensors`), atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def load_tensors(path, log=print):
+    """A file written by save_tensors, read with weights_only=True: a pickle that would run code, or a
+    torn file, is refused with a message and treated as absent."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # UnpicklingError for planted code, RuntimeError/EOFError for a torn file
+        log(f"      {path} is not a plain tensor file and was not loaded ({type(e).__name__}: {str(e)[:160]})")
+        return None
+
+
+def atomic_write(path, write, mode="w"):
+    """Write `path` by calling write(f) on a temporary file beside it, then renaming it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFull(errno.ENOSPC, f"the disk is full: {path} was not written (its previous version, "
+                                         f"if any, is kept; every file finished before it is kept)") from None
+        raise
+
+
+class DiskFull(OSError):
+    """The disk filled up while a file was written; the previous version of that file is kept."""
+
+
+def unwritable(path, is_folder):
+    """Why `path` (a folder, or a file) cannot be written, or None: checked before any work is done."""
+    if os.path.exists(path):
+        if is_folder != os.path.isdir(path):
+            return "exists and is not a folder" if is_folder else "is a folder"
+        return None if os.access(path, os.W_OK) else "is not writable"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, so nothing can be created under it"
+    return None if os.access(parent, os.W_OK) else f"{parent} is not writable"

@@ -22,6 +22,9 @@ Reports are tokenized the PTB way (lower-case, punctuation removed, articles kep
 Also the pictures a run leaves behind (noised pairs, training curves, attention before/after, as in
 the paper's Figure 5).
 
+The file reads downward: the command line, `evaluate` and its metrics, grounding, the table, the pictures,
+then the scoring rules and the text normalization every metric uses.
+
     python eval.py --model assets/tiny-base                                 # the tiny base, synthetic test split
     python eval.py --model assets/tiny-base --adapter out/mmedpo/adapter    # with a trained adapter
 
@@ -46,99 +49,144 @@ from data import attention_tool, format_prompt, generate_answers, response_ids
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
 VQA_SCORING = ("ours", "llava-med")
+FINDING_WORDS = {"nodule": "nodule", "mass": "mass", "pleural effusion": "effusion", "consolidation": "consolidation",
+                 "pneumothorax": "pneumothorax", "cardiomegaly": "cardiomegaly|heart is enlarged|enlarged heart"}
 
 
-def normalize(text):
-    """VQA answer tokens: lower-case, punctuation to spaces, articles dropped, number words to digits."""
-    words = re.sub(r"[^\w\s]", " ", str(text).lower()).split()
-    return [NUMBERS.get(w, w) for w in words if w not in ARTICLES]
+class EvalSettings(NamedTuple):
+    """How the answers are asked for and scored."""
+    prompt_format: str = "plain"
+    max_new_tokens: int = 16
+    scoring: str = "ours"          # VQA_SCORING
+    batch_size: int = 64
 
 
-def report_tokens(text):
-    """Report tokens as pycocoevalcap's PTB tokenizer leaves them: lower-case, punctuation tokens removed,
-    articles and numbers kept; a word with an inner hyphen or apostrophe stays one token ("x-ray")."""
-    return re.findall(r"[^\W_]+(?:['-][^\W_]+)*", str(text).lower())
+class TestSet(NamedTuple):
+    """What a model is evaluated on: test items, grounding probes, their image store, the answer prior."""
+    items: list
+    probes: list
+    store: object
+    prior: object = None
 
 
-def open_recall(prediction, truth):
-    gt = normalize(truth)
-    if not gt:
-        return 0.0
-    common = Counter(normalize(prediction)) & Counter(gt)
-    return sum(common.values()) / len(gt)
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Med-VQA / report evaluation of a model (and adapter), Table 1 columns")
+    ap.add_argument("--model", required=True, help="folder with a saved LLaVA model and processor")
+    ap.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
+    ap.add_argument("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray", "mimic-cxr"])
+    ap.add_argument("--data-dir", default=None, help="folder of the downloaded dataset")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--max-items", type=int, default=None, help="evaluate the first N items only")
+    ap.add_argument("--n-train", type=int, default=2000, help="synthetic train images (for the answer prior)")
+    ap.add_argument("--n-test", type=int, default=200, help="synthetic test images")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-format", default="plain", help="plain, vicuna (LLaVA's v1 conversation, as the MMedPO "
+                    "authors trained LLaVA-Med v1.5), mistral, chat (the processor's "
+                    "chat template) or a template with <image> and {question}")
+    ap.add_argument("--pad-to-square", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="generation cap; default per task: 48 synthetic, 64 Med-VQA, 256 reports")
+    ap.add_argument("--vqa-scoring", default="ours", choices=VQA_SCORING,
+                    help="ours (whole words) or llava-med (LLaVA-Med run_eval.py's rules, to compare with published tables)")
+    ap.add_argument("--out", default=None, help="write the predictions (and each probe's answer and margin) as JSONL "
+                    "here, to re-score them later")
+    args = ap.parse_args(argv)
+    import torch
+    if args.data != "synthetic" and not args.data_dir:
+        ap.error(f"--data {args.data} needs --data-dir: {real_data.DOWNLOAD_HINTS[args.data]}")
+    check_eval_args(ap, args)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, processor = checkpoint.load_model(args.model, dtype, torch.device(args.device))
+    data.check_prompt_format(args.prompt_format, processor)
+    if args.adapter:
+        lora.load_adapter(model, args.adapter)
+    if args.data == "synthetic":
+        _, train_items = synthetic.make_synthetic(args.n_train, args.seed, args.image_size, "train")
+        images, items = synthetic.make_synthetic(args.n_test, args.seed, args.image_size, args.split)
+        store = synthetic.SyntheticStore(images, None, args.pad_to_square)
+        probes = synthetic.counterfactual_probes(images, args.image_size, store, args.max_items)
+    else:
+        train_items, _ = real_data.LOADERS[args.data](args.data_dir, "train")
+        items, store = real_data.LOADERS[args.data](args.data_dir, args.split)
+        store.pad = args.pad_to_square
+        probes = [it for it in items if it["type"] == "closed" and it["answer"].strip().lower() in ("yes", "no")]
+    items = items[:args.max_items] if args.max_items else items
+    if not items:
+        sys.exit(f"no {args.split} items to evaluate in --data {args.data}")
+    max_new_tokens = args.max_new_tokens or data.MAX_NEW_TOKENS[args.data][1]
+    settings = EvalSettings(args.prompt_format, max_new_tokens, args.vqa_scoring, args.batch_size)
+    result, preds, probe_preds = evaluate(model, processor, items, store, answer_prior(train_items), probes, settings,
+                                          log=print)
+    print(format_table({"model": result, "answer prior": result["prior"]}))
+    if args.out:
+        checkpoint.write_jsonl(args.out, [{**it, "prediction": p} for it, p in zip(items, preds)] +
+                               [{**it, **p} for it, p in zip(probes, probe_preds)])
+        print(f"predictions written to {args.out}")
 
 
-def closed_correct(prediction, truth):
-    gt, pred = " ".join(normalize(truth)), " ".join(normalize(prediction))
-    return float(bool(gt) and re.search(rf"\b{re.escape(gt)}\b", pred) is not None)
+def check_eval_args(ap, args):
+    """Every flag checked before anything is loaded, naming the flag."""
+    bad = [(f, msg) for f, ok, msg in [
+        ("--max-items", args.max_items is None or args.max_items >= 1, "must be >= 1 (leave it out for all items)"),
+        ("--n-test", args.n_test >= 1, "must be >= 1"), ("--n-train", args.n_train >= 1, "must be >= 1"),
+        ("--batch-size", args.batch_size >= 1, "must be >= 1"),
+        ("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "must be >= 1"),
+        ("--split", args.split in data.SPLITS[args.data], f"must be one of {', '.join(data.SPLITS[args.data])}"),
+        ("--model", os.path.isdir(args.model), "no such folder (pass the local path of a saved checkpoint)"),
+        ("--adapter", args.adapter is None or os.path.isdir(args.adapter), "no such folder"),
+        ("--out", not (args.out and checkpoint.unwritable(args.out, False)), f"{args.out and checkpoint.unwritable(args.out, False)}"),
+        ("--out", not (args.out and score.guarded_output(args.out)),
+         f"{args.out and score.guarded_output(args.out)}; an output must not replace a model's, an adapter's or a run's file")]
+        if not ok]
+    if bad:
+        ap.error("; ".join(f"{f} {args.__dict__[f[2:].replace('-', '_')]}: {msg}" for f, msg in bad))
 
 
-def llava_med_closed(prediction, truth):
-    """LLaVA-Med's closed rule: a miss unless 'yes' or 'no' is a substring of the prediction, then a hit
-    iff the ground truth is a substring of it."""
-    gt, pred = " ".join(normalize(truth)), " ".join(normalize(prediction))
-    return float(("yes" in pred or "no" in pred) and gt in pred)
+def answer_prior(train_items):
+    """Majority answer per question text on the training split (the best a model that ignores the image
+    can do on questions it has seen); questions never seen get the majority answer of their type.
+    returns predict(item) -> answer; predict.share(item) is that answer's share of the training answers
+    (how strong the language prior is); predict.vocabulary the words of the training answers."""
+    per_q, per_type = defaultdict(Counter), defaultdict(Counter)
+    for it in train_items:
+        per_q[it["question"]][it["answer"]] += 1
+        per_type[it["type"]][it["answer"]] += 1
+    counts = lambda it: per_q.get(it["question"]) or per_type.get(it["type"])
+
+    def predict(it):
+        c = counts(it)
+        return c.most_common(1)[0][0] if c else ""
+    predict.share = lambda it: (lambda c: c.most_common(1)[0][1] / sum(c.values()) if c else 0.0)(counts(it))
+    predict.vocabulary = {w for it in train_items for w in normalize(it["answer"])}
+    return predict
 
 
-def llava_med_open(prediction, truth):
-    """LLaVA-Med's open recall tp / (tp + fn): tp counts the prediction's occurrences of every word it
-    shares with the ground truth, fn the ground-truth occurrences of words the prediction lacks."""
-    pred, gt = Counter(normalize(prediction)), Counter(normalize(truth))
-    tp = sum(n for w, n in pred.items() if w in gt)
-    fn = sum(n for w, n in gt.items() if w not in pred)
-    return tp / (tp + fn) if tp + fn else 0.0
-
-
-def bleu(predictions, references, max_n=4, tokenize=report_tokens):
-    """Corpus BLEU-1..max_n. references: one string or a list of strings per prediction."""
-    tiny, small = 1e-15, 1e-9  # pycocoevalcap's guards against log(0)
-    match, total = [0] * max_n, [0] * max_n
-    cand_len = ref_len = 0
-    for pred, refs in zip(predictions, references):
-        refs = [refs] if isinstance(refs, str) else refs
-        c = tokenize(pred)
-        rs = [tokenize(r) for r in refs]
-        cand_len += len(c)
-        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]  # closest reference length
-        for n in range(1, max_n + 1):
-            grams = Counter(tuple(c[i:i + n]) for i in range(len(c) - n + 1))
-            best = Counter()
-            for r in rs:
-                best |= Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            match[n - 1] += sum((grams & best).values())
-            total[n - 1] += max(len(c) - n + 1, 0)
-    bp = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / max(cand_len, tiny))
-    scores, log_sum = [], 0.0
-    for n in range(max_n):
-        log_sum += math.log((match[n] + tiny) / (total[n] + small))
-        scores.append(bp * math.exp(log_sum / (n + 1)))
-    return scores
-
-
-def _lcs(a, b):
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev = 0
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
-def rouge_l(predictions, references, beta=1.2, tokenize=report_tokens):
-    """Mean over predictions of the LCS F-measure against the best-matching references."""
-    scores = []
-    for pred, refs in zip(predictions, references):
-        refs = [refs] if isinstance(refs, str) else refs
-        c = tokenize(pred)
-        precs, recs = [], []
-        for r in refs:
-            r = tokenize(r)
-            lcs = _lcs(c, r)
-            precs.append(lcs / len(c) if c else 0.0)
-            recs.append(lcs / len(r) if r else 0.0)
-        p, r = max(precs), max(recs)
-        scores.append((1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p > 0 and r > 0 else 0.0)
-    return sum(scores) / max(len(scores), 1)
+def evaluate(model, processor, items, store, prior=None, probes=None, settings=EvalSettings(), log=None):
+    """Greedy answers to every test item (and grounding probe), scored; with the answer prior's score,
+    the prior-breaking metrics and the share of broken answers (fragments) if a prior is given, and
+    `grounding` if probes are given.
+    returns (result, predictions of `items`, [{prediction, margin} of each probe])."""
+    probes, (prompt_format, max_new_tokens, scoring, batch_size) = probes or [], settings
+    rows = [(store.for_model(it["image_id"]), it["question"]) for it in items + probes]
+    answers = generate_answers(model, processor, rows, prompt_format, batch_size, max_new_tokens, log=log)
+    preds, probe_answers = answers[:len(items)], answers[len(items):]
+    result = vqa_metrics(items, preds, scoring)
+    if prior is not None:
+        prior_preds = [prior(it) for it in items]
+        result["prior"] = vqa_metrics(items, prior_preds, scoring)
+        result["prior_breaking"] = hallucination_metrics(items, preds, prior, scoring=scoring)
+        result["prior"]["prior_breaking"] = hallucination_metrics(items, prior_preds, prior, scoring=scoring)
+        result["fragments"] = fragment_metrics(answers, prior.vocabulary)
+        result["prior"]["fragments"] = fragment_metrics(prior_preds, prior.vocabulary)
+    margins = yes_no_margins(model, processor, rows[len(items):], prompt_format, batch_size) if probes else []
+    if probes:
+        result["grounding"] = grounding_metrics(probes, probe_answers, margins)
+        if prior is not None:
+            result["prior"]["grounding"] = grounding_metrics(probes, [prior(it) for it in probes], [0.0] * len(probes))
+    return result, preds, [{"prediction": a, "margin": m} for a, m in zip(probe_answers, margins)]
 
 
 def vqa_metrics(items, predictions, scoring="ours"):
@@ -166,34 +214,6 @@ def vqa_metrics(items, predictions, scoring="ours"):
                        "n_report": len(reports),
                        "report_findings": report_finding_metrics([p for p, _ in reports], [r for _, r in reports])})
     return result
-
-
-def answer_prior(train_items):
-    """Majority answer per question text on the training split (the best a model that ignores the image
-    can do on questions it has seen); questions never seen get the majority answer of their type.
-    returns predict(item) -> answer; predict.share(item) is that answer's share of the training answers
-    (how strong the language prior is); predict.vocabulary the words of the training answers."""
-    per_q, per_type = defaultdict(Counter), defaultdict(Counter)
-    for it in train_items:
-        per_q[it["question"]][it["answer"]] += 1
-        per_type[it["type"]][it["answer"]] += 1
-    counts = lambda it: per_q.get(it["question"]) or per_type.get(it["type"])
-
-    def predict(it):
-        c = counts(it)
-        return c.most_common(1)[0][0] if c else ""
-    predict.share = lambda it: (lambda c: c.most_common(1)[0][1] / sum(c.values()) if c else 0.0)(counts(it))
-    predict.vocabulary = {w for it in train_items for w in normalize(it["answer"])}
-    return predict
-
-
-def fragment_metrics(predictions, vocabulary):
-    """Broken answers: an answer is a fragment when it is empty or holds a word that no training answer
-    holds ("m", "eumothora"). POPE's rule reads a fragment as "yes", so a model that breaks its answers
-    gains recall for free: the share stands in every table. returns {share, n_fragments, n, examples}."""
-    broken = [p for p in predictions if not normalize(p) or any(w not in vocabulary for w in normalize(p))]
-    return {"share": len(broken) / len(predictions) if predictions else float("nan"), "n_fragments": len(broken),
-            "n": len(predictions), "examples": sorted(set(broken))[:5]}
 
 
 def hallucination_metrics(items, predictions, prior, min_share=0.64, scoring="ours"):
@@ -224,22 +244,13 @@ def hallucination_metrics(items, predictions, prior, min_share=0.64, scoring="ou
             "min_share": min_share}
 
 
-FINDING_WORDS = {"nodule": "nodule", "mass": "mass", "pleural effusion": "effusion", "consolidation": "consolidation",
-                 "pneumothorax": "pneumothorax", "cardiomegaly": "cardiomegaly|heart is enlarged|enlarged heart"}
-
-
-def report_findings(text):
-    """The findings a report states as present, read sentence by sentence: {(kind, place)}, place the
-    "side level" zone when the sentence names one ("a nodule in the right upper zone"), else None. A
-    sentence with a negation ("No pleural effusion.") states nothing."""
-    found = set()
-    for sentence in re.split(r"[.!?;\n]", str(text).lower()):
-        if re.search(r"\b(no|not|without|normal|clear)\b", sentence):
-            continue
-        zone = re.search(r"\b(right|left) (upper|middle|lower)\b", sentence)
-        found |= {(kind, zone.group(0) if zone else None) for kind, pattern in FINDING_WORDS.items()
-                  if re.search(rf"\b({pattern})\b", sentence)}
-    return found
+def fragment_metrics(predictions, vocabulary):
+    """Broken answers: an answer is a fragment when it is empty or holds a word that no training answer
+    holds ("m", "eumothora"). POPE's rule reads a fragment as "yes", so a model that breaks its answers
+    gains recall for free: the share stands in every table. returns {share, n_fragments, n, examples}."""
+    broken = [p for p in predictions if not normalize(p) or any(w not in vocabulary for w in normalize(p))]
+    return {"share": len(broken) / len(predictions) if predictions else float("nan"), "n_fragments": len(broken),
+            "n": len(predictions), "examples": sorted(set(broken))[:5]}
 
 
 def report_finding_metrics(predictions, references):
@@ -258,84 +269,22 @@ def report_finding_metrics(predictions, references):
             "hallucinated": hallucinated, "omitted": omitted, "stated": stated, "present": present}
 
 
-class EvalSettings(NamedTuple):
-    """How the answers are asked for and scored."""
-    prompt_format: str = "plain"
-    max_new_tokens: int = 16
-    scoring: str = "ours"          # VQA_SCORING
-    batch_size: int = 64
-
-
-class TestSet(NamedTuple):
-    """What a model is evaluated on: test items, grounding probes, their image store, the answer prior."""
-    items: list
-    probes: list
-    store: object
-    prior: object = None
-
-
-def evaluate(model, processor, items, store, prior=None, probes=None, settings=EvalSettings(), log=None):
-    """Greedy answers to every test item (and grounding probe), scored; with the answer prior's score,
-    the prior-breaking metrics and the share of broken answers (fragments) if a prior is given, and
-    `grounding` if probes are given.
-    returns (result, predictions of `items`, [{prediction, margin} of each probe])."""
-    probes, (prompt_format, max_new_tokens, scoring, batch_size) = probes or [], settings
-    rows = [(store.for_model(it["image_id"]), it["question"]) for it in items + probes]
-    answers = generate_answers(model, processor, rows, prompt_format, batch_size, max_new_tokens, log=log)
-    preds, probe_answers = answers[:len(items)], answers[len(items):]
-    result = vqa_metrics(items, preds, scoring)
-    if prior is not None:
-        prior_preds = [prior(it) for it in items]
-        result["prior"] = vqa_metrics(items, prior_preds, scoring)
-        result["prior_breaking"] = hallucination_metrics(items, preds, prior, scoring=scoring)
-        result["prior"]["prior_breaking"] = hallucination_metrics(items, prior_preds, prior, scoring=scoring)
-        result["fragments"] = fragment_metrics(answers, prior.vocabulary)
-        result["prior"]["fragments"] = fragment_metrics(prior_preds, prior.vocabulary)
-    margins = yes_no_margins(model, processor, rows[len(items):], prompt_format, batch_size) if probes else []
-    if probes:
-        result["grounding"] = grounding_metrics(probes, probe_answers, margins)
-        if prior is not None:
-            result["prior"]["grounding"] = grounding_metrics(probes, [prior(it) for it in probes], [0.0] * len(probes))
-    return result, preds, [{"prediction": a, "margin": m} for a, m in zip(probe_answers, margins)]
+def report_findings(text):
+    """The findings a report states as present, read sentence by sentence: {(kind, place)}, place the
+    "side level" zone when the sentence names one ("a nodule in the right upper zone"), else None. A
+    sentence with a negation ("No pleural effusion.") states nothing."""
+    found = set()
+    for sentence in re.split(r"[.!?;\n]", str(text).lower()):
+        if re.search(r"\b(no|not|without|normal|clear)\b", sentence):
+            continue
+        zone = re.search(r"\b(right|left) (upper|middle|lower)\b", sentence)
+        found |= {(kind, zone.group(0) if zone else None) for kind, pattern in FINDING_WORDS.items()
+                  if re.search(rf"\b({pattern})\b", sentence)}
+    return found
 
 
 # -----------------------------------------------------------------------------
 # grounding: does the model answer from the image? (balanced presence probes, as POPE scores them)
-
-def pope_answer(text):
-    """yes or no, as the authors' eval_pope.py reads an answer: its first sentence, commas removed,
-    split on spaces; "No", "no" or "not" among the words means no, anything else yes."""
-    first = str(text).split(".")[0] if "." in str(text) else str(text)
-    return "no" if {"No", "no", "not"} & set(first.replace(",", "").split(" ")) else "yes"
-
-
-def pope_metrics(predictions, truths):
-    """POPE's accuracy, precision, recall, F1 and yes-ratio ("yes" is the positive class). F1 and recall
-    rise with a lean towards "yes": read them beside accuracy and the yes-ratio (0.5 on balanced probes
-    for an unbiased model)."""
-    pred = [pope_answer(p) == "yes" for p in predictions]
-    true = [str(t).strip().lower() != "no" for t in truths]
-    tp = sum(p and t for p, t in zip(pred, true))
-    fp = sum(p and not t for p, t in zip(pred, true))
-    fn = sum(t and not p for p, t in zip(pred, true))
-    n = len(pred)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"accuracy": sum(p == t for p, t in zip(pred, true)) / n if n else float("nan"), "precision": precision,
-            "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "yes_ratio": sum(pred) / n if n else float("nan"), "n": n}
-
-
-def auroc(scores, labels):
-    """Area under the ROC curve of `scores` for binary `labels`: P(a positive outscores a negative),
-    ties counting one half (the Mann-Whitney U statistic). NaN without both classes."""
-    pos = [s for s, l in zip(scores, labels) if l]
-    neg = [s for s, l in zip(scores, labels) if not l]
-    if not pos or not neg:
-        return float("nan")
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
-
 
 def yes_no_margins(model, processor, rows, prompt_format="plain", batch_size=64):
     """log P(yes) - log P(no) at the answer's first token, for rows of (PIL image, question): a
@@ -343,7 +292,7 @@ def yes_no_margins(model, processor, rows, prompt_format="plain", batch_size=64)
     import torch
     tok = processor.tokenizer
     yes, no = response_ids(tok, "yes")[0], response_ids(tok, "no")[0]
-    side, tok.padding_side = tok.padding_side, "left"  # the last position is the answer's first token
+    side, tok.padding_side = tok.padding_side, "left"  # left-padded: the last position predicts the first answer token
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     out = []
     try:
@@ -391,6 +340,41 @@ def grounding_metrics(probes, predictions, margins):
     both = [p[True][1] and p[False][1] for p in pairs]
     result["counterfactual"] = {"accuracy": sum(both) / len(both) if both else nan, "n_pairs": len(both)}
     return result
+
+
+def pope_metrics(predictions, truths):
+    """POPE's accuracy, precision, recall, F1 and yes-ratio ("yes" is the positive class). F1 and recall
+    rise with a lean towards "yes": read them beside accuracy and the yes-ratio (0.5 on balanced probes
+    for an unbiased model)."""
+    pred = [pope_answer(p) == "yes" for p in predictions]
+    true = [str(t).strip().lower() != "no" for t in truths]
+    tp = sum(p and t for p, t in zip(pred, true))
+    fp = sum(p and not t for p, t in zip(pred, true))
+    fn = sum(t and not p for p, t in zip(pred, true))
+    n = len(pred)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": sum(p == t for p, t in zip(pred, true)) / n if n else float("nan"), "precision": precision,
+            "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": sum(pred) / n if n else float("nan"), "n": n}
+
+
+def pope_answer(text):
+    """yes or no, as the authors' eval_pope.py reads an answer: its first sentence, commas removed,
+    split on spaces; "No", "no" or "not" among the words means no, anything else yes."""
+    first = str(text).split(".")[0] if "." in str(text) else str(text)
+    return "no" if {"No", "no", "not"} & set(first.replace(",", "").split(" ")) else "yes"
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve of `scores` for binary `labels`: P(a positive outscores a negative),
+    ties counting one half (the Mann-Whitney U statistic). NaN without both classes."""
+    pos = [s for s, l in zip(scores, labels) if l]
+    neg = [s for s, l in zip(scores, labels) if not l]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
 
 
 def format_table(rows):
@@ -455,6 +439,23 @@ def format_table(rows):
 
 # -----------------------------------------------------------------------------
 # pictures (PIL only)
+
+def save_pictures(folder, model, processor, records, history, test, answers, fmt, log=print):
+    """The run's pictures: noised pairs, training curves, attention before/after, examples. `test` is a
+    TestSet, `answers` the (before, after) answers to its items. A picture that cannot be drawn is said
+    and skipped: it never costs a finished run."""
+    (items, _, store, prior), (before, after) = test, answers
+    device = next(model.parameters()).device
+    lesion_items = ([it for it in items if it["qtype"] == "where"] or items)[:4]
+    pictures = [("noise_grid.png", lambda p: save_noise_grid(records, p)), ("curves.png", lambda p: save_curves(history, p)),
+                ("attention.png", lambda p: save_attention_figure(model, processor, lesion_items, store.pixels, fmt, device, p)),
+                ("examples.png", lambda p: save_examples(items, before, after, prior, store.pixels, p))]
+    for name, draw in pictures:
+        try:
+            draw(os.path.join(folder, name))
+        except Exception as e:
+            log(f"      {name} not drawn ({type(e).__name__}: {e})")
+
 
 def save_attention_figure(model, processor, items, pixels_of, fmt, device, path, scale=4):
     """For a few test questions: the image, the attention overlay of the base model (adapter off)
@@ -546,97 +547,103 @@ def save_curves(history, path, keys=("loss", "reward_acc", "margin"), size=(420,
     img.save(path)
 
 
-def save_pictures(folder, model, processor, records, history, test, answers, fmt, log=print):
-    """The run's pictures: noised pairs, training curves, attention before/after, examples. `test` is a
-    TestSet, `answers` the (before, after) answers to its items. A picture that cannot be drawn is said
-    and skipped: it never costs a finished run."""
-    (items, _, store, prior), (before, after) = test, answers
-    device = next(model.parameters()).device
-    lesion_items = ([it for it in items if it["qtype"] == "where"] or items)[:4]
-    pictures = [("noise_grid.png", lambda p: save_noise_grid(records, p)), ("curves.png", lambda p: save_curves(history, p)),
-                ("attention.png", lambda p: save_attention_figure(model, processor, lesion_items, store.pixels, fmt, device, p)),
-                ("examples.png", lambda p: save_examples(items, before, after, prior, store.pixels, p))]
-    for name, draw in pictures:
-        try:
-            draw(os.path.join(folder, name))
-        except Exception as e:
-            log(f"      {name} not drawn ({type(e).__name__}: {e})")
+# -----------------------------------------------------------------------------
+# the scoring rules: VQA answers (ours and LLaVA-Med's), reports (BLEU, ROUGE-L), and the text normalization
+# every rule shares
+
+def closed_correct(prediction, truth):
+    gt, pred = " ".join(normalize(truth)), " ".join(normalize(prediction))
+    return float(bool(gt) and re.search(rf"\b{re.escape(gt)}\b", pred) is not None)
 
 
-def check_eval_args(ap, args):
-    """Every flag checked before anything is loaded, naming the flag."""
-    bad = [(f, msg) for f, ok, msg in [
-        ("--max-items", args.max_items is None or args.max_items >= 1, "must be >= 1 (leave it out for all items)"),
-        ("--n-test", args.n_test >= 1, "must be >= 1"), ("--n-train", args.n_train >= 1, "must be >= 1"),
-        ("--batch-size", args.batch_size >= 1, "must be >= 1"),
-        ("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "must be >= 1"),
-        ("--split", args.split in data.SPLITS[args.data], f"must be one of {', '.join(data.SPLITS[args.data])}"),
-        ("--model", os.path.isdir(args.model), "no such folder (pass the local path of a saved checkpoint)"),
-        ("--adapter", args.adapter is None or os.path.isdir(args.adapter), "no such folder"),
-        ("--out", not (args.out and checkpoint.unwritable(args.out, False)), f"{args.out and checkpoint.unwritable(args.out, False)}"),
-        ("--out", not (args.out and score.guarded_output(args.out)),
-         f"{args.out and score.guarded_output(args.out)}; an output must not replace a model's, an adapter's or a run's file")]
-        if not ok]
-    if bad:
-        ap.error("; ".join(f"{f} {args.__dict__[f[2:].replace('-', '_')]}: {msg}" for f, msg in bad))
+def open_recall(prediction, truth):
+    gt = normalize(truth)
+    if not gt:
+        return 0.0
+    common = Counter(normalize(prediction)) & Counter(gt)
+    return sum(common.values()) / len(gt)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Med-VQA / report evaluation of a model (and adapter), Table 1 columns")
-    ap.add_argument("--model", required=True, help="folder with a saved LLaVA model and processor")
-    ap.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
-    ap.add_argument("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray", "mimic-cxr"])
-    ap.add_argument("--data-dir", default=None, help="folder of the downloaded dataset")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--max-items", type=int, default=None, help="evaluate the first N items only")
-    ap.add_argument("--n-train", type=int, default=2000, help="synthetic train images (for the answer prior)")
-    ap.add_argument("--n-test", type=int, default=200, help="synthetic test images")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompt-format", default="plain", help="plain, vicuna (LLaVA's v1 conversation, as the MMedPO "
-                    "authors trained LLaVA-Med v1.5), mistral, chat (the processor's "
-                    "chat template) or a template with <image> and {question}")
-    ap.add_argument("--pad-to-square", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-new-tokens", type=int, default=None,
-                    help="generation cap; default per task: 48 synthetic, 64 Med-VQA, 256 reports")
-    ap.add_argument("--vqa-scoring", default="ours", choices=VQA_SCORING,
-                    help="ours (whole words) or llava-med (LLaVA-Med run_eval.py's rules, to compare with published tables)")
-    ap.add_argument("--out", default=None, help="write the predictions (and each probe's answer and margin) as JSONL "
-                    "here, to re-score them later")
-    args = ap.parse_args(argv)
-    import torch
-    if args.data != "synthetic" and not args.data_dir:
-        ap.error(f"--data {args.data} needs --data-dir: {real_data.DOWNLOAD_HINTS[args.data]}")
-    check_eval_args(ap, args)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, processor = checkpoint.load_model(args.model, dtype, torch.device(args.device))
-    data.check_prompt_format(args.prompt_format, processor)
-    if args.adapter:
-        lora.load_adapter(model, args.adapter)
-    if args.data == "synthetic":
-        _, train_items = synthetic.make_synthetic(args.n_train, args.seed, args.image_size, "train")
-        images, items = synthetic.make_synthetic(args.n_test, args.seed, args.image_size, args.split)
-        store = synthetic.SyntheticStore(images, None, args.pad_to_square)
-        probes = synthetic.counterfactual_probes(images, args.image_size, store, args.max_items)
-    else:
-        train_items, _ = real_data.LOADERS[args.data](args.data_dir, "train")
-        items, store = real_data.LOADERS[args.data](args.data_dir, args.split)
-        store.pad = args.pad_to_square
-        probes = [it for it in items if it["type"] == "closed" and it["answer"].strip().lower() in ("yes", "no")]
-    items = items[:args.max_items] if args.max_items else items
-    if not items:
-        sys.exit(f"no {args.split} items to evaluate in --data {args.data}")
-    max_new_tokens = args.max_new_tokens or data.MAX_NEW_TOKENS[args.data][1]
-    settings = EvalSettings(args.prompt_format, max_new_tokens, args.vqa_scoring, args.batch_size)
-    result, preds, probe_preds = evaluate(model, processor, items, store, answer_prior(train_items), probes, settings,
-                                          log=print)
-    print(format_table({"model": result, "answer prior": result["prior"]}))
-    if args.out:
-        checkpoint.write_jsonl(args.out, [{**it, "prediction": p} for it, p in zip(items, preds)] +
-                               [{**it, **p} for it, p in zip(probes, probe_preds)])
-        print(f"predictions written to {args.out}")
+def llava_med_closed(prediction, truth):
+    """LLaVA-Med's closed rule: a miss unless 'yes' or 'no' is a substring of the prediction, then a hit
+    iff the ground truth is a substring of it."""
+    gt, pred = " ".join(normalize(truth)), " ".join(normalize(prediction))
+    return float(("yes" in pred or "no" in pred) and gt in pred)
+
+
+def llava_med_open(prediction, truth):
+    """LLaVA-Med's open recall tp / (tp + fn): tp counts the prediction's occurrences of every word it
+    shares with the ground truth, fn the ground-truth occurrences of words the prediction lacks."""
+    pred, gt = Counter(normalize(prediction)), Counter(normalize(truth))
+    tp = sum(n for w, n in pred.items() if w in gt)
+    fn = sum(n for w, n in gt.items() if w not in pred)
+    return tp / (tp + fn) if tp + fn else 0.0
+
+
+def bleu(predictions, references, max_n=4, tokenize=None):
+    """Corpus BLEU-1..max_n. references: one string or a list of strings per prediction; tokenize: str -> tokens
+    (`report_tokens` by default)."""
+    tokenize = tokenize or report_tokens
+    tiny, small = 1e-15, 1e-9  # pycocoevalcap's guards against log(0)
+    match, total = [0] * max_n, [0] * max_n
+    cand_len = ref_len = 0
+    for pred, refs in zip(predictions, references):
+        refs = [refs] if isinstance(refs, str) else refs
+        c = tokenize(pred)
+        rs = [tokenize(r) for r in refs]
+        cand_len += len(c)
+        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]  # closest reference length
+        for n in range(1, max_n + 1):
+            grams = Counter(tuple(c[i:i + n]) for i in range(len(c) - n + 1))
+            best = Counter()
+            for r in rs:
+                best |= Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            match[n - 1] += sum((grams & best).values())
+            total[n - 1] += max(len(c) - n + 1, 0)
+    bp = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / max(cand_len, tiny))
+    scores, log_sum = [], 0.0
+    for n in range(max_n):
+        log_sum += math.log((match[n] + tiny) / (total[n] + small))
+        scores.append(bp * math.exp(log_sum / (n + 1)))
+    return scores
+
+
+def rouge_l(predictions, references, beta=1.2, tokenize=None):
+    """Mean over predictions of the LCS F-measure against the best-matching references (`report_tokens` by default)."""
+    tokenize, scores = tokenize or report_tokens, []
+    for pred, refs in zip(predictions, references):
+        refs = [refs] if isinstance(refs, str) else refs
+        c = tokenize(pred)
+        precs, recs = [], []
+        for r in refs:
+            r = tokenize(r)
+            lcs = _lcs(c, r)
+            precs.append(lcs / len(c) if c else 0.0)
+            recs.append(lcs / len(r) if r else 0.0)
+        p, r = max(precs), max(recs)
+        scores.append((1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p > 0 and r > 0 else 0.0)
+    return sum(scores) / max(len(scores), 1)
+
+
+def _lcs(a, b):
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def report_tokens(text):
+    """Report tokens as pycocoevalcap's PTB tokenizer leaves them: lower-case, punctuation tokens removed,
+    articles and numbers kept; a word with an inner hyphen or apostrophe stays one token ("x-ray")."""
+    return re.findall(r"[^\W_]+(?:['-][^\W_]+)*", str(text).lower())
+
+
+def normalize(text):
+    """VQA answer tokens: lower-case, punctuation to spaces, articles dropped, number words to digits."""
+    words = re.sub(r"[^\w\s]", " ", str(text).lower()).split()
+    return [NUMBERS.get(w, w) for w in words if w not in ARTICLES]
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ COMMON = {"--objective", "--out", "--run-name", "--resume", "--seed", "--model",
           "--batch-size", "--lora-r"}
 
 
+def parse_args(argv=None, objectives=None):
+    """The flags, checked; `objectives` (train.OBJECTIVES) names the choices of --objective and what each implies."""
+    ap = get_parser(objectives or OBJECTIVE_HELP)
+    args = ap.parse_args(argv)
+    check_args(ap, args, objectives)
+    return args
+
+
 def get_parser(objectives=OBJECTIVE_HELP):
     ap = argparse.ArgumentParser(description="Clinical-aware multimodal preference optimization (MMedPO, HSCR, FiRe-MPO)",
                                  usage="python train.py [--objective NAME] [--out DIR] [FLAG ...]   (the flags most "
@@ -86,7 +94,7 @@ def run_and_model_flags(a):
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
     a("--max-length", type=number(int, 8), default=None, help="prompt+response tokens (default: the model's context)")
-    # the tiny base model (only without --model): built once with the SFT warm-up, then reused
+    # the tiny base model (only without --model): built once (vision pretraining, then the SFT warm-up), then reused
     a("--base", default="assets/tiny-base", help="folder of the tiny base model (reused if present, else built)")
     a("--rebuild-base", action="store_true", help="build the tiny base again even if --base exists")
     a("--base-only", action="store_true", help="stop after building the base model")
@@ -179,11 +187,6 @@ def optimisation_flags(a):
     a("--seed", type=NONNEG_INT, default=0)
 
 
-def inside(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def check_args(ap, args, objectives=None):
     """What argparse's types cannot see: combinations, paths, specs. Resolves the derived values; an
     objective's `overrides` set their flags, and one without `released_pairs` refuses --pairs."""
@@ -249,9 +252,6 @@ def check_args(ap, args, objectives=None):
     args.max_new_tokens = args.max_new_tokens or eval_cap
 
 
-def parse_args(argv=None, objectives=None):
-    """The flags, checked; `objectives` (train.OBJECTIVES) names the choices of --objective and what each implies."""
-    ap = get_parser(objectives or OBJECTIVE_HELP)
-    args = ap.parse_args(argv)
-    check_args(ap, args, objectives)
-    return args
+def inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

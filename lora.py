@@ -159,15 +159,6 @@ def save_adapter(model, path, base_model_name_or_path="", task_type="CAUSAL_LM")
         os.replace(tmp, os.path.join(path, name))
 
 
-def lora_state_dict(model):
-    """{module path}.lora_A.weight / .lora_B.weight -> tensor, for every adapter (no other keys)."""
-    sd = {}
-    for name, m in lora_layers(model):
-        sd[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        sd[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
-    return sd
-
-
 def load_adapter(model, path):
     """Load a PEFT-format LoRA adapter into `model`. If the model has no LoRA layers yet they are
     added from adapter_config.json. Every key must match an adapter of the right shape and every
@@ -217,6 +208,15 @@ def load_lora_state_dict(model, state, where="state dict"):
             module_name, _, which = name.rpartition(".lora_")  # "...q_proj", "A.weight"
             target = modules[module_name].lora_A if which.startswith("A") else modules[module_name].lora_B
             target.weight.copy_(value)
+
+
+def lora_state_dict(model):
+    """{module path}.lora_A.weight / .lora_B.weight -> tensor, for every adapter (no other keys)."""
+    sd = {}
+    for name, m in lora_layers(model):
+        sd[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        sd[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return sd
 
 
 def lora_layers(model):

@@ -4,8 +4,8 @@ loss per objective (MMedPO's weighted DPO, HSCR's multi-level loss, FiRe-MPO's t
 Pure tensor functions, torch only: copy this file into another project and it works. Every loss
 returns per-example losses (the caller reduces, e.g. with .mean()) and the detached rewards it logs.
 
+    sequence_logps(logits, labels)          log pi(y | x), the sum of token_logps over the response
     token_logps(logits, labels)             log pi(y_t | y_<t, x) per response token, and its mask
-    sequence_logps(logits, labels)          their sum over the response
     normalize_scores(scores)                Z(.) of the paper (Sec. 3.3, App. B)
     mmedpo_loss(...)                        weighted DPO, paper Eq. 3
     hscr_step_scores(full, dropped, tokens) HSCR's logit shift and implicit reward per step (our reading)
@@ -21,8 +21,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 IGNORE_INDEX = -100  # label value of prompt, image and padding positions
+
+
+def sequence_logps(logits, labels):
+    """Summed log-probability of the response tokens of each sequence: (B,) float32.
+
+    The masked sum of `token_logps`; not length-normalized, as in DPO (Rafailov et al. 2023) and
+    TRL's `sigmoid` loss. Shapes and conventions as in `token_logps` (below).
+    """
+    logps, _ = token_logps(logits, labels)
+    return logps.sum(-1)
 
 
 def token_logps(logits, labels):
@@ -47,16 +56,6 @@ def token_logps(logits, labels):
     safe_targets = targets.masked_fill(~mask, 0)  # any valid index; masked out below
     logps = torch.gather(logits.log_softmax(-1), 2, safe_targets.unsqueeze(-1)).squeeze(-1)
     return logps * mask, mask
-
-
-def sequence_logps(logits, labels):
-    """Summed log-probability of the response tokens of each sequence: (B,) float32.
-
-    The masked sum of `token_logps`; not length-normalized, as in DPO (Rafailov et al. 2023) and
-    TRL's `sigmoid` loss. Shapes and conventions as in `token_logps`.
-    """
-    logps, _ = token_logps(logits, labels)
-    return logps.sum(-1)
 
 
 def normalize_scores(scores, mu=1.0, var=0.1, lo=0.75, hi=1.25):

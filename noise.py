@@ -27,20 +27,6 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # the noise
 
-def diffusion_schedule(T=1000, beta_start=1e-5, beta_end=5e-3):
-    """Sigmoid beta schedule of POVID / the official MMedPO noiser.
-
-    beta_t = sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
-    returns (betas, alphas_cumprod), both (T,) float64; alphas_cumprod[k] = prod_{t<=k} (1 - beta_t).
-    With the defaults alphas_cumprod[500] = 0.7448: inside the lesion the image keeps 86 % of
-    its amplitude and gets Gaussian noise of std 0.505 (pixel scale [0, 1]).
-    """
-    if T < 1:
-        raise ValueError(f"T must be >= 1, got {T}")
-    betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
-    return betas, torch.cumprod(1.0 - betas, dim=0)
-
-
 def localized_noise(images, heatmap, k=500, generator=None, alphas_cumprod=None):
     """Noise `images` where `heatmap` is high, leave them alone where it is 0.
 
@@ -75,6 +61,20 @@ def localized_noise(images, heatmap, k=500, generator=None, alphas_cumprod=None)
     return math.sqrt(abar) * (images * h) + math.sqrt(1.0 - abar) * (eps * h) + images * (1.0 - h)
 
 
+def diffusion_schedule(T=1000, beta_start=1e-5, beta_end=5e-3):
+    """Sigmoid beta schedule of POVID / the official MMedPO noiser.
+
+    beta_t = sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
+    returns (betas, alphas_cumprod), both (T,) float64; alphas_cumprod[k] = prod_{t<=k} (1 - beta_t).
+    With the defaults alphas_cumprod[500] = 0.7448: inside the lesion the image keeps 86 % of
+    its amplitude and gets Gaussian noise of std 0.505 (pixel scale [0, 1]).
+    """
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    return betas, torch.cumprod(1.0 - betas, dim=0)
+
+
 # -----------------------------------------------------------------------------
 # heatmaps
 
@@ -98,22 +98,6 @@ def heatmap_from_boxes(boxes, height, width):
             raise ValueError(f"box {i} is empty or inverted: {box!r}")
         h[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)] = 1.0
     return h
-
-
-def gaussian_blur(image, sigma):
-    """Separable Gaussian blur of an (H, W) float tensor, reflect padding, radius ceil(3 sigma)."""
-    if sigma <= 0:
-        return image.clone()
-    H, W = image.shape
-    radius = max(1, min(int(math.ceil(3 * sigma)), H - 1, W - 1))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(image.dtype)
-    x = image[None, None]                                   # (1, 1, H, W)
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))               # along W
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))               # along H
-    return x[0, 0]
 
 
 def smooth_heatmap(heatmap, sigma):
@@ -148,19 +132,6 @@ def lesion_coverage(heatmap, mask):
     m = torch.as_tensor(np.asarray(mask)).float()
     total = m.sum()
     return float((torch.as_tensor(heatmap).float() * m).sum() / total) if total > 0 else 0.0
-
-
-def blob_isotropy(g):
-    """Per pixel, how round a bright structure of the smoothed image g (H, W) is, in [0, 1]: with
-    l1 <= l2 the eigenvalues of the Hessian, l2 / l1 where both are negative (a bright blob curves
-    down in every direction: ~1), 0 on a ridge (l2 ~ 0), a saddle or a dark spot."""
-    gy, gx = torch.gradient(g)
-    gyy, gyx = torch.gradient(gy)
-    gxy, gxx = torch.gradient(gx)
-    half_trace = (gxx + gyy) / 2
-    root = torch.sqrt(((gxx - gyy) / 2) ** 2 + ((gxy + gyx) / 2) ** 2)
-    l1, l2 = half_trace - root, half_trace + root
-    return torch.where(l1 < 0, (l2 / l1.clamp(max=-1e-12)).clamp(0, 1), torch.zeros_like(g))
 
 
 def detect_lesions(image, sigmas=None, ratio=1.6, threshold=0.2):
@@ -206,22 +177,17 @@ def detect_lesions(image, sigmas=None, ratio=1.6, threshold=0.2):
     return heatmap, confidence
 
 
-class LesionClassifier(torch.nn.Module):
-    """A trained visual tool, as MedKLIP is the paper's: a small CNN that says which of K findings an
-    image (N, 1, H, W) in [0, 1] holds. returns logits (N, K). `occlusion_heatmap` says where."""
-
-    def __init__(self, n_findings, width=16):
-        super().__init__()
-        c, relu = torch.nn.Conv2d, torch.nn.ReLU
-        self.features = torch.nn.Sequential(
-            c(1, width, 3, padding=1), relu(), torch.nn.MaxPool2d(2),
-            c(width, 2 * width, 3, padding=1), relu(), c(2 * width, 2 * width, 3, padding=1), relu(), torch.nn.MaxPool2d(2),
-            c(2 * width, 4 * width, 3, padding=1), relu(), c(4 * width, 4 * width, 3, padding=1), relu())
-        self.head = torch.nn.Linear(4 * width, n_findings)
-
-    def forward(self, x):
-        f = self.features(x)                                    # (N, C, H/4, W/4)
-        return self.head(f.amax((2, 3)))                        # max-pooled: a finding anywhere counts
+def blob_isotropy(g):
+    """Per pixel, how round a bright structure of the smoothed image g (H, W) is, in [0, 1]: with
+    l1 <= l2 the eigenvalues of the Hessian, l2 / l1 where both are negative (a bright blob curves
+    down in every direction: ~1), 0 on a ridge (l2 ~ 0), a saddle or a dark spot."""
+    gy, gx = torch.gradient(g)
+    gyy, gyx = torch.gradient(gy)
+    gxy, gxx = torch.gradient(gx)
+    half_trace = (gxx + gyy) / 2
+    root = torch.sqrt(((gxx - gyy) / 2) ** 2 + ((gxy + gyx) / 2) ** 2)
+    l1, l2 = half_trace - root, half_trace + root
+    return torch.where(l1 < 0, (l2 / l1.clamp(max=-1e-12)).clamp(0, 1), torch.zeros_like(g))
 
 
 def train_lesion_classifier(images, labels, steps=600, batch_size=64, lr=2e-3, seed=0, log=None):
@@ -278,6 +244,24 @@ def occlusion_heatmap(classifier, image, patch=None, stride=None, threshold=0.2)
     return torch.where(heat >= threshold, heat, torch.zeros_like(heat)), float(probs.max())
 
 
+class LesionClassifier(torch.nn.Module):
+    """A trained visual tool, as MedKLIP is the paper's: a small CNN that says which of K findings an
+    image (N, 1, H, W) in [0, 1] holds. returns logits (N, K). `occlusion_heatmap` says where."""
+
+    def __init__(self, n_findings, width=16):
+        super().__init__()
+        c, relu = torch.nn.Conv2d, torch.nn.ReLU
+        self.features = torch.nn.Sequential(
+            c(1, width, 3, padding=1), relu(), torch.nn.MaxPool2d(2),
+            c(width, 2 * width, 3, padding=1), relu(), c(2 * width, 2 * width, 3, padding=1), relu(), torch.nn.MaxPool2d(2),
+            c(2 * width, 4 * width, 3, padding=1), relu(), c(4 * width, 4 * width, 3, padding=1), relu())
+        self.head = torch.nn.Linear(4 * width, n_findings)
+
+    def forward(self, x):
+        f = self.features(x)                                    # (N, C, H/4, W/4)
+        return self.head(f.amax((2, 3)))                        # max-pooled: a finding anywhere counts
+
+
 def attention_heatmap(attentions, image_positions, answer_positions, image_size, sigma=None):
     """Where the model looked: attention from the answer tokens to the image tokens, on the image.
 
@@ -316,3 +300,19 @@ def attention_heatmap(attentions, image_positions, answer_positions, image_size,
     lo, hi = up.min(), up.max()
     heatmap = (up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)
     return heatmap.float(), float(share.max())
+
+
+def gaussian_blur(image, sigma):
+    """Separable Gaussian blur of an (H, W) float tensor, reflect padding, radius ceil(3 sigma)."""
+    if sigma <= 0:
+        return image.clone()
+    H, W = image.shape
+    radius = max(1, min(int(math.ceil(3 * sigma)), H - 1, W - 1))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(image.dtype)
+    x = image[None, None]                                   # (1, 1, H, W)
+    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))               # along W
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))               # along H
+    return x[0, 0]

@@ -23,6 +23,95 @@ from noise import heatmap_from_boxes
 from rule_judge import clean_answer, words
 
 
+DOWNLOAD_HINTS = {
+    "slake": "SLAKE (https://www.med-vqa.com/slake/): the folder holding train.json, test.json and imgs/",
+    "vqa-rad": "VQA-RAD (https://osf.io/89kps/): the folder holding 'VQA_RAD Dataset Public.json' and "
+               "'VQA_RAD Image Folder/'",
+    "iu-xray": "IU-Xray as prepared by R2Gen: the folder holding annotation.json and images/",
+    "mimic-cxr": "MIMIC-CXR as prepared by R2Gen (credentialed access on PhysioNet): the folder holding "
+                 "annotation.json and images/",
+}
+
+
+REPORT_PROMPTS = ["Describe the following image in detail.", "Please describe this chest X-ray in detail.",
+                  "Write the findings of this radiograph.", "What does this chest X-ray show? Describe it in detail."]
+
+
+def load_slake(root, split="train", log=print):
+    """SLAKE English records of `split` (train, validation, test). returns (items, FileStore)."""
+    with open(_need(os.path.join(root, f"{split}.json"), "slake")) as f:
+        records = json.load(f)
+    items, skipped, masks = [], Counter(), {}
+    for n, r in enumerate(records):
+        if r.get("q_lang", "en") != "en":
+            skipped["not English"] += 1
+            continue
+        answer = str(r.get("answer", "")).strip()
+        image_id = os.path.join("imgs", str(r.get("img_name", "")))
+        if not _usable(root, image_id, answer, skipped, log, f"{root}/{split}.json record {n}"):
+            continue
+        folder = os.path.join(root, os.path.dirname(image_id))
+        masks[image_id] = tuple(p if os.path.isfile(p) else None for p in
+                                (os.path.join(folder, "mask.png"), os.path.join(folder, "detection.json")))
+        items.append(_vqa_item(f"slake-{r.get('qid', n)}", image_id, r, answer, str(r.get("answer_type", "open")).lower()))
+    _report(f"SLAKE {split}", len(items), skipped, log)
+    return items, FileStore(root, masks)
+
+
+def load_vqa_rad(root, split="train", log=print):
+    """VQA-RAD; the test split is the records whose phrase_type starts with 'test'. returns (items, FileStore)."""
+    with open(_need(os.path.join(root, "VQA_RAD Dataset Public.json"), "vqa-rad")) as f:
+        records = json.load(f)
+    image_dir = "VQA_RAD Image Folder"
+    items, skipped = [], Counter()
+    for n, r in enumerate(records):
+        if str(r.get("phrase_type", "")).startswith("test") != (split == "test"):
+            continue
+        answer = str(r.get("answer", "")).strip()
+        image_id = os.path.join(image_dir, str(r.get("image_name", "")))
+        if not _usable(root, image_id, answer, skipped, log, f"VQA-RAD record {n}"):
+            continue
+        items.append(_vqa_item(f"vqarad-{r.get('qid', n)}", image_id, r, answer, str(r.get("question_type", "open")).lower()))
+    _report(f"VQA-RAD {split}", len(items), skipped, log)
+    return items, FileStore(root)
+
+
+def load_iu_xray(root, split="train", log=print):
+    return load_r2gen(root, split, log, "iu-xray")
+
+
+def load_mimic_cxr(root, split="train", log=print):
+    return load_r2gen(root, split, log, "mimic-cxr")
+
+
+def load_r2gen(root, split="train", log=print, name="iu-xray"):
+    """A report-generation set in R2Gen's layout (annotation.json {train|val|test: [{id, report,
+    image_path: [...]}]} and images/): IU-Xray, or MIMIC-CXR, whose R2Gen annotation has the same
+    layout. One item per study, its first image, the report as the answer, and a prompt paraphrasing
+    'Describe the following image in detail.'"""
+    title, prefix = {"iu-xray": ("IU-Xray", "iu"), "mimic-cxr": ("MIMIC-CXR", "mimic")}[name]
+    with open(_need(os.path.join(root, "annotation.json"), name)) as f:
+        records = json.load(f).get(split, [])
+    items, skipped = [], Counter()
+    for n, r in enumerate(records):
+        report = str(r.get("report", "")).strip()
+        paths = r.get("image_path") or []
+        if not report:
+            skipped["no report"] += 1
+            continue
+        if not paths or not os.path.isfile(os.path.join(root, "images", paths[0])):
+            skipped["missing image"] += 1
+            continue
+        items.append({"id": f"{prefix}-{r.get('id', n)}", "image_id": os.path.join("images", paths[0]),
+                      "question": REPORT_PROMPTS[n % len(REPORT_PROMPTS)], "answer": report, "type": "report",
+                      "qtype": "report"})
+    _report(f"{title} {split}", len(items), skipped, log)
+    return items, FileStore(root)
+
+
+LOADERS = {"slake": load_slake, "vqa-rad": load_vqa_rad, "iu-xray": load_iu_xray, "mimic-cxr": load_mimic_cxr}
+
+
 class FileStore(data.ImageStore):
     """Images of a dataset on disk; image_id is the path relative to `root`. Medical images are
     handled as grayscale. `masks` maps image_id -> (mask.png path or None, detection.json path or
@@ -72,20 +161,6 @@ def slake_boxes(path):
     return boxes
 
 
-DOWNLOAD_HINTS = {
-    "slake": "SLAKE (https://www.med-vqa.com/slake/): the folder holding train.json, test.json and imgs/",
-    "vqa-rad": "VQA-RAD (https://osf.io/89kps/): the folder holding 'VQA_RAD Dataset Public.json' and "
-               "'VQA_RAD Image Folder/'",
-    "iu-xray": "IU-Xray as prepared by R2Gen: the folder holding annotation.json and images/",
-    "mimic-cxr": "MIMIC-CXR as prepared by R2Gen (credentialed access on PhysioNet): the folder holding "
-                 "annotation.json and images/",
-}
-
-
-REPORT_PROMPTS = ["Describe the following image in detail.", "Please describe this chest X-ray in detail.",
-                  "Write the findings of this radiograph.", "What does this chest X-ray show? Describe it in detail."]
-
-
 def _need(path, name):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found. Download {DOWNLOAD_HINTS[name]}, and pass it with --data-dir")
@@ -113,135 +188,6 @@ def _vqa_item(item_id, image_id, record, answer, qtype):
 def _report(name, n_kept, skipped, log):
     if skipped:
         log(f"{name}: kept {n_kept} records, skipped " + ", ".join(f"{v} ({k})" for k, v in sorted(skipped.items())))
-
-
-def load_slake(root, split="train", log=print):
-    """SLAKE English records of `split` (train, validation, test). returns (items, FileStore)."""
-    with open(_need(os.path.join(root, f"{split}.json"), "slake")) as f:
-        records = json.load(f)
-    items, skipped, masks = [], Counter(), {}
-    for n, r in enumerate(records):
-        if r.get("q_lang", "en") != "en":
-            skipped["not English"] += 1
-            continue
-        answer = str(r.get("answer", "")).strip()
-        image_id = os.path.join("imgs", str(r.get("img_name", "")))
-        if not _usable(root, image_id, answer, skipped, log, f"{root}/{split}.json record {n}"):
-            continue
-        folder = os.path.join(root, os.path.dirname(image_id))
-        masks[image_id] = tuple(p if os.path.isfile(p) else None for p in
-                                (os.path.join(folder, "mask.png"), os.path.join(folder, "detection.json")))
-        items.append(_vqa_item(f"slake-{r.get('qid', n)}", image_id, r, answer, str(r.get("answer_type", "open")).lower()))
-    _report(f"SLAKE {split}", len(items), skipped, log)
-    return items, FileStore(root, masks)
-
-
-def load_vqa_rad(root, split="train", log=print):
-    """VQA-RAD; the test split is the records whose phrase_type starts with 'test'. returns (items, FileStore)."""
-    with open(_need(os.path.join(root, "VQA_RAD Dataset Public.json"), "vqa-rad")) as f:
-        records = json.load(f)
-    image_dir = "VQA_RAD Image Folder"
-    items, skipped = [], Counter()
-    for n, r in enumerate(records):
-        if str(r.get("phrase_type", "")).startswith("test") != (split == "test"):
-            continue
-        answer = str(r.get("answer", "")).strip()
-        image_id = os.path.join(image_dir, str(r.get("image_name", "")))
-        if not _usable(root, image_id, answer, skipped, log, f"VQA-RAD record {n}"):
-            continue
-        items.append(_vqa_item(f"vqarad-{r.get('qid', n)}", image_id, r, answer, str(r.get("question_type", "open")).lower()))
-    _report(f"VQA-RAD {split}", len(items), skipped, log)
-    return items, FileStore(root)
-
-
-def load_r2gen(root, split="train", log=print, name="iu-xray"):
-    """A report-generation set in R2Gen's layout (annotation.json {train|val|test: [{id, report,
-    image_path: [...]}]} and images/): IU-Xray, or MIMIC-CXR, whose R2Gen annotation has the same
-    layout. One item per study, its first image, the report as the answer, and a prompt paraphrasing
-    'Describe the following image in detail.'"""
-    title, prefix = {"iu-xray": ("IU-Xray", "iu"), "mimic-cxr": ("MIMIC-CXR", "mimic")}[name]
-    with open(_need(os.path.join(root, "annotation.json"), name)) as f:
-        records = json.load(f).get(split, [])
-    items, skipped = [], Counter()
-    for n, r in enumerate(records):
-        report = str(r.get("report", "")).strip()
-        paths = r.get("image_path") or []
-        if not report:
-            skipped["no report"] += 1
-            continue
-        if not paths or not os.path.isfile(os.path.join(root, "images", paths[0])):
-            skipped["missing image"] += 1
-            continue
-        items.append({"id": f"{prefix}-{r.get('id', n)}", "image_id": os.path.join("images", paths[0]),
-                      "question": REPORT_PROMPTS[n % len(REPORT_PROMPTS)], "answer": report, "type": "report",
-                      "qtype": "report"})
-    _report(f"{title} {split}", len(items), skipped, log)
-    return items, FileStore(root)
-
-
-def load_iu_xray(root, split="train", log=print):
-    return load_r2gen(root, split, log, "iu-xray")
-
-
-def load_mimic_cxr(root, split="train", log=print):
-    return load_r2gen(root, split, log, "mimic-cxr")
-
-
-LOADERS = {"slake": load_slake, "vqa-rad": load_vqa_rad, "iu-xray": load_iu_xray, "mimic-cxr": load_mimic_cxr}
-
-
-def recover_chosen(text):
-    """The true answer inside a released *chosen* answer that carries leaked curation scaffolding, or
-    None when it cannot be told for sure. Two shapes are recovered: 'Question: ...\n Yes' (the answer
-    is the last line) and '...-Original Answer: X\n-Candidate Answer1: ...\n\n X' (the last line,
-    only when it equals the Original Answer value)."""
-    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
-    if len(lines) < 2 or clean_answer(lines[-1]) is None:
-        return None
-    last = clean_answer(lines[-1])
-    original = re.search(r"original answer\s*:\s*(.+)", text, re.I)
-    if original:
-        return last if words(original.group(1)) == words(last) else None
-    if len(lines) == 2 and re.match(r"question\s*:", lines[0], re.I):
-        return last
-    return None
-
-
-def image_problem(path):
-    """Why `path` is no usable image, read from its header only (nothing decoded, nothing kept), or None."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "not found"
-    if not stat.S_ISREG(mode):
-        return "not a regular file"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
-        return f"unreadable ({type(e).__name__}: {e})"
-    return None
-
-
-def released_record_problem(turns, roles, record, images_dir):
-    """Why a released record cannot be a pair, or None: text that is not clean (a NUL, a lone surrogate,
-    an <image> tag inside an answer), roles out of order, a rejected answer to another question, or a
-    rejected image that is the image itself (a visual pair would then teach nothing)."""
-    texts = [t["value"] for t in turns] + [str(record.get("image", "")), str(record.get("rejected_image") or "")]
-    if not all(isinstance(t, str) for t in texts):
-        return "a turn that is not text"
-    if any("\x00" in t or any(0xD800 <= ord(c) <= 0xDFFF for c in t) for t in texts):
-        return "a NUL or a lone surrogate in its text or image name"
-    if any("<image>" in turns[i]["value"] for i in (1, 3)):
-        return "an <image> tag inside an answer"
-    if roles != ["human", "gpt", "human", "gpt"]:
-        return f"roles {roles}, expected human, gpt in both conversations"
-    if " ".join(turns[0]["value"].split()) != " ".join(turns[2]["value"].split()):
-        return "the rejected answer answers another question"
-    if record.get("rejected_image") and os.path.realpath(os.path.join(images_dir, str(record["rejected_image"]))) == \
-            os.path.realpath(os.path.join(images_dir, str(record.get("image", "")))):
-        return "its rejected image is the image itself"
-    return None
 
 
 def read_released_pairs(path, images_dir, log=print):
@@ -312,10 +258,63 @@ def read_released_pairs(path, images_dir, log=print):
     return pairs, skipped
 
 
+def released_record_problem(turns, roles, record, images_dir):
+    """Why a released record cannot be a pair, or None: text that is not clean (a NUL, a lone surrogate,
+    an <image> tag inside an answer), roles out of order, a rejected answer to another question, or a
+    rejected image that is the image itself (a visual pair would then teach nothing)."""
+    texts = [t["value"] for t in turns] + [str(record.get("image", "")), str(record.get("rejected_image") or "")]
+    if not all(isinstance(t, str) for t in texts):
+        return "a turn that is not text"
+    if any("\x00" in t or any(0xD800 <= ord(c) <= 0xDFFF for c in t) for t in texts):
+        return "a NUL or a lone surrogate in its text or image name"
+    if any("<image>" in turns[i]["value"] for i in (1, 3)):
+        return "an <image> tag inside an answer"
+    if roles != ["human", "gpt", "human", "gpt"]:
+        return f"roles {roles}, expected human, gpt in both conversations"
+    if " ".join(turns[0]["value"].split()) != " ".join(turns[2]["value"].split()):
+        return "the rejected answer answers another question"
+    if record.get("rejected_image") and os.path.realpath(os.path.join(images_dir, str(record["rejected_image"]))) == \
+            os.path.realpath(os.path.join(images_dir, str(record.get("image", "")))):
+        return "its rejected image is the image itself"
+    return None
+
+
+def image_problem(path):
+    """Why `path` is no usable image, read from its header only (nothing decoded, nothing kept), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "not found"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def recover_chosen(text):
+    """The true answer inside a released *chosen* answer that carries leaked curation scaffolding, or
+    None when it cannot be told for sure. Two shapes are recovered: 'Question: ...\n Yes' (the answer
+    is the last line) and '...-Original Answer: X\n-Candidate Answer1: ...\n\n X' (the last line,
+    only when it equals the Original Answer value)."""
+    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
+    if len(lines) < 2 or clean_answer(lines[-1]) is None:
+        return None
+    last = clean_answer(lines[-1])
+    original = re.search(r"original answer\s*:\s*(.+)", text, re.I)
+    if original:
+        return last if words(original.group(1)) == words(last) else None
+    if len(lines) == 2 and re.match(r"question\s*:", lines[0], re.I):
+        return last
+    return None
+
+
 def export_pairs(pairs, path):
     """Our pairs in the layout other DPO tools read: {prompt, chosen, rejected, images} per line
     (prompt with the <image> placeholder), plus rejected_images and weight for tools that use them."""
     write_jsonl(path, [{"prompt": "<image>\n" + p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
                         "images": [p["image"]], "rejected_images": [p["rejected_image"] or p["image"]],
                         "weight": p.get("weight")} for p in pairs])
-

@@ -114,28 +114,6 @@ LEAK = re.compile(r"(original|candidate|ground[- ]?truth|reference|hallucinated|
                   r"|^\s*-?\s*question\s*:|\btask\s*:|as an ai\b", re.I | re.M)
 
 
-def words(text):
-    """Lower-case word tokens; hyphens and punctuation split words ("T1-weighted" -> t1 weighted)."""
-    return re.findall(r"[a-z0-9]+", text.lower().replace("x-ray", "xray"))
-
-
-def polarity(text):
-    w = words(text)
-    return w[0] if w and w[0] in ("yes", "no") else None
-
-
-def is_gibberish(text):
-    w = words(text)
-    known = [t for t in w if t in COMMON or t in MEDICAL or t in NEGATIONS or t.isdigit()]
-    vowel_less = [t for t in w if len(t) > 3 and not re.search(r"[aeiouy]", t)]
-    return not w or (len(known) / len(w) < 0.25 and len(vowel_less) > 0) or len(known) == 0 and len(w) > 2
-
-
-def slot_values(text):
-    w = set(words(text))
-    return {slot: w & set(vocab.split()) for slot, vocab in SLOTS.items()}
-
-
 # how believable and clinically consequential a changed slot is, 0-10: heuristic severity tables, not
 # medical judgment. "standard" follows the authors' released scores (a flipped yes/no, side, plane or
 # modality 0.8-1.0); "lenient" and "strict" are two more judges' views, for a consensus among several.
@@ -190,16 +168,11 @@ def rule_score(question, truth, answer, severity="standard"):
     return max(3, min(score, 10))
 
 
-def _same_case(model, text):
-    """`text` with its first letter upper-case iff `model`'s is (so style gives nothing away)."""
-    return (text[0].upper() if model[:1].isupper() else text[0].lower()) + text[1:] if text else text
-
-
-def _replace_word(text, old, new):
-    def repl(m):
-        w = m.group(0)
-        return new.capitalize() if w[0].isupper() else new
-    return re.sub(rf"\b{re.escape(old)}\b", repl, text, flags=re.I)
+def is_gibberish(text):
+    w = words(text)
+    known = [t for t in w if t in COMMON or t in MEDICAL or t in NEGATIONS or t.isdigit()]
+    vowel_less = [t for t in w if len(t) > 3 and not re.search(r"[aeiouy]", t)]
+    return not w or (len(known) / len(w) < 0.25 and len(vowel_less) > 0) or len(known) == 0 and len(w) > 2
 
 
 def inject_hallucination(question, truth, seed=0):
@@ -225,6 +198,13 @@ def inject_hallucination(question, truth, seed=0):
     systems = sorted({SYSTEM_OF[x] for x in words(question) + words(truth) if x in SYSTEM_OF})
     choices = [f for f in FALLBACK_FINDINGS[systems[0] if systems else None] if words(f) != words(truth)]
     return _same_case(truth, rng.choice(choices))
+
+
+def _replace_word(text, old, new):
+    def repl(m):
+        w = m.group(0)
+        return new.capitalize() if w[0].isupper() else new
+    return re.sub(rf"\b{re.escape(old)}\b", repl, text, flags=re.I)
 
 
 def rule_edit(question, truth, answer):
@@ -273,8 +253,9 @@ def rule_edit(question, truth, answer):
     return truth, "rewritten: no slot to swap"
 
 
-def sentences(text):
-    return [x.strip() for x in re.split(r"(?<=[.!?])\s+", text.strip()) if x.strip()]
+def slot_values(text):
+    w = set(words(text))
+    return {slot: w & set(vocab.split()) for slot, vocab in SLOTS.items()}
 
 
 def edit_sentences(truth, answer):
@@ -304,6 +285,10 @@ def edit_sentences(truth, answer):
     return " ".join(out + missing), "sentences " + ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
+def sentences(text):
+    return [x.strip() for x in re.split(r"(?<=[.!?])\s+", text.strip()) if x.strip()]
+
+
 def edit_finding_list(truth, answer):
     """'nodule and mass' style answers: (edited, how) keeping the answer's right findings, dropping its
     wrong ones and adding the missing ones, or None when either is not such a list."""
@@ -317,6 +302,11 @@ def edit_finding_list(truth, answer):
     if not add and len(keep) == len(items_a):
         return None
     return " and ".join(keep + add), f"findings kept {len(keep)}, dropped {len(items_a) - len(keep)}, added {len(add)}"
+
+
+def _same_case(model, text):
+    """`text` with its first letter upper-case iff `model`'s is (so style gives nothing away)."""
+    return (text[0].upper() if model[:1].isupper() else text[0].lower()) + text[1:] if text else text
 
 
 def clean_answer(text):
@@ -342,3 +332,13 @@ def edit_kind(answer, edited, truth):
     if removed & t or added - t or (len(a) > 3 and kept < len(a) / 2):
         return "rewritten"
     return "minimal"
+
+
+def polarity(text):
+    w = words(text)
+    return w[0] if w and w[0] in ("yes", "no") else None
+
+
+def words(text):
+    """Lower-case word tokens; hyphens and punctuation split words ("T1-weighted" -> t1 weighted)."""
+    return re.findall(r"[a-z0-9]+", text.lower().replace("x-ray", "xray"))

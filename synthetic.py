@@ -60,7 +60,8 @@ PRESENCE_YES = {"train": 0.3, "pref": 0.5, "val": 0.5, "test": 0.5}
 # Findings whose presence question the SFT split never confirms: "Is there a pneumothorax?" is asked there
 # only of images without one, while the reports and the "What abnormality" answers name it where it is. The
 # base then carries the finding in its image tokens but answers its presence question from the question
-# alone (per-finding AUROC about 0.5): a prior no threshold can fix, which only looking at the image undoes.
+# alone (the shipped base: pneumothorax AUROC 0.28, pair order 0.17, README): a prior no threshold can fix,
+# which only looking at the image undoes.
 NEVER_CONFIRMED = {"train": ("pneumothorax",)}
 
 
@@ -70,10 +71,116 @@ REPORT_PROMPT = "Describe the findings of this chest X-ray."
 VISUAL_TOOL_EPOCHS = 20  # passes of the lesion classifier over the SFT split (batch 64: 625 steps for 2,000 images)
 
 
-def _ellipse(xx, yy, cx, cy, rx, ry, soft):
-    """1 inside the ellipse, 0 outside, with an edge `soft` wide (anti-aliased at small sizes)."""
-    d = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
-    return 1.0 / (1.0 + np.exp((d - 1.0) / soft))
+def make_synthetic(n_images, seed=0, size=32, split="train", presence_yes=None):
+    """Deterministic per (seed, split). The split sets the presence prior (PRESENCE_YES: skewed in
+    'train', the SFT split; balanced in 'pref' and 'test') unless `presence_yes` is given. returns (images, qa):
+    images: [{image_id, pixels (H, W) float32, mask (H, W) uint8 union of findings, findings, report,
+              render_state: the pixel generator's state before this image, for `counterfactual_probes`}]
+    qa:     [{id, image_id, question, answer, type, qtype}]"""
+    rng = random.Random(f"{seed}-{split}")
+    nrng = np.random.default_rng(rng.randrange(2 ** 32))
+    images, qa = [], []
+    for i in range(n_images):
+        findings = sample_findings(rng)
+        render_state = nrng.bit_generator.state
+        pixels, masks = render_radiograph(findings, size, nrng)
+        image_id = f"{split}{i:05d}"
+        mask = np.zeros((size, size), np.uint8)
+        for m in masks:
+            mask |= m
+        images.append({"image_id": image_id, "pixels": pixels, "mask": mask, "findings": findings,
+                       "report": make_report(findings), "render_state": render_state})
+        yes = PRESENCE_YES.get(split, 0.5) if presence_yes is None else presence_yes
+        for j, (q, a, t, qt) in enumerate(make_questions(findings, rng, yes, NEVER_CONFIRMED.get(split, ()))):
+            qa.append({"id": f"{image_id}-{j}", "image_id": image_id, "question": q, "answer": a,
+                       "type": t, "qtype": qt})
+    return images, qa
+
+
+def counterfactual_probes(images, size, store=None, n=None):
+    """Counterfactual pairs for grounding: for each image with a lung finding (the first `n`), the same
+    image re-rendered without its first lung finding (every other random draw identical), and "Is there
+    a {kind}?" asked of both (yes, then no). An image-blind model answers both alike and gets no pair
+    right. The new images are added to `store` when given.
+    returns items [{id, image_id, question, answer, type: closed, qtype: presence, pair, finding}]."""
+    items, new = [], []
+    for im in images:
+        lung = [i for i, f in enumerate(im["findings"]) if f["kind"] != "cardiomegaly"]
+        if not lung or (n is not None and len(items) >= 2 * n):
+            continue
+        hide, kind = lung[0], im["findings"][lung[0]]["kind"]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = im["render_state"]
+        pixels, _ = render_radiograph(im["findings"], size, rng, hide=hide)
+        without = [f for i, f in enumerate(im["findings"]) if i != hide]
+        mask = np.zeros((size, size), np.uint8)
+        new.append({"image_id": f"{im['image_id']}-no{hide}", "pixels": pixels, "mask": mask, "findings": without,
+                    "report": make_report(without), "render_state": im["render_state"]})
+        for image_id, answer in ((im["image_id"], "yes"), (new[-1]["image_id"], "no")):
+            items.append({"id": f"cf-{image_id}", "image_id": image_id, "question": f"Is there a {kind}?",
+                          "answer": answer, "type": "closed", "qtype": "presence", "pair": im["image_id"], "finding": kind})
+    if store is not None:
+        store.add(new)
+    return items
+
+
+class SyntheticStore(data.ImageStore):
+    """Synthetic images by image_id; `path` writes the PNG under `folder` the first time it is asked.
+    Every image has its ground-truth lesion mask. `sft_images` (the SFT split) train the visual tool."""
+    has_masks = True
+
+    def __init__(self, images, folder, pad=False, sft_images=None):
+        self.by_id, self.folder, self.pad = {im["image_id"]: im for im in images}, folder, pad
+        self.sft_images, self.tools = sft_images, {}
+
+    def visual_tool(self, seed=0, log=print):
+        """The trained lesion classifier (`train_visual_tool` on the SFT split, once per seed) as a
+        heatmap tool: item -> (occlusion heatmap, confidence)."""
+        if not self.sft_images:
+            return super().visual_tool(seed, log)
+        if seed not in self.tools:
+            self.tools[seed] = train_visual_tool(self.sft_images, seed, log)
+        classifier = self.tools[seed]
+        tool = lambda item: noise.occlusion_heatmap(classifier, self.pixels(item["image_id"]))
+        tool.tool_name, tool.classifier = "classifier", classifier
+        return tool
+
+    def add(self, images):
+        self.by_id.update({im["image_id"]: im for im in images})
+
+    def path(self, image_id):
+        """The image's PNG, written the first time (atomically) or again if the file on disk is torn. Its
+        name holds a digest of its pixels: another seed's image of the same id is another file."""
+        path = os.path.join(self.folder, f"{image_id}-{self.digest(image_id)[:12]}.png")
+        if not data.readable_image(path):
+            data.save_png(data.to_pil(self.pixels(image_id)), path)
+        return path
+
+    def pixels(self, image_id):
+        return self.by_id[image_id]["pixels"]
+
+    def mask(self, image_id):
+        return self.by_id[image_id]["mask"]
+
+    def has_lesion(self, image_id):
+        return bool(self.by_id[image_id]["findings"])
+
+
+def sample_findings(rng):
+    """0-2 findings in distinct zones; cardiomegaly in about 40 % of images."""
+    findings = []
+    if rng.random() < 0.4:
+        findings.append({"kind": "cardiomegaly", "side": None, "level": None})
+    n_lung = rng.choice([0, 1, 1, 2]) if not findings else rng.choice([0, 1])
+    zones_used = set()
+    for kind in rng.sample(LUNG_KINDS, n_lung):
+        level = {"pleural effusion": "lower", "pneumothorax": "upper"}.get(kind) or rng.choice(LEVELS)
+        side = rng.choice(SIDES)
+        if (side, level) in zones_used:
+            side = SIDES[1 - SIDES.index(side)]
+        zones_used.add((side, level))
+        findings.append({"kind": kind, "side": side, "level": level})
+    return findings
 
 
 def render_radiograph(findings, size, rng, hide=None):
@@ -127,38 +234,10 @@ def render_radiograph(findings, size, rng, hide=None):
     return np.clip(img, 0, 1).astype(np.float32), masks
 
 
-def sample_findings(rng):
-    """0-2 findings in distinct zones; cardiomegaly in about 40 % of images."""
-    findings = []
-    if rng.random() < 0.4:
-        findings.append({"kind": "cardiomegaly", "side": None, "level": None})
-    n_lung = rng.choice([0, 1, 1, 2]) if not findings else rng.choice([0, 1])
-    zones_used = set()
-    for kind in rng.sample(LUNG_KINDS, n_lung):
-        level = {"pleural effusion": "lower", "pneumothorax": "upper"}.get(kind) or rng.choice(LEVELS)
-        side = rng.choice(SIDES)
-        if (side, level) in zones_used:
-            side = SIDES[1 - SIDES.index(side)]
-        zones_used.add((side, level))
-        findings.append({"kind": kind, "side": side, "level": level})
-    return findings
-
-
-def describe(f):
-    return "an enlarged heart" if f["kind"] == "cardiomegaly" else f"{f['kind']} in the {f['side']} {f['level']} zone"
-
-
-def make_report(findings):
-    """A short templated report: 'There is a nodule in the right upper zone. The heart size is
-    normal. No pleural effusion.'"""
-    lung = [f for f in findings if f["kind"] != "cardiomegaly"]
-    parts = [f"There is {'a ' if f['kind'] in ('nodule', 'mass') else ''}{describe(f)}." for f in lung]
-    parts.append("The heart is enlarged." if len(lung) < len(findings) else "The heart size is normal.")
-    if not any(f["kind"] == "pleural effusion" for f in findings):
-        parts.append("No pleural effusion.")
-    if not lung:
-        parts.append("The lungs are clear.")
-    return " ".join(parts)
+def _ellipse(xx, yy, cx, cy, rx, ry, soft):
+    """1 inside the ellipse, 0 outside, with an edge `soft` wide (anti-aliased at small sizes)."""
+    d = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
+    return 1.0 / (1.0 + np.exp((d - 1.0) / soft))
 
 
 def make_questions(findings, rng, presence_yes=0.5, never_confirmed=()):
@@ -187,77 +266,21 @@ def make_questions(findings, rng, presence_yes=0.5, never_confirmed=()):
     return qs
 
 
-def make_synthetic(n_images, seed=0, size=32, split="train", presence_yes=None):
-    """Deterministic per (seed, split). The split sets the presence prior (PRESENCE_YES: skewed in
-    'train', the SFT split; balanced in 'pref' and 'test') unless `presence_yes` is given. returns (images, qa):
-    images: [{image_id, pixels (H, W) float32, mask (H, W) uint8 union of findings, findings, report,
-              render_state: the pixel generator's state before this image, for `counterfactual_probes`}]
-    qa:     [{id, image_id, question, answer, type, qtype}]"""
-    rng = random.Random(f"{seed}-{split}")
-    nrng = np.random.default_rng(rng.randrange(2 ** 32))
-    images, qa = [], []
-    for i in range(n_images):
-        findings = sample_findings(rng)
-        render_state = nrng.bit_generator.state
-        pixels, masks = render_radiograph(findings, size, nrng)
-        image_id = f"{split}{i:05d}"
-        mask = np.zeros((size, size), np.uint8)
-        for m in masks:
-            mask |= m
-        images.append({"image_id": image_id, "pixels": pixels, "mask": mask, "findings": findings,
-                       "report": make_report(findings), "render_state": render_state})
-        yes = PRESENCE_YES.get(split, 0.5) if presence_yes is None else presence_yes
-        for j, (q, a, t, qt) in enumerate(make_questions(findings, rng, yes, NEVER_CONFIRMED.get(split, ()))):
-            qa.append({"id": f"{image_id}-{j}", "image_id": image_id, "question": q, "answer": a,
-                       "type": t, "qtype": qt})
-    return images, qa
+def make_report(findings):
+    """A short templated report: 'There is a nodule in the right upper zone. The heart size is
+    normal. No pleural effusion.'"""
+    lung = [f for f in findings if f["kind"] != "cardiomegaly"]
+    parts = [f"There is {'a ' if f['kind'] in ('nodule', 'mass') else ''}{describe(f)}." for f in lung]
+    parts.append("The heart is enlarged." if len(lung) < len(findings) else "The heart size is normal.")
+    if not any(f["kind"] == "pleural effusion" for f in findings):
+        parts.append("No pleural effusion.")
+    if not lung:
+        parts.append("The lungs are clear.")
+    return " ".join(parts)
 
 
-class SyntheticStore(data.ImageStore):
-    """Synthetic images by image_id; `path` writes the PNG under `folder` the first time it is asked.
-    Every image has its ground-truth lesion mask. `sft_images` (the SFT split) train the visual tool."""
-    has_masks = True
-
-    def __init__(self, images, folder, pad=False, sft_images=None):
-        self.by_id, self.folder, self.pad = {im["image_id"]: im for im in images}, folder, pad
-        self.sft_images, self.tools = sft_images, {}
-
-    def visual_tool(self, seed=0, log=print):
-        """The trained lesion classifier (`train_visual_tool` on the SFT split, once per seed) as a
-        heatmap tool: item -> (occlusion heatmap, confidence)."""
-        if not self.sft_images:
-            return super().visual_tool(seed, log)
-        if seed not in self.tools:
-            self.tools[seed] = train_visual_tool(self.sft_images, seed, log)
-        classifier = self.tools[seed]
-        tool = lambda item: noise.occlusion_heatmap(classifier, self.pixels(item["image_id"]))
-        tool.tool_name, tool.classifier = "classifier", classifier
-        return tool
-
-    def add(self, images):
-        self.by_id.update({im["image_id"]: im for im in images})
-
-    def pixels(self, image_id):
-        return self.by_id[image_id]["pixels"]
-
-    def mask(self, image_id):
-        return self.by_id[image_id]["mask"]
-
-    def has_lesion(self, image_id):
-        return bool(self.by_id[image_id]["findings"])
-
-    def path(self, image_id):
-        """The image's PNG, written the first time (atomically) or again if the file on disk is torn. Its
-        name holds a digest of its pixels: another seed's image of the same id is another file."""
-        path = os.path.join(self.folder, f"{image_id}-{self.digest(image_id)[:12]}.png")
-        if not data.readable_image(path):
-            data.save_png(data.to_pil(self.pixels(image_id)), path)
-        return path
-
-
-def finding_labels(images):
-    """Multi-hot (N, len(KINDS)) float32: which findings each image holds."""
-    return np.array([[any(f["kind"] == k for f in im["findings"]) for k in KINDS] for im in images], np.float32)
+def describe(f):
+    return "an enlarged heart" if f["kind"] == "cardiomegaly" else f"{f['kind']} in the {f['side']} {f['level']} zone"
 
 
 def train_visual_tool(sft_images, seed=0, log=print):
@@ -280,31 +303,30 @@ def visual_tool_auroc(classifier, images):
             **{k: auroc(p[:, i].tolist(), y[:, i].tolist()) for i, k in enumerate(KINDS)}}
 
 
-def counterfactual_probes(images, size, store=None, n=None):
-    """Counterfactual pairs for grounding: for each image with a lung finding (the first `n`), the same
-    image re-rendered without its first lung finding (every other random draw identical), and "Is there
-    a {kind}?" asked of both (yes, then no). An image-blind model answers both alike and gets no pair
-    right. The new images are added to `store` when given.
-    returns items [{id, image_id, question, answer, type: closed, qtype: presence, pair, finding}]."""
-    items, new = [], []
-    for im in images:
-        lung = [i for i, f in enumerate(im["findings"]) if f["kind"] != "cardiomegaly"]
-        if not lung or (n is not None and len(items) >= 2 * n):
-            continue
-        hide, kind = lung[0], im["findings"][lung[0]]["kind"]
-        rng = np.random.default_rng()
-        rng.bit_generator.state = im["render_state"]
-        pixels, _ = render_radiograph(im["findings"], size, rng, hide=hide)
-        without = [f for i, f in enumerate(im["findings"]) if i != hide]
-        mask = np.zeros((size, size), np.uint8)
-        new.append({"image_id": f"{im['image_id']}-no{hide}", "pixels": pixels, "mask": mask, "findings": without,
-                    "report": make_report(without), "render_state": im["render_state"]})
-        for image_id, answer in ((im["image_id"], "yes"), (new[-1]["image_id"], "no")):
-            items.append({"id": f"cf-{image_id}", "image_id": image_id, "question": f"Is there a {kind}?",
-                          "answer": answer, "type": "closed", "qtype": "presence", "pair": im["image_id"], "finding": kind})
-    if store is not None:
-        store.add(new)
-    return items
+def finding_labels(images):
+    """Multi-hot (N, len(KINDS)) float32: which findings each image holds."""
+    return np.array([[any(f["kind"] == k for f in im["findings"]) for k in KINDS] for im in images], np.float32)
+
+
+# -----------------------------------------------------------------------------
+# the tiny base model: tokenizer, processor and LLaVA built from config, then an SFT warm-up
+
+def build_base(path, n_train=2000, seed=0, image_size=32, steps=3000, lr=2e-3, log=print):
+    """Build the tiny base from scratch and save it (model + processor) under `path`: the vision tower
+    pretrained on the SFT split's findings for steps/2, then the SFT warm-up of the whole model."""
+    images, qa = make_synthetic(n_train, seed, image_size, "train")
+    store = SyntheticStore(images, None)
+    seed_everything(seed)
+    model, processor = build_tiny(corpus_of(images, qa), image_size)
+    pretrain_vision(model, processor, images, max(1, steps // 2), lr, seed, log=log)
+    sft(model, processor, qa, store.pil, steps, lr, seed, log=log)
+    # written beside, then renamed into place: a base cut short (a kill, a full disk) is never taken for one
+    building = f"{os.path.abspath(path).rstrip(os.sep)}.building-{os.getpid()}"
+    model.save_pretrained(building)
+    processor.save_pretrained(building)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(building, path)
 
 
 def corpus_of(train_images, train_qa):
@@ -312,9 +334,6 @@ def corpus_of(train_images, train_qa):
     return [data.PROMPT_FORMATS["plain"].format(question=q["question"]).replace("<image>", "") + " " + q["answer"]
             for q in train_qa] + [im["report"] for im in train_images]
 
-
-# -----------------------------------------------------------------------------
-# the tiny base model: tokenizer, processor and LLaVA built from config, then an SFT warm-up
 
 def build_tiny(corpus, image_size, vocab_size=160):
     """An untrained tiny LLaVA (CLIP 64 x 2 layers, patch 8; Llama 128 x 2 layers) and its processor,
@@ -351,6 +370,34 @@ def build_tiny(corpus, image_size, vocab_size=160):
     return LlavaForConditionalGeneration(config), processor
 
 
+def pretrain_vision(model, processor, images, steps, lr, seed, batch_size=64, log=print):
+    """The vision tower's pretraining, as LLaVA's CLIP tower comes pretrained: every image token gets a
+    linear head over the findings, the image's logits are the max over its tokens (a finding anywhere
+    counts, and the token that holds it must say so), binary cross-entropy against the SFT split's
+    findings. The head is dropped afterwards; the tokens keep what they learned to carry."""
+    tower = model.model.vision_tower
+    pixels = processor.image_processor([data.to_pil(im["pixels"]) for im in images], return_tensors="pt")["pixel_values"]
+    labels = torch.tensor([[any(f["kind"] == k for f in im["findings"]) for k in KINDS] for im in images]).float()
+    head = torch.nn.Linear(tower.config.hidden_size, len(KINDS))
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, lr, 30, steps)
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
+        tokens = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:]          # (B, patches, D), no CLS
+        loss = F.binary_cross_entropy_with_logits(head(tokens).amax(1), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"  vision pretraining {step + 1}/{steps} | loss {loss.item():.3f} | "
+                f"{(time.time() - t0) / (step + 1) * 1000:.0f} ms/step")
+
+
 def sft(model, processor, items, pil_of, steps, lr, seed, batch_size=32, log=print):
     """Supervised warm-up on (image, question, answer): AdamW (0.9, 0.98), warmup 30, cosine, clip 1."""
     rows = [(pil_of(it["image_id"]), it["question"], it["answer"]) for it in items]
@@ -380,52 +427,6 @@ def sft(model, processor, items, pil_of, steps, lr, seed, batch_size=32, log=pri
             log(f"  sft {step + 1}/{steps} | loss {loss.item():.3f} | {dt / (step + 1) * 1000:.0f} ms/step | "
                 f"ETA {dt / (step + 1) * (steps - step - 1):.0f}s")
     model.eval()
-
-
-def pretrain_vision(model, processor, images, steps, lr, seed, batch_size=64, log=print):
-    """The vision tower's pretraining, as LLaVA's CLIP tower comes pretrained: every image token gets a
-    linear head over the findings, the image's logits are the max over its tokens (a finding anywhere
-    counts, and the token that holds it must say so), binary cross-entropy against the SFT split's
-    findings. The head is dropped afterwards; the tokens keep what they learned to carry."""
-    tower = model.model.vision_tower
-    pixels = processor.image_processor([data.to_pil(im["pixels"]) for im in images], return_tensors="pt")["pixel_values"]
-    labels = torch.tensor([[any(f["kind"] == k for f in im["findings"]) for k in KINDS] for im in images]).float()
-    head = torch.nn.Linear(tower.config.hidden_size, len(KINDS))
-    params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = get_lr(step, lr, 30, steps)
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
-        tokens = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:]          # (B, patches, D), no CLS
-        loss = F.binary_cross_entropy_with_logits(head(tokens).amax(1), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"  vision pretraining {step + 1}/{steps} | loss {loss.item():.3f} | "
-                f"{(time.time() - t0) / (step + 1) * 1000:.0f} ms/step")
-
-
-def build_base(path, n_train=2000, seed=0, image_size=32, steps=3000, lr=2e-3, log=print):
-    """Build the tiny base from scratch and save it (model + processor) under `path`: the vision tower
-    pretrained on the SFT split's findings for steps/2, then the SFT warm-up of the whole model."""
-    images, qa = make_synthetic(n_train, seed, image_size, "train")
-    store = SyntheticStore(images, None)
-    seed_everything(seed)
-    model, processor = build_tiny(corpus_of(images, qa), image_size)
-    pretrain_vision(model, processor, images, max(1, steps // 2), lr, seed, log=log)
-    sft(model, processor, qa, store.pil, steps, lr, seed, log=log)
-    # written beside, then renamed into place: a base cut short (a kill, a full disk) is never taken for one
-    building = f"{os.path.abspath(path).rstrip(os.sep)}.building-{os.getpid()}"
-    model.save_pretrained(building)
-    processor.save_pretrained(building)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(building, path)
 
 
 if __name__ == "__main__":

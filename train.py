@@ -1,10 +1,9 @@
 """Preference training of a medical VLM end to end, in the order of MMedPO's Algorithm 1: base model ->
 preference records (MMedPO's text and visual pairs, HSCR's triplets, or FiRe-MPO's edited on-policy
 answers) -> clinical-relevance weights -> reference log-probs -> LoRA training with the chosen
-objective -> evaluation before and after, grounding first. The file reads downward: `main`, then each
-stage in the order `main` calls it, each followed by its helpers; one training step is the loop in
-`stage_train` (its helpers below it, the objective's loss adapter near the end). The objectives table
-and the run context close the file.
+objective -> evaluation before and after, grounding first. The file reads downward: `main`, the stages
+as it calls them, each followed by its helpers (a training step is `stage_train`'s loop), then the
+objectives and the run context.
 
     python train.py                                   # MMedPO on the embedded default, about 40 s on a 2-core CPU
     python train.py --objective sft                   # the control: SFT on the same chosen answers
@@ -117,7 +116,7 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    """train.py's flags (flags.py), checked against the objectives above."""
+    """train.py's flags (flags.py), checked against the objectives (OBJECTIVES, below)."""
     return flags.parse_args(argv, OBJECTIVES)
 
 
@@ -130,9 +129,7 @@ def setup_distributed(device_arg):
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device_arg.startswith("cuda"):
         torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", local) if device_arg.startswith("cuda") else torch.device("cpu")
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -554,9 +551,8 @@ def eval_settings(args):
 
 # -----------------------------------------------------------------------------
 # the objectives: which records are built, which loss runs on them, how many responses a record holds.
-# A loss adapter gets the (DDP-wrapped) model, one batch of k*B rows (response-major), the cached
-# reference log-probs (B, k), the weights (B,) and the flags. It runs the forward passes it needs and
-# returns per-record losses (B,) and the (B,) statistics it logs; the loop reduces and averages them.
+# A loss adapter runs the forwards it needs on one k*B-row batch (response-major) and returns per-record
+# losses (B,) and the (B,) statistics it logs (`Objective.loss`); the loop reduces and averages them.
 
 def preference_loss(model, batch, ref, weights, args):
     """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected), plus --nll-weight times the

@@ -52,3 +52,39 @@ def upward_calls(calls):
     return sorted({f"{callee[0]}: {caller[1]} (line {caller[2]}) -> {callee[1]} (line {callee[2]})"
                    for callee, caller in calls if caller is not None and "<" not in callee[1]
                    and callee[0] == caller[0] and callee[2] < caller[2]})
+
+
+def upward_references(path, project_files):
+    """'file: caller -> helper' for every top-level function of `path` that names one of the file's own
+    helpers defined above it. A helper is a top-level function no other project file names; the entry
+    points a file offers, and names the module itself needs when it is imported (defaults, tables), may
+    stand anywhere."""
+    import ast
+    trees = {p: ast.parse(open(p).read()) for p in project_files}
+    tree, module = trees[path], os.path.splitext(os.path.basename(path))[0]
+    lines = {n.name: n.lineno for n in tree.body if isinstance(n, ast.FunctionDef)}
+    used_elsewhere = set()
+    for p, other in trees.items():
+        if p != path:
+            for n in ast.walk(other):
+                if isinstance(n, ast.ImportFrom) and n.module == module:
+                    used_elsewhere |= {a.name for a in n.names}
+                elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == module:
+                    used_elsewhere.add(n.attr)
+    at_import = set()
+    for n in tree.body:
+        if not isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+            at_import |= {m.id for m in ast.walk(n) if isinstance(m, ast.Name)}
+        else:
+            parts = getattr(n, "decorator_list", []) + (n.args.defaults + n.args.kw_defaults
+                                                        if isinstance(n, ast.FunctionDef) else n.bases)
+            at_import |= {m.id for part in parts if part is not None for m in ast.walk(part) if isinstance(m, ast.Name)}
+    helpers = {name for name in lines if name not in used_elsewhere and name not in at_import}
+    found = set()
+    for n in tree.body:
+        bodies = [n] if isinstance(n, ast.FunctionDef) else [m for m in getattr(n, "body", []) if isinstance(m, ast.FunctionDef)]
+        for fn in bodies:
+            for m in ast.walk(fn):
+                if isinstance(m, ast.Name) and m.id in helpers and lines[m.id] < fn.lineno:
+                    found.add(f"{os.path.basename(path)}: {fn.name} (line {fn.lineno}) -> {m.id} (line {lines[m.id]})")
+    return sorted(found)
