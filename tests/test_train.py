@@ -95,6 +95,7 @@ def test_one_training_step_reads_downward(out, monkeypatch):
     starts = [i for i, (callee, caller) in enumerate(calls) if callee[1] == "get_lr" and caller[1] == "stage_train"]
     step = calls[starts[1]:starts[2]]
     reached = [(f, name) for f, name, _ in reading.functions(step)]
+    print("one MMedPO step, in the order its functions are first called:\n" + "\n".join(f"  {f}: {name}" for f, name in reached))
     assert {f for f, _ in reached} <= {"train.py", "data.py", "mmedpo.py", "lora.py", "checkpoint.py"}
     for function in [("train.py", "preference_loss"), ("data.py", "collate_records"), ("data.py", "response_logps"),
                      ("mmedpo.py", "token_logps"), ("mmedpo.py", "mmedpo_loss"), ("train.py", "log_step")]:
