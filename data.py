@@ -26,12 +26,13 @@ import torch
 from PIL import Image, ImageStat, UnidentifiedImageError
 
 import score
-from checkpoint import atomic_write
+from guard.checkpoint import atomic_write
 from mmedpo import IGNORE_INDEX, normalize_scores, token_logps
 from noise import (attention_heatmap, detect_lesions, heatmap_from_mask, lesion_coverage, localized_noise,
                    mask_confidence, smooth_heatmap)
-from rule_judge import NEGATIONS, clean_answer, polarity, words
-from score import read_jsonl, select_dispreferred, write_hallucination
+from world.rule_judge import NEGATIONS, clean_answer, polarity, words
+from guard.checkpoint import read_jsonl
+from score import select_dispreferred, write_hallucination
 
 
 PROMPT_FORMATS = {  # {question} is the user's question; the image placeholder comes first
@@ -153,8 +154,8 @@ def build_mmedpo_pairs(model, processor, cfg, pool, store, pairs_dir, device, lo
                                        f"{failed[0].get('reason')}); nothing is trained on neutral weights")
             complete = not failed
             agreed = sum(r["consensus"] for r in results)
-            log(f"      consensus reached on {agreed} of {len(results)} text pairs ({agreed / max(1, len(results)):.0%}); "
-                f"the others are the mean of {cfg.rounds} rounds")
+            log(f"      consensus reached on {agreed} of {len(results)} text pairs ({agreed / max(1, len(results)):.0%})"
+                + (f"; the others are the mean of {cfg.rounds} rounds" if agreed < len(results) else ""))
         pairs += text
     if "visual" in strategies:
         # an answer that states an absence ("no", "no abnormality") is true of the noised image too: no
@@ -203,12 +204,22 @@ def states_absence(answer):
 
 
 def heatmap_tool(name, model=None, processor=None, prompt_format="plain", store=None, device=None, seed=0, log=print):
-    """Where the lesion is (Strategy 2): classifier (the store's trained `visual_tool`), detector, mask, attention."""
+    """Where the lesion is (Strategy 2), always one kind of tool: item -> (heatmap (H, W) in [0, 1], confidence),
+    or (None, the reason it has none). name: classifier (the store's trained `visual_tool`), detector
+    (noise.detect_lesions and its confidence), mask (`mask_heatmap`: the true masks), attention (the target
+    model's own, `attention_tool`). The tool's `tool_name` goes into each pair's provenance."""
     if name == "attention":
-        return attention_tool(model, processor, prompt_format, store.pixels, device)
-    if name == "classifier":
-        return store.visual_tool(seed, log)
-    return name
+        tool = attention_tool(model, processor, prompt_format, store.pixels, device)
+    elif name == "classifier":
+        tool = store.visual_tool(seed, log)
+    elif name == "detector":
+        tool = lambda item: detect_lesions(torch.as_tensor(store.pixels(item["image_id"])))  # noqa: E731
+    elif name == "mask":
+        tool = lambda item: mask_heatmap(item, store, log)  # noqa: E731
+    else:
+        raise ValueError(f"unknown heatmap source {name!r} (classifier, detector, mask, attention)")
+    tool.tool_name = getattr(tool, "tool_name", name)
+    return tool
 
 
 def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
@@ -236,10 +247,10 @@ def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
     return model_attention
 
 
-def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local", k=500, seed=0, visual_score="confidence",
+def build_visual_pairs(items, store, out_dir, heatmap, noise="local", k=500, seed=0, visual_score="confidence",
                        log=print):
     """Strategy 2 (visual dispreference D_v): the same answer given to an image whose lesion is noised.
-    store: an ImageStore (pixels, mask, path); heatmap: see `lesion_heatmap`; noise: local, or global
+    store: an ImageStore (pixels, mask, path); heatmap: a `heatmap_tool`; noise: local, or global
     (h = 1). The pair's clinical-relevance score (`visual_score`):
         confidence  the visual tool's confidence, as in the paper (the detector's; for ground-truth mask
                     heatmaps the lesion's contrast with its surroundings)
@@ -250,7 +261,7 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
     pairs, skipped = [], Counter()
     for it in items:
         x = torch.as_tensor(store.pixels(it["image_id"]))
-        h, confidence = lesion_heatmap(it, store, heatmap, log)
+        h, confidence = heatmap(it)
         if h is None:
             skipped[confidence] += 1
             continue
@@ -267,24 +278,16 @@ def build_visual_pairs(items, store, out_dir, heatmap="detector", noise="local",
         pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
                       "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
                       "rejected": it["answer"], "score": relevance, "weight": None,
-                      "provenance": f"{noise} noise at k={k}, heatmap {getattr(heatmap, 'tool_name', heatmap)}, score: {how}"})
+                      "provenance": f"{noise} noise at k={k}, heatmap {heatmap.tool_name}, score: {how}"})
     log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
                                          if skipped else ""))
     return pairs
 
 
-def lesion_heatmap(item, store, heatmap="detector", log=print):
-    """Where the lesion of an item's image is: (heatmap (H, W) in [0, 1], confidence), or (None, reason).
-    heatmap: detector (noise.detect_lesions; its confidence), mask (ground-truth masks or boxes, widened
-    by a soft margin; the confidence is the lesion's contrast with its surroundings, noise.mask_confidence),
-    or a callable item -> (heatmap, confidence) such as the trained classifier's or `attention_tool`."""
+def mask_heatmap(item, store, log=print):
+    """The true lesion as a heatmap: the ground-truth mask or boxes, widened by a soft margin; the confidence
+    is the lesion's contrast with its surroundings (noise.mask_confidence). (None, reason) without a mask."""
     x = torch.as_tensor(store.pixels(item["image_id"]))                     # (H, W) in [0, 1]
-    if callable(heatmap):
-        return heatmap(item)
-    if heatmap == "detector":
-        return detect_lesions(x)
-    if heatmap != "mask":
-        raise ValueError(f"unknown heatmap source {heatmap!r} (detector, mask, or a callable)")
     try:
         m = store.mask(item["image_id"])
     except ValueError as e:
@@ -346,32 +349,35 @@ def generate_answers(model, processor, rows, prompt_format="plain", batch_size=6
     side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right end
     device = next(model.parameters()).device
     out, t0, capped, n = [], time.time(), 0, sample.n if sample else 1
-    if sample:
-        torch.manual_seed(sample.seed)
+    last = t0
     was_training = model.training
     model.eval()
-    try:
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            enc = processor(images=[im for im, _ in chunk], text=[format_prompt(processor, prompt_format, q) for _, q in chunk],
-                            return_tensors="pt", padding=True).to(device)
-            if "pixel_values" in enc:
-                enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
-            with torch.no_grad():
-                gen = model.generate(**enc, do_sample=sample is not None, temperature=sample and sample.temperature,
-                                     top_p=None, top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new_tokens = gen[:, enc["input_ids"].shape[1]:]
-            capped += int(((new_tokens == tok.eos_token_id).sum(1) == 0).sum()) if new_tokens.shape[1] >= max_new_tokens else 0
-            texts = [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
-            out += texts if n == 1 else [texts[j:j + n] for j in range(0, len(texts), n)]
-            if log and (i // batch_size) % 10 == 9:
-                done = min(i + batch_size, len(rows))
-                rate = done / (time.time() - t0)
-                log(f"  generated {done}/{len(rows)} | {rate:.0f} prompts/s | ETA {(len(rows) - done) / rate:.0f}s")
-    finally:
-        tok.padding_side = side
-        model.train(was_training)
+    # generate() samples from the global generator: seeded here, and given back afterwards as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if sample:
+            torch.manual_seed(sample.seed)
+        try:
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i:i + batch_size]
+                enc = processor(images=[im for im, _ in chunk], text=[format_prompt(processor, prompt_format, q) for _, q in chunk],
+                                return_tensors="pt", padding=True).to(device)
+                if "pixel_values" in enc:
+                    enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
+                with torch.no_grad():
+                    gen = model.generate(**enc, do_sample=sample is not None, temperature=sample and sample.temperature,
+                                         top_p=None, top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                new_tokens = gen[:, enc["input_ids"].shape[1]:]
+                capped += int(((new_tokens == tok.eos_token_id).sum(1) == 0).sum()) if new_tokens.shape[1] >= max_new_tokens else 0
+                texts = [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+                out += texts if n == 1 else [texts[j:j + n] for j in range(0, len(texts), n)]
+                if log and time.time() - last >= 10 and i + batch_size < len(rows):  # never silent for long
+                    done, last = i + batch_size, time.time()
+                    rate = done / (last - t0)
+                    log(f"  generated {done}/{len(rows)} | {rate:.0f} prompts/s | ETA {(len(rows) - done) / rate:.0f}s")
+        finally:
+            tok.padding_side = side
+            model.train(was_training)
     if log:
         log(f"  {capped} of {len(rows) * n} generations hit the cap of {max_new_tokens} new tokens" +
             (" (raise --max-new-tokens if that is more than a few)" if capped else ""))
@@ -420,12 +426,12 @@ class RecordDataset(torch.utils.data.Dataset):
         if i in self.cache:
             return self.cache[i]
         record, rows = self.records[i], []
-        edits = [record.get("mask_chosen"), record.get("mask_rejected"), record.get("mask_chosen")]
+        edits = record.get("edit_masks")  # one 0/1 list per row, over its response tokens (FiRe-MPO's records)
         for j, (path, response) in enumerate(record_rows(record)):
             enc = encode_rows(self.processor, [(self.image_at(path), record["prompt"], response)],
                               self.prompt_format, self.max_length)
             row = {k: v[0] for k, v in enc.items()}
-            if record.get("mask_chosen") is not None:  # FiRe-MPO: the edited tokens, at their label positions
+            if edits is not None:  # the row's own edit mask, moved to its label positions
                 where = (row["labels"] != IGNORE_INDEX).nonzero().flatten()
                 row["edit_mask"] = torch.zeros(len(row["labels"]))
                 n = min(len(edits[j]), len(where))  # the response may have been cut to fit max_length

@@ -1,5 +1,6 @@
-"""The math of the objectives: token and sequence log-probs, clinical-score normalization, and one
-loss per objective (MMedPO's weighted DPO, HSCR's multi-level loss, FiRe-MPO's three terms).
+"""MMedPO's math: token and sequence log-probs, the clinical-score normalization Z(.), the weighted DPO
+loss (paper Eq. 3), and the learning-rate schedule. HSCR's and FiRe-MPO's losses live with their
+methods (lab/hscr.py, lab/fire.py).
 
 Pure tensor functions, torch only: copy this file into another project and it works. Every loss
 returns per-example losses (the caller reduces, e.g. with .mean()) and the detached rewards it logs.
@@ -8,13 +9,9 @@ returns per-example losses (the caller reduces, e.g. with .mean()) and the detac
     token_logps(logits, labels)             log pi(y_t | y_<t, x) per response token, and its mask
     normalize_scores(scores)                Z(.) of the paper (Sec. 3.3, App. B)
     mmedpo_loss(...)                        weighted DPO, paper Eq. 3
-    hscr_step_scores(full, dropped, tokens) HSCR's logit shift and implicit reward per step (our reading)
-    hscr_loss(...)                          HSCR's multi-level preference loss (our reading)
-    fire_token_loss(...)                    FiRe-MPO's preference over the edited tokens only (our reading)
-    fire_visual_loss(...)                   FiRe-MPO's clean-over-corrupted-image term (our reading)
-    bidirectional_kl(...)                   FiRe-MPO's token-wise KL anchor to the reference (our reading)
+    get_lr(step, max_lr, warmup, total)     linear warmup, then cosine decay
 
-Run its tests with:  python -m pytest -q tests/test_mmedpo.py tests/test_objectives.py
+Run its tests with:  python -m pytest -q tests/method
 """
 import math
 
@@ -104,7 +101,7 @@ def mmedpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
     """
     tensors = [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps]
     weights = torch.as_tensor(weights, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
-    _check_same_shape("mmedpo_loss", tensors + [weights])
+    check_same_shape("mmedpo_loss", tensors + [weights])
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
@@ -115,112 +112,28 @@ def mmedpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 
 
 # -----------------------------------------------------------------------------
-# HSCR (Hierarchical Self-Contrastive Rewarding, arXiv 2506.00805). The published summary gives no
-# equations: what follows is our reading, and every free value (p, n, lambda) is ours, not the paper's.
+# the learning-rate schedule of every training loop (the preference step and the tiny base's SFT)
 
-def hscr_step_scores(full_logits, dropped_logits, tokens):
-    """Per decoding step, how much the next-token distribution depends on the image.
-
-        shift_t  = KL( pi(.|x, v, y<t) || pi(.|x, D_p(v), y<t) )
-        reward_t = log pi(y_t|x, v, y<t) - log pi(y_t|x, D_p(v), y<t)
-
-    full_logits, dropped_logits: (..., V) next-token logits with the full image and with a fraction
-    of its tokens hidden (D_p); tokens: (...) long, the token emitted at each step.
-    returns (shift (...), reward (...)) float32. The modality-coupled steps are those of largest shift.
-    """
-    if full_logits.shape != dropped_logits.shape or full_logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"expected two (..., V) logits and (...) tokens; got {tuple(full_logits.shape)}, "
-                         f"{tuple(dropped_logits.shape)}, {tuple(tokens.shape)}")
-    logp, logq = full_logits.float().log_softmax(-1), dropped_logits.float().log_softmax(-1)
-    shift = (logp.exp() * (logp - logq)).sum(-1)
-    index = tokens.long().unsqueeze(-1)
-    reward = (logp.gather(-1, index) - logq.gather(-1, index)).squeeze(-1)
-    return shift, reward
-
-
-def hscr_loss(policy_w, policy_l1, policy_l2, ref_w, ref_l1, ref_l2, beta=0.1, lam=1.0, weights=None):
-    """HSCR's multi-level preference loss, y_w > y_l1 > y_l2, per example (our reading).
-
-        D(y) = log pi(y|x) - log ref(y|x)
-        L = -log s(b(D_w - D_l1)) - log s(b(D_w - D_l2)) + lam * [-log s(b(D_l1 - D_l2))]
-
-    two explicit terms (the preferred answer over each dispreferred one) and an implicit one (the
-    less corrupted answer over the more corrupted). An optional per-example weight (MMedPO's clinical
-    relevance) multiplies the whole loss and carries no gradient.
-
-    all inputs: (B,) float tensors. returns (losses (B,), {"margin_w_l1", "margin_w_l2", "margin_l1_l2"}:
-    the detached reward margins b*(D_a - D_b), for logging).
-    """
-    tensors = [policy_w, policy_l1, policy_l2, ref_w, ref_l1, ref_l2]
-    _check_same_shape("hscr_loss", tensors)
-    d_w, d_l1, d_l2 = policy_w - ref_w, policy_l1 - ref_l1, policy_l2 - ref_l2
-    m_w1, m_w2, m_12 = beta * (d_w - d_l1), beta * (d_w - d_l2), beta * (d_l1 - d_l2)
-    losses = -F.logsigmoid(m_w1) - F.logsigmoid(m_w2) - lam * F.logsigmoid(m_12)
-    losses = _weights_like(weights, losses) * losses
-    return losses, {"margin_w_l1": m_w1.detach(), "margin_w_l2": m_w2.detach(), "margin_l1_l2": m_12.detach()}
-
-
-# -----------------------------------------------------------------------------
-# FiRe-MPO (arXiv 2606.12590). The published abstract gives no equations: what follows is our reading;
-# beta, lambda, gamma, eta are ours, not the paper's. Total: L = L_tok + gamma * L_vis + eta * L_KL.
-
-def fire_token_loss(policy_w, ref_w, mask_w, policy_l, ref_l, mask_l, beta=0.1):
-    """Token-level preference on minimal edits: only the edited tokens count.
-
-        rho_t = log pi(y_t|.) - log ref(y_t|.)
-        L_tok = -log s( beta * [ sum_t m_w,t rho_w,t - sum_t m_l,t rho_l,t ] )
-
-    policy_*, ref_*: (B, T) per-token log-probs (0 off the response); mask_*: (B, T) 0/1, the tokens of
-    y_w replaced or inserted by the edit, and those of y_l replaced or deleted.
-    returns (losses (B,), margin (B,) detached)."""
-    if not (policy_w.shape == ref_w.shape == mask_w.shape and policy_l.shape == ref_l.shape == mask_l.shape):
-        raise ValueError(f"fire_token_loss: shapes differ: {[tuple(t.shape) for t in (policy_w, ref_w, mask_w)]} "
-                         f"and {[tuple(t.shape) for t in (policy_l, ref_l, mask_l)]}")
-    margin = beta * (((policy_w - ref_w) * mask_w).sum(-1) - ((policy_l - ref_l) * mask_l).sum(-1))
-    return -F.logsigmoid(margin), margin.detach()
-
-
-def fire_visual_loss(policy_clean, ref_clean, policy_corrupt, ref_corrupt, beta=0.1):
-    """The same preferred answer under the clean image x is preferred to it under the lesion-corrupted
-    image x*:  L_vis = -log s( beta * [D(y_w|x) - D(y_w|x*)] ),  D = log pi - log ref over the response.
-    all inputs (B,). returns (losses (B,), margin (B,) detached)."""
-    _check_same_shape("fire_visual_loss", [policy_clean, ref_clean, policy_corrupt, ref_corrupt])
-    margin = beta * ((policy_clean - ref_clean) - (policy_corrupt - ref_corrupt))
-    return -F.logsigmoid(margin), margin.detach()
-
-
-def bidirectional_kl(policy_logits, ref_logits, mask, lam=0.5):
-    """Token-wise KL anchor, both directions, on the full next-token distributions:
-
-        L_KL = sum over the masked positions of [ lam * KL(ref || pi) + (1 - lam) * KL(pi || ref) ]
-
-    summed, not averaged, over the response, as the authors' earlier RRPO sums its token-wise KL (a
-    mean shrinks the term by the response length and left it inert).
-    policy_logits, ref_logits: (B, T, V); mask: (B, T) 0/1 (the response positions). The reference
-    carries no gradient. returns (B,) float32 (0 for a row with no masked position)."""
-    if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape:
-        raise ValueError(f"bidirectional_kl: expected (B, T, V) logits and a (B, T) mask, got "
-                         f"{tuple(policy_logits.shape)}, {tuple(ref_logits.shape)}, {tuple(mask.shape)}")
-    logp = policy_logits.float().log_softmax(-1)
-    logq = ref_logits.detach().float().log_softmax(-1)
-    kl_ref_pi = (logq.exp() * (logq - logp)).sum(-1)           # (B, T)
-    kl_pi_ref = (logp.exp() * (logp - logq)).sum(-1)
-    mask = mask.float()
-    per_token = lam * kl_ref_pi + (1 - lam) * kl_pi_ref
-    return (per_token * mask).sum(-1)
+def get_lr(step, max_lr, warmup, total):
+    """Linear warmup for `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # -----------------------------------------------------------------------------
 # the losses' input checks
 
-def _check_same_shape(name, tensors):
+def check_same_shape(name, tensors):
     shapes = [tuple(t.shape) for t in tensors]
     if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] == 0:
         raise ValueError(f"{name}: expected {len(tensors)} non-empty (B,) tensors of one shape, got {shapes}")
 
 
-def _weights_like(weights, like):
+def weights_like(weights, like):
     """Per-example weights as a detached tensor like `like`; None means all 1."""
     if weights is None:
         return torch.ones_like(like)
     return torch.as_tensor(weights, dtype=like.dtype, device=like.device).detach()
+

@@ -193,11 +193,12 @@ def blob_isotropy(g):
 def train_lesion_classifier(images, labels, steps=600, batch_size=64, lr=2e-3, seed=0, log=None):
     """Fit a LesionClassifier on images (N, H, W) in [0, 1] and multi-hot labels (N, K): AdamW, cosine
     decay, binary cross-entropy, flips of the image left-right (a finding may sit on either side), all
-    drawn from `seed`. returns the classifier in eval mode."""
+    drawn from `seed`, never from (nor reseeding) the global generator. returns the classifier in eval mode."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the convolutions' initialisation
     x, y = torch.as_tensor(np.asarray(images), dtype=torch.float32)[:, None], torch.as_tensor(np.asarray(labels)).float()
-    model = LesionClassifier(y.shape[1])
+    with torch.random.fork_rng(devices=[]):  # the initialisation draws from `seed`; the caller's generator is left as it was
+        torch.manual_seed(seed)
+        model = LesionClassifier(y.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     for step in range(steps):
         for group in opt.param_groups:

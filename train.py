@@ -1,11 +1,14 @@
-"""Preference training of a medical VLM end to end, in the order of MMedPO's Algorithm 1: base model ->
-preference records (MMedPO's text and visual pairs, HSCR's triplets, or FiRe-MPO's edited on-policy
-answers) -> clinical-relevance weights -> reference log-probs -> LoRA training with the chosen
-objective -> evaluation before and after, grounding first. The file reads downward: `main`, the stages
-as it calls them, each followed by its helpers (a training step is `stage_train`'s loop), then the
-objectives and the run context.
+"""Preference training of a medical VLM end to end, in the order of MMedPO's Algorithm 1: the base model ->
+preference records (Strategy 1's text pairs, Strategy 2's visual pairs) -> clinical-relevance weights ->
+reference log-probs -> LoRA training with the weighted DPO loss -> evaluation before and after, grounding
+first. The same seam runs the other objectives (`OBJECTIVES`, at the end: the SFT control, plain DPO,
+the instrument's oracle and lean, and lab/'s HSCR and FiRe-MPO).
 
-    python train.py                                   # MMedPO on the embedded default, about 40 s on a 2-core CPU
+The file reads downward: the flags a learner turns, `main` (Algorithm 1 alone), the stages in the order
+`main` calls them, each followed by its helpers (a training step is `stage_train`'s loop), then the
+objectives and the run context (`Run.stage` owns where a stage's output and its key file live).
+
+    python train.py                                   # MMedPO on the embedded default, about 70 s on a 2-core CPU
     python train.py --objective sft                   # the control: SFT on the same chosen answers
     python train.py --objective dpo                   # the paper's DPO baseline: text pairs, every weight 1
     python train.py --objective hscr                  # HSCR: self-contrastive triplets, multi-level loss
@@ -19,7 +22,7 @@ Every stage writes under --out and is reused on the next run when the content it
 unchanged: base (assets/tiny-base unless --base), pairs/OBJECTIVE.jsonl (+ PNGs, judge cache), and
 RUN_NAME/ (eval_before.json, ref_logps.pt, checkpoint.pt, adapter/, metrics.json, log.jsonl, pictures).
 
-Tests:  python -m pytest -q tests/test_train.py tests/test_faults.py
+Tests:  python -m pytest -q tests/test_train.py
 """
 import argparse
 import contextlib
@@ -35,23 +38,82 @@ from typing import Callable
 import numpy as np
 import torch
 
-import checkpoint
 import data
-import flags
 import lora
-import real_data
 import score
-import synthetic
-from checkpoint import cached, file_digest, fingerprint, get_lr, read_json, seed_everything, weights_stamp, write_json
-from eval import EvalSettings, TestSet, answer_prior, evaluate, format_table, save_pictures
-from fire import build_fire_pairs, fire_objective_loss
-from hscr import build_hscr_pairs, hscr_objective_loss
-from mmedpo import mmedpo_loss
+from guard import checkpoint
+from guard.checkpoint import file_digest, fingerprint, read_json, seed_everything, weights_stamp, write_json
+from lab import fire, hscr
+from mmedpo import get_lr, mmedpo_loss
+from world import flags, real_data, synthetic
+from world.eval import EvalSettings, TestSet, answer_prior, evaluate, format_table, save_pictures
+from world.flags import NONNEG_INT, POS, POS_INT
+
+
+# the flags a learner turns: (names, argparse keywords). `python train.py --help` shows them first, after
+# --objective (OBJECTIVES, at the end); every other flag is in world/flags.py
+LEARNER_FLAGS = [
+    (["--out"], dict(default="out", help="folder for every stage's output (reused when its inputs are unchanged)")),
+    (["--run-name"], dict(default=None, help="subfolder of --out for this training run (default: the objective)")),
+    (["--resume"], dict(action="store_true", help="continue from RUN_NAME/checkpoint.pt (same flags and inputs only)")),
+    (["--seed"], dict(type=NONNEG_INT, default=0)),
+    (["--model"], dict(default=None, help="a transformers LLaVA checkpoint folder; default: the tiny built-in model")),
+    (["--prompt-format"], dict(default="plain", help="plain, vicuna (LLaVA's v1 conversation, as the MMedPO authors "
+     "trained LLaVA-Med v1.5), mistral, chat (the processor's chat template), or a string with <image> and {question}")),
+    (["--device"], dict(default="auto", help="auto, cpu, cuda, cuda:1 ...")),
+    (["--data"], dict(default="synthetic", choices=["synthetic", *real_data.LOADERS], help="dataset")),
+    (["--data-dir"], dict(default=None, help="folder of a downloaded dataset")),
+    (["--strategies"], dict(default="text,visual", help="mmedpo: text (D_t), visual (D_v), or text,visual")),
+    (["--judge", "--judges"], dict(action="append", default=[], metavar="NAME=URL,model=M[,key_env=VAR]",
+     help="OpenAI-compatible scoring judge (repeat, in order), or rule, rule:lenient, rule:strict; default: rule")),
+    (["--weighting"], dict(default="z", choices=list(data.WEIGHTINGS), help="z: the paper's Z(.) per source; raw: "
+     "the score as it is (the authors' trainer on their released weighted_score); none: every weight 1")),
+    (["--heatmap"], dict(default=None, choices=["classifier", "detector", "mask", "attention"], help="where the "
+     "lesion is: the trained lesion classifier (default on synthetic data; it needs labelled training images), the "
+     "weight-free blob detector (default on real data), ground-truth masks, or the model's own attention")),
+    (["--lr"], dict(type=POS, default=None, help="peak learning rate of the LoRA weights; default: the objective's, "
+     "chosen on the val split (mmedpo, dpo, hscr 3e-4; oracle, lean 1e-3; sft, fire 3e-3)")),
+    (["--beta"], dict(type=POS, default=0.1, help="DPO temperature (the paper's alpha)")),
+    (["--steps"], dict(type=POS_INT, default=None, help="optimizer steps, overriding --epochs (equal budgets)")),
+    (["--epochs"], dict(type=POS_INT, default=3)),
+    (["--batch-size"], dict(type=POS_INT, default=16, help="records per micro-batch per process")),
+    (["--lora-r"], dict(type=POS_INT, default=8)),
+]
 
 
 def main(argv=None):
     """Algorithm 1, one stage after the other; each stage is defined below, in this order."""
     args = parse_args(argv)
+    with start_run(args) as run:                                                     # device, processes, the run's lock
+        train_qa, pref_qa, test_qa, probes, store = stage_data(run)                  # the data
+        base_path = stage_base(run)                                                  # [1] the base model
+        if args.base_only:
+            return
+        model, processor, max_length = load_base(run, base_path)
+        records, skipped = stage_records(run, model, processor, base_path, pref_qa, store)   # [2] curation and scores
+        records = weigh(run, records)                                                # [2b] clinical-relevance weights
+        test = TestSet(test_qa, probes, store, answer_prior(train_qa))
+        before = stage_eval_before(run, model, processor, base_path, test)           # [3] the base, evaluated
+        add_adapter(run, model)                                                      # [4] LoRA
+        train = partial(train_round, run, model, processor, base_path, max_length)   # [4] reference, [5] training
+        rounds = OBJECTIVES[args.objective].rounds
+        if rounds:  # FiRe-MPO: each round answers anew with the adapter as it is (lab/fire.py)
+            records, history, finished = rounds(run, model, processor, pref_qa, store, records, train)
+        else:
+            history, finished = train(records)
+        if finished and run.master:                                                  # [6] adapter, evaluation, report
+            stage_report(run, model, processor, records, skipped, history, before, test, base_path)
+
+
+def parse_args(argv=None):
+    """The learner's flags (above) and the rest (world/flags.py), checked against the objectives (OBJECTIVES)."""
+    return flags.parse_args(argv, OBJECTIVES, LEARNER_FLAGS)
+
+
+@contextlib.contextmanager
+def start_run(args):
+    """The run context (device, dtype, processes) with its folder locked against a second run; on the way
+    out every process meets, the lock is released and torchrun's process group is closed."""
     rank, world, device = setup_distributed(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -65,59 +127,13 @@ def main(argv=None):
         except RuntimeError as e:
             sys.exit(str(e))
         os.makedirs(run.pairs_dir, exist_ok=True)
-
-    train_qa, pref_qa, test_qa, probes, store = stage_data(run)                  # the data
-    base_path = stage_base(run)                                                  # [1] the base model
-    if args.base_only:
-        return
     try:
-        model, processor = checkpoint.load_model(base_path, dtype, device, args.trust_remote_code)
-        data.check_prompt_format(args.prompt_format, processor)
-    except ValueError as e:
-        sys.exit(f"{base_path}: {e}")
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if args.max_length and positions and args.max_length > positions:
-        sys.exit(f"--max-length {args.max_length}: the model has {positions} positions ({base_path}); use at most that")
-    max_length = args.max_length or positions
-    records, skipped = stage_records(run, model, processor, base_path, pref_qa, store)   # [2] curation and scores
-    records = weigh(run, records)                                                # [2b] clinical-relevance weights
-    test = TestSet(test_qa, probes, store, answer_prior(train_qa))
-    before = stage_eval_before(run, model, processor, base_path, test)           # [3] the base, evaluated
-    add_adapter(run, model)                                                      # [4] LoRA
-    image_at = data.model_image_reader(args.pad_to_square)
-    objective = OBJECTIVES[args.objective]
-    rounds = args.policy_rounds if objective.rounds else 1
-    history, global_batch = [], args.batch_size * args.grad_accum * world
-    for r in range(rounds):  # FiRe-MPO: each round answers with the adapter as it is, then trains on the edits
-        tag = f"_round{r}" if rounds > 1 else ""
-        if r > 0:
-            fresh = stage_next_round(run, model, processor, pref_qa, store, r)
-            if len(fresh) < global_batch:  # round r's training is finished work: it is reported, not lost
-                run.log(f"      round {r + 1}: {len(fresh)} records, fewer than one global batch ({global_batch}): "
-                        f"the run ends with round {r}'s adapter")
-                break
-            records = fresh
-        elif len(records) < global_batch:
-            sys.exit(f"{len(records)} records are fewer than one global batch ({global_batch}); lower --batch-size")
-        dataset = data.RecordDataset(records, processor, image_at, args.prompt_format, max_length,
-                                     cache_pixels=args.data == "synthetic")
-        ref = stage_reference(run, model, processor, base_path, records, dataset, tag)   # [4] reference log-probs
-        inputs = inputs_of(run, base_path, records, max_length)
-        round_history, finished = stage_train(run, model, processor, records, dataset, ref, inputs, tag)  # [5]
-        history += round_history
-        if not finished:
-            break
-    if finished and run.master:                                                  # [6] adapter, evaluation, report
-        stage_report(run, model, processor, records, skipped, history, before, test, base_path)
-    run.barrier()
-    lock and lock.release()
+        yield run
+        run.barrier()
+    finally:
+        lock and lock.release()
     if world > 1:
         torch.distributed.destroy_process_group()
-
-
-def parse_args(argv=None):
-    """train.py's flags (flags.py), checked against the objectives (OBJECTIVES, below)."""
-    return flags.parse_args(argv, OBJECTIVES)
 
 
 def setup_distributed(device_arg):
@@ -136,6 +152,7 @@ def setup_distributed(device_arg):
 
 # -----------------------------------------------------------------------------
 # the stages of a run, in the order `main` calls them (Algorithm 1); each stage's helpers follow it
+
 
 def stage_data(run):
     """(SFT items, preference items, test items, grounding probes, image store).
@@ -170,11 +187,29 @@ def stage_base(run):
         if run.master:
             run.log(f"[1/6] building the tiny base model (vision pretraining, then SFT warm-up, {args.sft_steps} steps) "
                     f"-> {base_path}")
-            synthetic.build_base(base_path, args.n_train, args.seed, args.image_size, args.sft_steps, args.sft_lr, run.log)
+            try:
+                synthetic.build_base(base_path, args.n_train, args.seed, args.image_size, args.sft_steps, args.sft_lr,
+                                     run.log)
+            except ValueError as e:
+                sys.exit(f"--base {e}")
         run.barrier()
     else:
         run.log(f"[1/6] base model: {base_path} (reused)")
     return base_path
+
+
+def load_base(run, base_path):
+    """The base model and its processor on the run's device, and the context length rows are cut to."""
+    args = run.args
+    try:
+        model, processor = checkpoint.load_model(base_path, run.dtype, run.device, args.trust_remote_code)
+        data.check_prompt_format(args.prompt_format, processor)
+    except ValueError as e:
+        sys.exit(f"{base_path}: {e}")
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if args.max_length and positions and args.max_length > positions:
+        sys.exit(f"--max-length {args.max_length}: the model has {positions} positions ({base_path}); use at most that")
+    return model, processor, args.max_length or positions
 
 
 def stage_records(run, model, processor, base_path, pref_qa, store):
@@ -201,12 +236,10 @@ def stage_records(run, model, processor, base_path, pref_qa, store):
             records, complete = OBJECTIVES[args.objective].build(model, processor, args, pref_qa, store, run.pairs_dir,
                                                                  run.device, run.log)
             return records, complete and bool(records)
-        if run.master:
-            try:
-                cached(path + ".key.json", key, compute, lambda recs: checkpoint.write_jsonl(path, recs),
-                       lambda: path if os.path.exists(path) else None, run.log, f"[2/6] {args.objective} preference data")
-            except score.JudgeError as e:
-                sys.exit(f"judge: {e}")
+        try:
+            run.stage(f"[2/6] {args.objective} preference data", path, key, compute, "jsonl")
+        except score.JudgeError as e:
+            sys.exit(f"judge: {e}")
     run.barrier()
     try:
         records, skipped = data.read_pairs(path, run.log)
@@ -217,7 +250,6 @@ def stage_records(run, model, processor, base_path, pref_qa, store):
     return records, skipped
 
 
-# the flags that change what an objective's record builder makes (part of the pairs stage's cache key)
 PAIR_FLAGS = ["objective", "model", "data", "data_dir", "strategies", "n_text", "n_visual", "samples", "temperature",
               "judge", "n_pref", "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "visual_score", "seed",
               "n_train", "image_size", "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_p2", "hscr_share",
@@ -257,10 +289,7 @@ def stage_eval_before(run, model, processor, base_path, test):
         result, predictions, probe_predictions = evaluate(model, processor, test.items, test.store, test.prior,
                                                           test.probes, eval_settings(args), log=run.log)
         return {"metrics": result, "predictions": predictions, "probe_predictions": probe_predictions}, True
-    if run.master:
-        cached(path + ".key.json", key, compute, lambda m: write_json(path, m), lambda: read_json(path, run.log),
-               run.log, "[3/6] evaluation of the base model")
-    run.barrier()
+    run.stage("[3/6] evaluation of the base model", path, key, compute, "json")
     stored = read_json(path, run.log)
     return stored["metrics"], stored["predictions"], stored["probe_predictions"]
 
@@ -281,6 +310,19 @@ def add_adapter(run, model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.log(f"[4/6] LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} layers "
             f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters)")
+
+
+def train_round(run, model, processor, base_path, max_length, records, tag=""):
+    """[4] the reference log-probs and [5] the training of one set of records. returns (history, finished)."""
+    args = run.args
+    global_batch = args.batch_size * args.grad_accum * run.world
+    if len(records) < global_batch:
+        sys.exit(f"{len(records)} records are fewer than one global batch ({global_batch}); lower --batch-size")
+    dataset = data.RecordDataset(records, processor, data.model_image_reader(args.pad_to_square), args.prompt_format,
+                                 max_length, cache_pixels=args.data == "synthetic")
+    ref = stage_reference(run, model, processor, base_path, records, dataset, tag)   # [4] reference log-probs
+    inputs = inputs_of(run, base_path, records, max_length)
+    return stage_train(run, model, processor, records, dataset, ref, inputs, tag)    # [5] the objective on LoRA
 
 
 def stage_reference(run, model, processor, base_path, records, dataset, tag=""):
@@ -307,9 +349,8 @@ def stage_reference(run, model, processor, base_path, records, dataset, tag=""):
             for r, part in enumerate(parts):
                 logps[r::run.world] = part
         return {"logps": logps, "truncated": all_sum(run, cut)}, True
-    stored = cached(path + ".key.json", reference_key(run, base_path, records, k, dataset.max_length), compute,
-                    lambda v: checkpoint.save_tensors(v, path), lambda: checkpoint.load_tensors(path, run.log), run.log,
-                    "      reference log-probs", writer=run.master)
+    stored = run.stage("      reference log-probs", path, reference_key(run, base_path, records, k, dataset.max_length),
+                       compute, "tensors", everyone=True)
     n_cut, n_response = stored["truncated"]
     if n_cut:
         run.log(f"      {int(n_cut)} rows had their prompt truncated to fit {dataset.max_length} tokens, "
@@ -436,7 +477,6 @@ def resume(run, ckpt_path, model, opt, config, inputs, total):
     return ck["step"], ck["history"]
 
 
-# and those a resumed run must share with its checkpoint (the inputs are compared by content besides)
 RESUME_FLAGS = PAIR_FLAGS + ["lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r", "lora_alpha",
                              "lora_dropout", "lora_targets", "hscr_lambda", "policy_rounds", "fire_gamma", "fire_eta",
                              "fire_lambda", "nll_weight", "dtype", "max_length"]
@@ -502,23 +542,6 @@ def save(run, ckpt_path, model, opt, step, history, config, inputs):
     run.barrier()
 
 
-def stage_next_round(run, model, processor, pref_qa, store, r):
-    """FiRe-MPO round r > 0: the records built from the answers of the adapter being trained, written to
-    RUN_NAME/fire_round{r}.jsonl (with their token masks) for a reader to see. returns the records."""
-    path = run.path(f"fire_round{r}.jsonl")
-    if run.master:
-        run.log(f"[2/6] round {r + 1}/{run.args.policy_rounds}: new answers from the adapter -> {path}")
-        try:
-            records, _ = build_fire_pairs(model, processor, run.args, pref_qa, store, run.pairs_dir, run.device,
-                                          run.log, round_index=r)
-        except score.JudgeError as e:
-            sys.exit(f"--editor: {e}")
-        checkpoint.write_jsonl(path, records)
-    run.barrier()
-    records, _ = data.read_pairs(path, run.log)
-    return data.assign_weights(records, "none")
-
-
 def stage_report(run, model, processor, records, skipped, history, before, test, base_path):
     """[6] Adapter (PEFT format), evaluation after, metrics.json, predictions, pictures, the table."""
     args, test_qa, probes = run.args, test.items, test.probes
@@ -554,6 +577,7 @@ def eval_settings(args):
 # A loss adapter runs the forwards it needs on one k*B-row batch (response-major) and returns per-record
 # losses (B,) and the (B,) statistics it logs (`Objective.loss`); the loop reduces and averages them.
 
+
 def preference_loss(model, batch, ref, weights, args):
     """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected), plus --nll-weight times the
     chosen answer's mean token NLL when asked (an anchor against likelihood displacement; not the paper's)."""
@@ -583,14 +607,12 @@ class Objective:
     loss: Callable             # (model, batch of k*B rows, ref (B, k), weights (B,), args) -> (losses (B,), stats)
     responses: int             # k, the rows of one record: chosen, rejected, ...
     weighting: str = None      # the weighting it always uses; None: --weighting decides
-    rounds: bool = False       # answers anew from the adapter each of --policy-rounds rounds (FiRe-MPO)
+    rounds: Callable = None    # trains in rounds, answering anew from the adapter each round (FiRe-MPO's `train_in_rounds`)
     released_pairs: bool = True  # can train on a released MMedPO file (--pairs)
     overrides: tuple = ()      # (flag, value) pairs it sets, whatever the command line says
     lr: float = 1e-3           # the default --lr: chosen on the val split (assets/study/sweep.md)
 
 
-# lr: the best val pair order of 3e-4, 1e-3, 3e-3 with at most 1 % broken answers (`python bench.py sweep`);
-# HSCR breaks more at every rate and gets the lowest; the lean shares the oracle's.
 OBJECTIVES = {
     "sft": Objective(data.build_mmedpo_pairs, sft_control_loss, 2, lr=3e-3),   # the control: MMedPO's chosen answers
     "oracle": Objective(data.build_oracle_records, sft_control_loss, 2, "none", released_pairs=False, lr=1e-3),
@@ -599,13 +621,14 @@ OBJECTIVES = {
     "dpo": Objective(data.build_mmedpo_pairs, preference_loss, 2, "none",
                      overrides=(("strategies", "text"), ("weighting", "none")), lr=3e-4),
     "mmedpo": Objective(data.build_mmedpo_pairs, preference_loss, 2, lr=3e-4),
-    "hscr": Objective(build_hscr_pairs, hscr_objective_loss, 3, "none", released_pairs=False, lr=3e-4),
-    "fire": Objective(build_fire_pairs, fire_objective_loss, 3, "none", rounds=True, released_pairs=False, lr=3e-3),
+    "hscr": Objective(hscr.build_hscr_pairs, hscr.hscr_objective_loss, 3, "none", released_pairs=False, lr=3e-4),
+    "fire": Objective(fire.build_fire_pairs, fire.fire_objective_loss, 3, "none", rounds=fire.train_in_rounds, released_pairs=False, lr=3e-3),
 }
 
 
 # -----------------------------------------------------------------------------
 # the run context: what every stage needs besides its own inputs
+
 
 @dataclass
 class Run:
@@ -632,9 +655,28 @@ class Run:
     def path(self, name):
         return os.path.join(self.run_dir, name)
 
+    def stage(self, what, path, key, compute, kind="json", everyone=False):
+        """A stage's output at `path`, reused when PATH.key.json holds `key` and the output's digest, else
+        `compute() -> (value, complete)` and saved as `kind` (json, jsonl or tensors). Only the main
+        process writes; with `everyone` every process computes (its share), else only the main one.
+        returns the value (None on the other processes, unless `everyone`)."""
+        write, read = STAGE_FILES[kind]
+        value = None
+        if everyone or self.master:
+            value = checkpoint.cached(path + ".key.json", key, compute, lambda v: write(path, v),
+                                      lambda: read(path, self.log), self.log, what, self.master, output=path)
+        self.barrier()
+        return value
+
     @property
     def master(self):
         return self.rank == 0
+
+
+# how each kind of stage output is written and read back: (save(path, value), load(path, log) -> value or None)
+STAGE_FILES = {"json": (write_json, read_json),
+               "tensors": (lambda path, value: checkpoint.save_tensors(value, path), checkpoint.load_tensors),
+               "jsonl": (checkpoint.write_jsonl, lambda path, log: path if os.path.exists(path) else None)}
 
 
 def all_sum(run, values):

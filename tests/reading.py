@@ -1,19 +1,29 @@
 """The reading path of a call: which functions of the project's files it runs, in order, and where a
 reader following it would climb back up (a function called from its own file but defined above its
-caller). Files read downward have none. Used by tests/test_train.py and tests/test_objectives.py."""
+caller). Files read downward have none. Used by tests/test_train.py, tests/test_objectives.py and tests/test_layout.py."""
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+FOLDERS = ("", "guard", "world", "lab")  # the card's files at the top, and the folders named for their reader
+
+
 def _project(code):
     path = code.co_filename
-    return not path.startswith("<") and path.endswith(".py") and os.path.dirname(os.path.abspath(path)) == ROOT
+    return not path.startswith("<") and path.endswith(".py") and \
+        os.path.relpath(os.path.dirname(os.path.abspath(path)), ROOT) in (".",) + FOLDERS[1:]
 
 
 def _name(code):
-    return os.path.basename(code.co_filename), code.co_qualname, code.co_firstlineno
+    return os.path.relpath(os.path.abspath(code.co_filename), ROOT), code.co_qualname, code.co_firstlineno
+
+
+def project_files():
+    """Every .py file of the project: the top level and its folders (not tests/)."""
+    return sorted(os.path.join(ROOT, folder, name) for folder in FOLDERS for name in os.listdir(os.path.join(ROOT, folder))
+                  if name.endswith(".py"))
 
 
 def project_calls(fn, *args, **kwargs):
@@ -67,7 +77,7 @@ def upward_references(path, project_files):
     for p, other in trees.items():
         if p != path:
             for n in ast.walk(other):
-                if isinstance(n, ast.ImportFrom) and n.module == module:
+                if isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[-1] == module:
                     used_elsewhere |= {a.name for a in n.names}
                 elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == module:
                     used_elsewhere.add(n.attr)
@@ -86,5 +96,5 @@ def upward_references(path, project_files):
         for fn in bodies:
             for m in ast.walk(fn):
                 if isinstance(m, ast.Name) and m.id in helpers and lines[m.id] < fn.lineno:
-                    found.add(f"{os.path.basename(path)}: {fn.name} (line {fn.lineno}) -> {m.id} (line {lines[m.id]})")
+                    found.add(f"{os.path.relpath(path, ROOT)}: {fn.name} (line {fn.lineno}) -> {m.id} (line {lines[m.id]})")
     return sorted(found)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import data
-import synthetic
-from eval import answer_prior, vqa_metrics
+from world import synthetic
+from world.eval import answer_prior, vqa_metrics
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_visual_pairs_noise_inside_the_mask_only(world, tmp_path):
             [q for q in qa if not by_id[q["image_id"]]["findings"]][:1]
     store = synthetic.SyntheticStore(images, str(tmp_path / "images"))
     logs = []
-    pairs = data.build_visual_pairs(items, store, str(tmp_path), heatmap="mask", log=logs.append)
+    pairs = data.build_visual_pairs(items, store, str(tmp_path), data.heatmap_tool("mask", store=store, log=logs.append), log=logs.append)
     assert len(pairs) == 3 and "1 empty heatmap" in logs[0]  # the image without findings has nothing to noise
     for p, it in zip(pairs, items):
         assert p["chosen"] == p["rejected"] == it["answer"] and p["source"] == "visual" and 0 < p["score"] < 1

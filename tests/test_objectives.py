@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import lora
 import reading
 import train
-from fire import fire_objective_loss
-from hscr import hscr_objective_loss
+from lab.fire import fire_objective_loss
+from lab.hscr import hscr_objective_loss
 
 V, T, B = 7, 9, 2
 
@@ -134,7 +134,7 @@ def test_fire_adapter_tokens_visual_and_kl(model):
 
 
 @pytest.mark.parametrize("adapter, k, home", [(train.preference_loss, 2, "train.py"),
-                                              (hscr_objective_loss, 3, "hscr.py"), (fire_objective_loss, 3, "fire.py")])
+                                              (hscr_objective_loss, 3, "lab/hscr.py"), (fire_objective_loss, 3, "lab/fire.py")])
 def test_a_loss_adapter_reads_downward_into_data_and_mmedpo(model, adapter, k, home):
     """From the objective's adapter a reader goes into data.py (the forward, per response), mmedpo.py (the
     math) and the LoRA layers only, and never climbs back up inside a file."""

@@ -207,3 +207,16 @@ def test_the_lesion_classifier_learns_where_a_finding_is():
     heat, confidence = occlusion_heatmap(clf, lesion)
     bright = lesion > 0.6
     assert confidence > 0.5 and heat[bright].mean() > 2 * heat[~bright].mean()
+
+
+def test_training_the_classifier_leaves_the_global_generator_alone():
+    """Library code draws from its own generator: a run's later draws (LoRA dropout) never depend on
+    whether the visual tool was trained in this process, and the tool depends only on its seed."""
+    from noise import train_lesion_classifier
+    x, y = torch.rand(8, 16, 16, generator=torch.Generator().manual_seed(0)), torch.zeros(8, 2)
+    state = torch.get_rng_state()
+    a = train_lesion_classifier(x, y, steps=2, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)                      # another global state: the same classifier
+    b = train_lesion_classifier(x, y, steps=2, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from eval import (answer_prior, bleu, closed_correct, format_table, llava_med_closed, llava_med_open, normalize,
+from world.eval import (answer_prior, bleu, closed_correct, format_table, llava_med_closed, llava_med_open, normalize,
                   open_recall, report_tokens, rouge_l, vqa_metrics)
 
 
@@ -84,14 +84,14 @@ def test_vqa_metrics_and_prior():
 
 
 def test_pope_reads_answers_as_the_authors_script_does():
-    from eval import pope_answer
+    from world.eval import pope_answer
     assert [pope_answer(a) for a in ("Yes.", "No, there is not.", "There is no nodule", "not seen", "Nope",
                                      "Yes. No other finding.", "nodule, no")] == \
         ["yes", "no", "no", "no", "yes", "yes", "no"]
 
 
 def test_pope_metrics_hand_values_and_a_yes_sayer():
-    from eval import pope_metrics
+    from world.eval import pope_metrics
     preds, truths = ["yes", "yes", "no", "yes"], ["yes", "no", "no", "yes"]      # tp 2, fp 1, tn 1, fn 0
     m = pope_metrics(preds, truths)
     assert (m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]) == (0.75, 2 / 3, 1.0, 0.75)
@@ -101,7 +101,7 @@ def test_pope_metrics_hand_values_and_a_yes_sayer():
 
 
 def test_auroc_hand_values():
-    from eval import auroc
+    from world.eval import auroc
     assert auroc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
     assert auroc([0.1, 0.8, 0.9, 0.2], [1, 1, 0, 0]) == 0.25       # pairs won: (0.8 > 0.2) only, of 4
     assert auroc([0.5, 0.5], [1, 0]) == 0.5                        # a tie counts one half
@@ -109,7 +109,7 @@ def test_auroc_hand_values():
 
 
 def test_counterfactual_accuracy_is_zero_for_an_image_blind_model():
-    from eval import grounding_metrics
+    from world.eval import grounding_metrics
     probes = [{"answer": a, "pair": p} for p in ("p1", "p2") for a in ("yes", "no")]
     blind = grounding_metrics(probes, ["yes", "yes", "no", "no"], [1.0, 1.0, -1.0, -1.0])
     assert blind["counterfactual"] == {"accuracy": 0.0, "n_pairs": 2} and blind["pope"]["accuracy"] == 0.5
@@ -124,7 +124,7 @@ def probe_set():
 
 
 def test_pair_order_and_per_finding_auroc_hand_values():
-    from eval import grounding_metrics
+    from world.eval import grounding_metrics
     # margins, in probe_set's order: mass pairs (2 vs 1: right), (0 vs 0: a tie); pneumothorax (1 vs 3: wrong), (5 vs 4: right)
     margins = [2.0, 1.0, 0.0, 0.0, 1.0, 3.0, 5.0, 4.0]
     g = grounding_metrics(probe_set(), ["yes"] * 8, margins)
@@ -138,7 +138,7 @@ def test_pair_order_and_per_finding_auroc_hand_values():
 def test_a_lean_cannot_move_the_threshold_free_scores():
     """The same margins shifted towards "yes" (a lean) change every thresholded score and neither
     pair order nor per-finding AUROC; looking (the present image's margin up) changes both."""
-    from eval import grounding_metrics
+    from world.eval import grounding_metrics
     margins = [2.0, 1.0, 0.0, 0.5, 1.0, 3.0, 5.0, 4.0]
     answers = lambda ms: ["yes" if m > 1.5 else "no" for m in ms]
     before = grounding_metrics(probe_set(), answers(margins), margins)
@@ -152,7 +152,7 @@ def test_a_lean_cannot_move_the_threshold_free_scores():
 
 
 def test_fragments_are_answers_with_words_no_training_answer_has():
-    from eval import answer_prior, fragment_metrics
+    from world.eval import answer_prior, fragment_metrics
     prior = answer_prior([{"question": "q", "answer": "There is a mass.", "type": "open"},
                           {"question": "q", "answer": "no", "type": "closed"}])
     assert prior.vocabulary == {"there", "is", "mass", "no"}           # normalized: the article dropped

@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-import bench
-import rule_judge
+from lab import bench
+from world import rule_judge
 import score
-import synthetic
-from eval import answer_prior, hallucination_metrics, report_finding_metrics, report_findings
+from world import synthetic
+from world.eval import answer_prior, hallucination_metrics, report_finding_metrics, report_findings
 
 
 def yes_rate(qa):

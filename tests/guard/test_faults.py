@@ -12,13 +12,15 @@ import torch
 from PIL import Image
 
 import data
-import eval as evaluation
-import checkpoint
-import real_data
+from world import eval as evaluation
+from guard import checkpoint
+from world import real_data
 import score
 import train
+from guard import judge as judge_guard
+from lab import score_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
 SMALL = ["--n-train", "60", "--n-test", "4", "--n-text", "12", "--n-visual", "8", "--batch-size", "4",
          "--epochs", "1", "--lora-dropout", "0.1"]
@@ -161,10 +163,10 @@ def test_one_pairs_unexpected_failure_costs_only_that_pair(tmp_path):
 def test_authentication_failure_stops_at_once_and_keeps_finished_scores(tmp_path):
     def behaviour(call, messages):
         if call > 2:
-            raise score.JudgeAuthError("fake: authentication failed, HTTP 401")
+            raise judge_guard.JudgeAuthError("fake: authentication failed, HTTP 401")
         return '{"score": 6}'
     judge, cache = FakeJudge(behaviour), tmp_path / "cache.jsonl"
-    with pytest.raises(score.JudgeAuthError, match="stopped; 2 finished results are kept"):
+    with pytest.raises(judge_guard.JudgeAuthError, match="stopped; 2 finished results are kept"):
         score.score_pairs(pairs(40), [judge], str(cache), workers=1, log=lambda m: None)
     assert judge.calls == 3 and len(cache.read_text().splitlines()) == 2      # not asked of every pair
 
@@ -178,8 +180,8 @@ def test_http_reset_mid_body_and_half_written_replies_are_retried(monkeypatch):
         if isinstance(step, Exception):
             raise step
         return step
-    monkeypatch.setattr(score.HTTPJudge, "_post", post)
-    judge = score.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", retry=score.Retry(3, 0.001))
+    monkeypatch.setattr(judge_guard.HTTPJudge, "_post", post)
+    judge = judge_guard.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", retry=judge_guard.Retry(3, 0.001))
     assert judge([{"role": "user", "content": "x"}]) == '{"score": 4}' and not script
 
 
@@ -194,7 +196,7 @@ def test_score_cli_reads_every_line_and_says_what_it_did(tmp_path, capsys):
                      + b"\n[1, 2]\n" + json.dumps({"chosen": "yes", "rejected": "no"}).encode() + b"\n\xff\xfe bad\n"
                      + json.dumps({"source": "visual", "prompt": "q?", "chosen": "a", "rejected": "a", "score": 0.9}).encode()
                      + b"\n")
-    score.main(["--pairs", str(path), "--out", str(tmp_path / "scored.jsonl")])
+    score_cli.main(["--pairs", str(path), "--out", str(tmp_path / "scored.jsonl")])
     captured = capsys.readouterr()
     out = [json.loads(l) for l in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert len(out) == 2 and out[0]["score_status"] == "scored" and out[1]["source"] == "visual"   # BOM line kept
@@ -203,7 +205,7 @@ def test_score_cli_reads_every_line_and_says_what_it_did(tmp_path, capsys):
     assert "1 scored, 0 unscored, 0 failed, 1 passed through" in captured.out
     for bad in (tmp_path / "missing.jsonl", tmp_path):
         with pytest.raises(SystemExit):
-            score.main(["--pairs", str(bad), "--out", str(tmp_path / "x.jsonl")])
+            score_cli.main(["--pairs", str(bad), "--out", str(tmp_path / "x.jsonl")])
         assert "--pairs" in capsys.readouterr().err
 
 
@@ -212,7 +214,7 @@ def test_score_cli_exits_non_zero_when_pairs_failed(tmp_path, monkeypatch):
     path.write_text(json.dumps(pairs(1)[0]) + "\n")
     monkeypatch.setattr(score, "RuleJudge", lambda: FakeJudge(lambda c, m: (_ for _ in ()).throw(score.JudgeError("down"))))
     with pytest.raises(SystemExit, match="1 pairs failed"):
-        score.main(["--pairs", str(path), "--out", str(tmp_path / "scored.jsonl")])
+        score_cli.main(["--pairs", str(path), "--out", str(tmp_path / "scored.jsonl")])
     assert json.loads((tmp_path / "scored.jsonl").read_text())["score_status"] == "failed"   # written first
 
 
@@ -278,7 +280,7 @@ def test_eval_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
 def test_help_shows_the_flags_most_runs_need_first(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
-    common = capsys.readouterr().out.split("the flags most runs need:")[1].split("run, model and the tiny base:")[0]
+    common = capsys.readouterr().out.split("the flags most runs need (train.py's top):")[1].split("run, model and the tiny base:")[0]
     assert "--lr" in common and "--objective" in common and "--hscr-p" not in common and "--fire-eta" not in common
 
 
@@ -295,3 +297,29 @@ def test_each_objective_record_sets_its_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.parse_args(["--out", str(tmp_path), "--objective", name, "--pairs", str(released), "--images", str(tmp_path)])
         assert f"--objective {name} builds its own records" in capsys.readouterr().err
+
+
+def test_a_stage_output_edited_after_its_key_was_written_is_computed_again(tmp_path):
+    """The key vouches for the output's bytes: a pairs file reversed by hand, an eval_before.json edited,
+    is never reused under the old key."""
+    out, calls, said = tmp_path / "stage.json", [], []
+
+    def compute():
+        calls.append(1)
+        return {"v": 1}, True
+    run = lambda: checkpoint.cached(str(out) + ".key.json", "k", compute, lambda v: checkpoint.write_json(str(out), v),
+                                    lambda: checkpoint.read_json(str(out)), said.append, "stage", output=str(out))
+    assert run() == {"v": 1} and run() == {"v": 1} and len(calls) == 1      # reused while unchanged
+    out.write_text('{"v": 2}')
+    assert run() == {"v": 1} and len(calls) == 2 and any("not the file its key vouches for" in m for m in said)
+
+
+def test_weights_are_keyed_by_their_bytes_not_their_size_and_time(tmp_path):
+    """Another base's weights with the same name, size and modification time never reuse a stage."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, byte in ((a, b"\x01"), (b, b"\x02")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(byte * 64)
+        os.utime(folder / "model.safetensors", ns=(10**18, 10**18))
+    assert checkpoint.weights_stamp(str(a)) != checkpoint.weights_stamp(str(b))
+    assert checkpoint.weights_stamp(str(a)) == checkpoint.weights_stamp(str(a))

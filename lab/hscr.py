@@ -8,7 +8,7 @@ levels of blindness (two dropout rates):
     y_l1  D_p(v), p = 0.7 (--hscr-p): the most image-coupled steps only, at most a share s = 0.34 of the
           greedy answer's steps (--hscr-share); the rest is decoded with the image
     y_l2  D_p2(v), p2 = 1.0 (--hscr-p2): every step whose blind argmax differs, the image-blind answer
-The loss prefers y_w (the ground truth) over both and y_l1 over y_l2 (`mmedpo.hscr_loss`).
+The loss prefers y_w (the ground truth) over both and y_l1 over y_l2 (`hscr_loss`, below).
 
 How y_l1's steps are chosen: the greedy answer's rewards fix a budget n = ceil(s * L) (L its steps, EOS
 included) and a threshold (the n-th largest reward). y_l1 is then decoded anew and r_t is *re-scored
@@ -30,10 +30,11 @@ import random
 import time
 
 import torch
+import torch.nn.functional as F
 
 import data
-from mmedpo import hscr_loss, hscr_step_scores
-from rule_judge import polarity, words
+from mmedpo import check_same_shape, weights_like
+from world.rule_judge import polarity, words
 
 
 def build_hscr_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=print):
@@ -187,3 +188,49 @@ def hscr_objective_loss(model, batch, ref, weights, args):
                           args.hscr_lambda, weights)
     return losses, {"reward_acc": (m["margin_w_l1"] > 0).float(), "margin": m["margin_w_l1"],
                     "margin_w_l2": m["margin_w_l2"], "margin_l1_l2": m["margin_l1_l2"]}
+
+
+# -----------------------------------------------------------------------------
+# HSCR's math (our reading: the published summary gives no equations; p, the share and lambda are ours)
+
+
+def hscr_step_scores(full_logits, dropped_logits, tokens):
+    """Per decoding step, how much the next-token distribution depends on the image.
+
+        shift_t  = KL( pi(.|x, v, y<t) || pi(.|x, D_p(v), y<t) )
+        reward_t = log pi(y_t|x, v, y<t) - log pi(y_t|x, D_p(v), y<t)
+
+    full_logits, dropped_logits: (..., V) next-token logits with the full image and with a fraction
+    of its tokens hidden (D_p); tokens: (...) long, the token emitted at each step.
+    returns (shift (...), reward (...)) float32. The modality-coupled steps are those of largest shift.
+    """
+    if full_logits.shape != dropped_logits.shape or full_logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"expected two (..., V) logits and (...) tokens; got {tuple(full_logits.shape)}, "
+                         f"{tuple(dropped_logits.shape)}, {tuple(tokens.shape)}")
+    logp, logq = full_logits.float().log_softmax(-1), dropped_logits.float().log_softmax(-1)
+    shift = (logp.exp() * (logp - logq)).sum(-1)
+    index = tokens.long().unsqueeze(-1)
+    reward = (logp.gather(-1, index) - logq.gather(-1, index)).squeeze(-1)
+    return shift, reward
+
+
+def hscr_loss(policy_w, policy_l1, policy_l2, ref_w, ref_l1, ref_l2, beta=0.1, lam=1.0, weights=None):
+    """HSCR's multi-level preference loss, y_w > y_l1 > y_l2, per example (our reading).
+
+        D(y) = log pi(y|x) - log ref(y|x)
+        L = -log s(b(D_w - D_l1)) - log s(b(D_w - D_l2)) + lam * [-log s(b(D_l1 - D_l2))]
+
+    two explicit terms (the preferred answer over each dispreferred one) and an implicit one (the
+    less corrupted answer over the more corrupted). An optional per-example weight (MMedPO's clinical
+    relevance) multiplies the whole loss and carries no gradient.
+
+    all inputs: (B,) float tensors. returns (losses (B,), {"margin_w_l1", "margin_w_l2", "margin_l1_l2"}:
+    the detached reward margins b*(D_a - D_b), for logging).
+    """
+    tensors = [policy_w, policy_l1, policy_l2, ref_w, ref_l1, ref_l2]
+    check_same_shape("hscr_loss", tensors)
+    d_w, d_l1, d_l2 = policy_w - ref_w, policy_l1 - ref_l1, policy_l2 - ref_l2
+    m_w1, m_w2, m_12 = beta * (d_w - d_l1), beta * (d_w - d_l2), beta * (d_l1 - d_l2)
+    losses = -F.logsigmoid(m_w1) - F.logsigmoid(m_w2) - lam * F.logsigmoid(m_12)
+    losses = weights_like(weights, losses) * losses
+    return losses, {"margin_w_l1": m_w1.detach(), "margin_w_l2": m_w2.detach(), "margin_l1_l2": m_12.detach()}

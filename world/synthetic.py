@@ -15,8 +15,8 @@ findings (as LLaVA's CLIP tower comes pretrained), then a supervised warm-up of 
 SFT split. Its image tokens carry every finding; its answers to "Is there a pneumothorax?" come from
 the question (see NEVER_CONFIRMED). The visual tool: a small lesion classifier trained on the SFT split.
 
-    python synthetic.py                      # a few example images and their questions -> out/examples/
-    python synthetic.py --rebuild-base       # rebuild assets/tiny-base (1,500 vision + 3,000 SFT steps, about 3 min)
+    python -m world.synthetic                    # a few example images and their questions -> out/examples/
+    python -m world.synthetic --rebuild-base     # rebuild assets/tiny-base (1,500 vision + 3,000 SFT steps, about 3 min)
 
 Tests:  python -m pytest -q tests/test_data.py
 """
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 import data
 import noise
-from checkpoint import get_lr, seed_everything
+from guard.checkpoint import seed_everything
+from mmedpo import get_lr
 from mmedpo import IGNORE_INDEX
 
 SIDES, LEVELS = ["right", "left"], ["upper", "middle", "lower"]
@@ -292,17 +293,6 @@ def train_visual_tool(sft_images, seed=0, log=print):
                                          steps=steps, seed=seed, log=log)
 
 
-def visual_tool_auroc(classifier, images):
-    """How well the visual tool sees: the AUROC of its confidence (largest finding probability) for
-    "has any finding" against clear images, and of each finding's probability for that finding."""
-    from eval import auroc
-    with torch.no_grad():
-        p = classifier(torch.as_tensor(np.stack([im["pixels"] for im in images]))[:, None]).sigmoid().numpy()
-    y = finding_labels(images)
-    return {"any": auroc(p.max(1).tolist(), (y.max(1) > 0).tolist()),
-            **{k: auroc(p[:, i].tolist(), y[:, i].tolist()) for i, k in enumerate(KINDS)}}
-
-
 def finding_labels(images):
     """Multi-hot (N, len(KINDS)) float32: which findings each image holds."""
     return np.array([[any(f["kind"] == k for f in im["findings"]) for k in KINDS] for im in images], np.float32)
@@ -313,7 +303,13 @@ def finding_labels(images):
 
 def build_base(path, n_train=2000, seed=0, image_size=32, steps=3000, lr=2e-3, log=print):
     """Build the tiny base from scratch and save it (model + processor) under `path`: the vision tower
-    pretrained on the SFT split's findings for steps/2, then the SFT warm-up of the whole model."""
+    pretrained on the SFT split's findings for steps/2, then the SFT warm-up of the whole model. `path`
+    must not exist, be empty, or be a base this function made (its BASE_MARKER file): any other folder
+    (a typo naming someone's data, a downloaded model) raises ValueError before anything is built."""
+    why = not_a_base_folder(path)
+    if why:
+        raise ValueError(f"{path} {why}: a base is built only into a new folder or one this project built "
+                         f"(it holds {BASE_MARKER}); nothing was changed")
     images, qa = make_synthetic(n_train, seed, image_size, "train")
     store = SyntheticStore(images, None)
     seed_everything(seed)
@@ -324,9 +320,24 @@ def build_base(path, n_train=2000, seed=0, image_size=32, steps=3000, lr=2e-3, l
     building = f"{os.path.abspath(path).rstrip(os.sep)}.building-{os.getpid()}"
     model.save_pretrained(building)
     processor.save_pretrained(building)
+    open(os.path.join(building, BASE_MARKER), "w").close()
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(building, path)
+
+
+BASE_MARKER = ".mmedpo-base"  # in every folder build_base made: only such a folder is ever replaced
+
+
+def not_a_base_folder(path):
+    """Why build_base must not replace `path`, or None (absent, empty, or a folder it made itself)."""
+    if not os.path.exists(path):
+        return None
+    if not os.path.isdir(path):
+        return "is a file"
+    if os.listdir(path) and not os.path.exists(os.path.join(path, BASE_MARKER)):
+        return "exists and holds files this project did not make"
+    return None
 
 
 def corpus_of(train_images, train_qa):
@@ -430,13 +441,16 @@ def sft(model, processor, items, pil_of, steps, lr, seed, batch_size=32, log=pri
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="examples of the synthetic world; or rebuild the tiny base")
+    ap = argparse.ArgumentParser(prog="python -m world.synthetic", description="examples of the synthetic world; or rebuild the tiny base")
     ap.add_argument("--out", default="out/examples", help="where the example images go")
     ap.add_argument("--rebuild-base", action="store_true", help="rebuild the tiny base (as train.py --rebuild-base)")
     ap.add_argument("--base", default="assets/tiny-base")
     args = ap.parse_args()
     if args.rebuild_base:
-        build_base(args.base)
+        try:
+            build_base(args.base)
+        except ValueError as e:
+            raise SystemExit(f"--base {e}") from None
         print(f"tiny base written to {args.base}")
     else:
         os.makedirs(args.out, exist_ok=True)

@@ -16,15 +16,18 @@ Tests:  python -m pytest -q tests/test_fire.py
 import difflib
 import os
 import random
+import sys
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 import data
 import lora
 import score
-from mmedpo import bidirectional_kl, fire_token_loss, fire_visual_loss
-from rule_judge import edit_kind, polarity
+from guard.checkpoint import write_jsonl
+from mmedpo import check_same_shape
+from world.rule_judge import edit_kind, polarity
 
 
 def build_fire_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=print, round_index=0):
@@ -57,13 +60,13 @@ def build_fire_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=
         counts[direction] += 1
         m_w, m_l = edit_masks(data.response_ids(processor.tokenizer, y_w), data.response_ids(processor.tokenizer, y_l))
         x = torch.as_tensor(store.pixels(it["image_id"]))
-        h, _ = data.lesion_heatmap(it, store, tool, log)
+        h, _ = tool(it)
         h = torch.ones_like(x) if h is None or cfg.noise == "global" or float(h.sum()) == 0 else h
         rid = f"fire-{it['id']}"
         corrupted, heatmap_path = data.write_noised(x, h, cfg.noise_step, gen, f"{rid}-r{round_index}", pairs_dir)
         records.append({"id": rid, "source": "fire", "image": store.path(it["image_id"]), "rejected_image": None,
                         "corrupted_image": corrupted, "heatmap": heatmap_path, "prompt": it["question"],
-                        "chosen": y_w, "rejected": y_l, "mask_chosen": m_w, "mask_rejected": m_l, "edit": kind,
+                        "chosen": y_w, "rejected": y_l, "edit_masks": [m_w, m_l, m_w], "edit": kind,
                         "direction": direction, "score": None, "weight": None,
                         "provenance": f"round {round_index}, {e['how']}"})
     log(f"FiRe-MPO records: {len(records)} edited answers ({counts['minimal']} minimal edits, {counts['rewritten']} "
@@ -71,6 +74,46 @@ def build_fire_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=
         f"{counts['right']} already right, {counts['leaked']} with leaked scaffolding, {counts['failed']} editor "
         f"failures, {counts['rejected LLM edits']} LLM edits rejected for the rule editor's")
     return records, counts["failed"] == 0
+
+
+def train_in_rounds(run, model, processor, pref_qa, store, records, train):
+    """FiRe-MPO's rounds (--policy-rounds): round 0 trains on the records built by the base model; each
+    later round first answers anew with the adapter being trained, then trains on those edits (a fresh
+    optimizer each round; the reference stays the base). Every round gets its share of --steps. A later
+    round with fewer records than one global batch ends the run with the last adapter: finished work is
+    reported, not lost. train(records, tag) -> (history, finished). returns (records, history, finished)."""
+    n, history = run.args.policy_rounds, []
+    global_batch = run.args.batch_size * run.args.grad_accum * run.world
+    for r in range(n):
+        if r > 0:
+            fresh = next_round_records(run, model, processor, pref_qa, store, r)
+            if len(fresh) < global_batch:
+                run.log(f"      round {r + 1}: {len(fresh)} records, fewer than one global batch ({global_batch}): "
+                        f"the run ends with round {r}'s adapter")
+                break
+            records = fresh
+        round_history, finished = train(records, f"_round{r}" if n > 1 else "")
+        history += round_history
+        if not finished:
+            break
+    return records, history, finished
+
+
+def next_round_records(run, model, processor, pref_qa, store, r):
+    """FiRe-MPO round r > 0: the records built from the answers of the adapter being trained, written to
+    RUN_NAME/fire_round{r}.jsonl (with their token masks) for a reader to see. returns the records."""
+    path = run.path(f"fire_round{r}.jsonl")
+    if run.master:
+        run.log(f"[2/6] round {r + 1}/{run.args.policy_rounds}: new answers from the adapter -> {path}")
+        try:
+            records, _ = build_fire_pairs(model, processor, run.args, pref_qa, store, run.pairs_dir, run.device,
+                                          run.log, round_index=r)
+        except score.JudgeError as e:
+            sys.exit(f"--editor: {e}")
+        write_jsonl(path, records)
+    run.barrier()
+    records, _ = data.read_pairs(path, run.log)
+    return data.assign_weights(records, "none")
 
 
 def edit_masks(tokens_w, tokens_l):
@@ -104,3 +147,53 @@ def fire_objective_loss(model, batch, ref, weights, args):
     return losses, {"reward_acc": (m_tok > 0).float(), "margin": m_tok, "margin_vis": m_vis,
                     "l_tok": l_tok.detach(), "l_vis": l_vis.detach(), "l_kl": l_kl.detach(),
                     "kl_share": (args.fire_eta * l_kl / (l_tok + args.fire_gamma * l_vis + args.fire_eta * l_kl)).detach()}
+
+
+# -----------------------------------------------------------------------------
+# FiRe-MPO's math
+
+
+def fire_token_loss(policy_w, ref_w, mask_w, policy_l, ref_l, mask_l, beta=0.1):
+    """Token-level preference on minimal edits: only the edited tokens count.
+
+        rho_t = log pi(y_t|.) - log ref(y_t|.)
+        L_tok = -log s( beta * [ sum_t m_w,t rho_w,t - sum_t m_l,t rho_l,t ] )
+
+    policy_*, ref_*: (B, T) per-token log-probs (0 off the response); mask_*: (B, T) 0/1, the tokens of
+    y_w replaced or inserted by the edit, and those of y_l replaced or deleted.
+    returns (losses (B,), margin (B,) detached)."""
+    if not (policy_w.shape == ref_w.shape == mask_w.shape and policy_l.shape == ref_l.shape == mask_l.shape):
+        raise ValueError(f"fire_token_loss: shapes differ: {[tuple(t.shape) for t in (policy_w, ref_w, mask_w)]} "
+                         f"and {[tuple(t.shape) for t in (policy_l, ref_l, mask_l)]}")
+    margin = beta * (((policy_w - ref_w) * mask_w).sum(-1) - ((policy_l - ref_l) * mask_l).sum(-1))
+    return -F.logsigmoid(margin), margin.detach()
+
+
+def fire_visual_loss(policy_clean, ref_clean, policy_corrupt, ref_corrupt, beta=0.1):
+    """The same preferred answer under the clean image x is preferred to it under the lesion-corrupted
+    image x*:  L_vis = -log s( beta * [D(y_w|x) - D(y_w|x*)] ),  D = log pi - log ref over the response.
+    all inputs (B,). returns (losses (B,), margin (B,) detached)."""
+    check_same_shape("fire_visual_loss", [policy_clean, ref_clean, policy_corrupt, ref_corrupt])
+    margin = beta * ((policy_clean - ref_clean) - (policy_corrupt - ref_corrupt))
+    return -F.logsigmoid(margin), margin.detach()
+
+
+def bidirectional_kl(policy_logits, ref_logits, mask, lam=0.5):
+    """Token-wise KL anchor, both directions, on the full next-token distributions:
+
+        L_KL = sum over the masked positions of [ lam * KL(ref || pi) + (1 - lam) * KL(pi || ref) ]
+
+    summed, not averaged, over the response, as the authors' earlier RRPO sums its token-wise KL (a
+    mean shrinks the term by the response length and left it inert).
+    policy_logits, ref_logits: (B, T, V); mask: (B, T) 0/1 (the response positions). The reference
+    carries no gradient. returns (B,) float32 (0 for a row with no masked position)."""
+    if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape:
+        raise ValueError(f"bidirectional_kl: expected (B, T, V) logits and a (B, T) mask, got "
+                         f"{tuple(policy_logits.shape)}, {tuple(ref_logits.shape)}, {tuple(mask.shape)}")
+    logp = policy_logits.float().log_softmax(-1)
+    logq = ref_logits.detach().float().log_softmax(-1)
+    kl_ref_pi = (logq.exp() * (logq - logp)).sum(-1)           # (B, T)
+    kl_pi_ref = (logp.exp() * (logp - logq)).sum(-1)
+    mask = mask.float()
+    per_token = lam * kl_ref_pi + (1 - lam) * kl_pi_ref
+    return (per_token * mask).sum(-1)

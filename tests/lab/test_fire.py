@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import data
-import fire
-import rule_judge
+from lab import fire
+from world import rule_judge
 import score
 import train
 
@@ -61,7 +61,7 @@ def test_fire_runs_end_to_end_with_masked_records_and_two_rounds(tmp_path):
                 "--epochs", "1", "--policy-rounds", "2"])
     records, _ = data.read_pairs(str(tmp_path / "pairs" / "fire.jsonl"))
     assert records and all(r["source"] == "fire" and r["chosen"] != r["rejected"] for r in records)
-    assert all(any(r["mask_chosen"]) or any(r["mask_rejected"]) for r in records)    # an edit is never empty
+    assert all(any(r["edit_masks"][0]) or any(r["edit_masks"][1]) for r in records)    # an edit is never empty
     second, _ = data.read_pairs(str(tmp_path / "fire" / "fire_round1.jsonl"))     # round 2: the adapter's answers
     assert second and all("round 1" in r["provenance"] for r in second)
     assert all(r["edit"] in ("minimal", "rewritten") and r["direction"] in ("yes->no", "no->yes", "open")
@@ -92,7 +92,7 @@ def test_edit_mask_lands_on_the_edited_label_positions(tmp_path):
     y_w, y_l = "right upper", "left upper"
     m_w, m_l = fire.edit_masks(data.response_ids(processor.tokenizer, y_w), data.response_ids(processor.tokenizer, y_l))
     rec = {"image": str(tmp_path / "a.png"), "corrupted_image": str(tmp_path / "a.png"), "prompt": "Where is the mass?",
-           "chosen": y_w, "rejected": y_l, "mask_chosen": m_w, "mask_rejected": m_l}
+           "chosen": y_w, "rejected": y_l, "edit_masks": [m_w, m_l, m_w]}
     rows = data.RecordDataset([rec], processor, data.model_image_reader(False))[0]
     assert len(rows) == 3
     for row, mask in zip(rows, (m_w, m_l, m_w)):

@@ -25,8 +25,8 @@ the paper's Figure 5).
 The file reads downward: the command line, `evaluate` and its metrics, grounding, the table, the pictures,
 then the scoring rules and the text normalization every metric uses.
 
-    python eval.py --model assets/tiny-base                                 # the tiny base, synthetic test split
-    python eval.py --model assets/tiny-base --adapter out/mmedpo/adapter    # with a trained adapter
+    python -m world.eval --model assets/tiny-base                                # the tiny base, synthetic test split
+    python -m world.eval --model assets/tiny-base --adapter out/mmedpo/adapter    # with a trained adapter
 
 Tests:  python -m pytest -q tests/test_eval.py tests/test_benchmark.py
 """
@@ -38,12 +38,12 @@ import sys
 from collections import Counter, defaultdict
 from typing import NamedTuple
 
-import checkpoint
+from guard import checkpoint
 import data
 import lora
-import real_data
+from world import real_data
 import score
-import synthetic
+from world import synthetic
 from data import attention_tool, format_prompt, generate_answers, response_ids
 
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -70,7 +70,7 @@ class TestSet(NamedTuple):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Med-VQA / report evaluation of a model (and adapter), Table 1 columns")
+    ap = argparse.ArgumentParser(prog="python -m world.eval", description="Med-VQA / report evaluation of a model (and adapter), Table 1 columns")
     ap.add_argument("--model", required=True, help="folder with a saved LLaVA model and processor")
     ap.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
     ap.add_argument("--data", default="synthetic", choices=["synthetic", "slake", "vqa-rad", "iu-xray", "mimic-cxr"])
@@ -138,8 +138,8 @@ def check_eval_args(ap, args):
         ("--model", os.path.isdir(args.model), "no such folder (pass the local path of a saved checkpoint)"),
         ("--adapter", args.adapter is None or os.path.isdir(args.adapter), "no such folder"),
         ("--out", not (args.out and checkpoint.unwritable(args.out, False)), f"{args.out and checkpoint.unwritable(args.out, False)}"),
-        ("--out", not (args.out and score.guarded_output(args.out)),
-         f"{args.out and score.guarded_output(args.out)}; an output must not replace a model's, an adapter's or a run's file")]
+        ("--out", not (args.out and checkpoint.guarded_output(args.out)),
+         f"{args.out and checkpoint.guarded_output(args.out)}; an output must not replace a model's, an adapter's or a run's file")]
         if not ok]
     if bad:
         ap.error("; ".join(f"{f} {args.__dict__[f[2:].replace('-', '_')]}: {msg}" for f, msg in bad))

@@ -11,10 +11,10 @@ backward, optimizer.
 Each variant runs in its own process (so peak memory is its own) over the same pairs, and the ratio
 is printed. Peak memory: CUDA's max_memory_allocated on a GPU, the process's max RSS on a CPU.
 
-    python bench.py                      # CPU, batch 16, 30 timed steps
-    python bench.py --device cuda --batch-size 32
-    python bench.py study                # the synthetic benchmark: every row, 2 base models x 4 seeds -> out/study/
-    python bench.py sweep                # the validation runs behind each objective's learning rate
+    python -m lab.bench                  # CPU, batch 16, 30 timed steps
+    python -m lab.bench --device cuda --batch-size 32
+    python -m lab.bench study              # the synthetic benchmark: every row, 2 base models x 4 seeds -> out/study/
+    python -m lab.bench sweep              # the validation runs behind each objective's learning rate
 """
 import argparse
 import json
@@ -29,7 +29,17 @@ import time
 import numpy as np
 import torch
 
-import checkpoint
+import data
+import lora
+import train
+from guard import checkpoint
+from mmedpo import mmedpo_loss
+from train import record_loader, to_device
+from world import synthetic
+from world.eval import auroc
+from world.flags import NONNEG_INT, POS_INT, number
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: assets/, train.py
 
 
 def main():
@@ -37,8 +47,7 @@ def main():
         return study_main(sys.argv[2:])
     if sys.argv[1:2] == ["sweep"]:
         return sweep_main(sys.argv[2:])
-    from flags import POS_INT, NONNEG_INT, number
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=POS_INT, default=16)
     ap.add_argument("--image-size", type=number(int, 8), default=32)
@@ -50,10 +59,10 @@ def main():
         return run_variant(args)
     results = {}
     for variant in ("ours", "naive"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + sys.argv[1:]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "lab.bench", "--variant", variant] + sys.argv[1:]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:  # the child's own message, not a CalledProcessError
-            sys.exit(f"bench.py: the {variant} variant failed:\n{done.stderr[-2000:]}")
+            sys.exit(f"lab.bench: the {variant} variant failed:\n{done.stderr[-2000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"DPO step, tiny LLaVA, batch {args.batch_size} pairs, {args.device}, torch threads {torch.get_num_threads()}")
     print(f"{'':8s} {'ms/step':>9s} {'pairs/s':>9s} {'peak MB':>9s} | median ms of: batch, forward(+loss), backward, optimizer")
@@ -64,11 +73,7 @@ def main():
 
 
 def run_variant(args):
-    import data
-    import lora
-    from mmedpo import mmedpo_loss
     summed = lambda batch, k: data.response_logps(model, batch, k)[1].sum(-1)   # (B, k)
-    from train import to_device
     model, processor, pairs, load = setup(args)
     device, B = torch.device(args.device), args.batch_size
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,9 +128,6 @@ def run_variant(args):
 
 
 def setup(args):
-    import data
-    import lora
-    import synthetic
     images, qa = synthetic.make_synthetic(64, 0, args.image_size)
     corpus = [f"{q['question']}\nAnswer: {q['answer']}" for q in qa] + [im["report"] for im in images]
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def setup(args):
 # several seeds, one table; and the validation sweeps behind the chosen settings
 
 STUDY_ROWS = [  # (name, train.py flags); every run also gets --steps (equal budgets), --seed, --base and its row's
-    # objective's learning rate, chosen on the val split (train.OBJECTIVES, from `python bench.py sweep`); the
+    # objective's learning rate, chosen on the val split (train.OBJECTIVES, from `python -m lab.bench sweep`); the
     # MMedPO ablations share MMedPO's
     ("SFT on the chosen answers (control)", ["--objective", "sft"]),
     ("oracle: SFT on true presence labels", ["--objective", "oracle"]),
@@ -189,8 +191,7 @@ BASE_ROW = "base (before training)"
 
 
 def study_main(argv):
-    import train  # noqa: F401  every project module is loaded now: a long study runs one version of the code
-    ap = argparse.ArgumentParser(description="the synthetic benchmark study: every objective and ablation, equal budgets")
+    ap = argparse.ArgumentParser(prog="python -m lab.bench study", description="the synthetic benchmark study: every objective and ablation, equal budgets")
     ap.add_argument("--out", default="out/study", help="runs go to OUT/baseB/seedS/ROW; reused when their flags are unchanged")
     ap.add_argument("--bases", type=int_list, default=[0, 1],
                     help="base models: 0 and 1 are shipped (assets/tiny-base, assets/tiny-base-1); b > 1 is built with seed b")
@@ -229,13 +230,12 @@ def study_main(argv):
     hashes += "\n\n" + visual_tool_line(args.seeds)
     # a study of some rows only must not replace the full one: it goes to study-partial.*
     stem = "study" if len(rows) == len(STUDY_ROWS) else "study-partial"
-    import train
     lrs = {name: objective.lr for name, objective in train.OBJECTIVES.items()}
     checkpoint.write_json(os.path.join(args.out, f"{stem}.json"),
                           [{"row": name, "base": b, "seed": s, **{c: read(results[(name, (b, s))]["after"]) for c, read, _ in STUDY_METRICS},
                             "before": {c: read(results[(name, (b, s))]["before"]) for c, read, _ in STUDY_METRICS}}
                            for name in names for b, s in runs], indent=1)
-    command = (f"python bench.py study --bases {','.join(map(str, args.bases))} --seeds {','.join(map(str, args.seeds))} "
+    command = (f"python -m lab.bench study --bases {','.join(map(str, args.bases))} --seeds {','.join(map(str, args.seeds))} "
                f"--steps {args.steps}" + (f" --rows {','.join(map(str, args.rows))}" if stem != "study" else ""))
     checkpoint.atomic_write(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(
         f"{command}\n\nLearning rates (chosen on val): {lrs}\n\n{hashes}\n\n{table}\n"))
@@ -257,8 +257,7 @@ def study_bases(out, bases, log=print):
     """The base models of the study: base 0 is the shipped tiny base, base 1 the shipped
     assets/tiny-base-1 (the same recipe with seed 1; shipped, since float sums on another thread count
     give other bits and a base trained on them differs); base b > 1 is built once under OUT/base{b}/model."""
-    import synthetic
-    paths, assets = {}, os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+    paths, assets = {}, os.path.join(ROOT, "assets")
     for b in bases:
         shipped = os.path.join(assets, "tiny-base" if b == 0 else f"tiny-base-{b}")
         paths[b] = shipped if os.path.exists(os.path.join(shipped, "config.json")) else os.path.join(out, f"base{b}", "model")
@@ -270,13 +269,12 @@ def study_bases(out, bases, log=print):
 
 def visual_tool_line(seeds, n_test=200):
     """The visual tool of each seed (trained on that seed's SFT split) on that seed's test split."""
-    import synthetic
     scores = []
     for s in seeds:
         sft_images, _ = synthetic.make_synthetic(2000, s, 32, "train")
         test_images, _ = synthetic.make_synthetic(n_test, s, 32, "test")
         classifier = synthetic.SyntheticStore([], None, sft_images=sft_images).visual_tool(s, lambda *a: None).classifier
-        scores.append(synthetic.visual_tool_auroc(classifier, test_images))
+        scores.append(visual_tool_auroc(classifier, test_images))
     mean = {k: sum(sc[k] for sc in scores) / len(scores) for k in scores[0]}
     per_seed = ", ".join(f"{sc['any']:.3f}" for sc in scores)
     return (f"Visual tool (lesion classifier trained on each seed's SFT split), test AUROC over seeds {seeds}: any finding "
@@ -287,7 +285,6 @@ def run_study_row(out, base, base_path, seed, name, flags, steps, log_path):
     """One train.py run in this process (its output to log_path), reused when its flags are unchanged.
     Its folder is named for the row, so that the order of --rows never mislabels a result."""
     import contextlib
-    import train
     seed_dir = os.path.join(out, f"base{base}", f"seed{seed}")
     run_dir = os.path.join(seed_dir, slug(name))
     objective = flags[flags.index("--objective") + 1] if "--objective" in flags else "mmedpo"
@@ -412,7 +409,7 @@ def sweep_main(argv):
     """The validation runs behind the chosen settings, written with their commands to OUT/sweep.md:
     the noise's effect on the base model (no training), then every objective on the val split over
     learning rates. The test split is never read."""
-    ap = argparse.ArgumentParser(description="validation sweeps behind the default settings (val split only)")
+    ap = argparse.ArgumentParser(prog="python -m lab.bench sweep", description="validation sweeps behind the default settings (val split only)")
     ap.add_argument("--out", default="out/study")
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
     ap.add_argument("--objectives", default="mmedpo,dpo,sft,oracle,hscr,fire")
@@ -423,15 +420,14 @@ def sweep_main(argv):
             assert float(lr) > 0 and math.isfinite(float(lr))
         except (ValueError, AssertionError):
             ap.error(f"--lrs: {lr!r} is not a positive number")
-    import train
     if set(objectives) - set(train.OBJECTIVES):
         ap.error(f"--objectives: unknown {sorted(set(objectives) - set(train.OBJECTIVES))}; choose from {list(train.OBJECTIVES)}")
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-base")
+    base = os.path.join(ROOT, "assets", "tiny-base")
     lines = ["# Validation sweeps (val split; the test split is never read)", "",
-             f"python bench.py sweep --lrs {args.lrs} --objectives {args.objectives}", "",
+             f"python -m lab.bench sweep --lrs {args.lrs} --objectives {args.objectives}", "",
              f"Base 0 weights sha256 {weights_digest(base)}", "", "## Does the noise hide the lesion from the base model?", ""]
-    lines += noise_sweep(base, folder=args.out)
+    lines += noise_sweep(base)
     lines += ["", "## Each objective on the val split (base 0, seed 0, 144 steps) by learning rate", ""]
     sweep_lines, chosen = lr_sweep(args.out, objectives, lrs)
     lines += sweep_lines + ["", "Chosen (highest pair order with at most 1 % broken answers): " +
@@ -445,7 +441,6 @@ def lr_sweep(out, objectives, lrs, max_fragments=0.01):
     highest pair order among the rates with at most `max_fragments` broken answers (else the lowest
     rate). returns (markdown lines, {objective: chosen rate})."""
     import contextlib
-    import train
     cols = [c for c in STUDY_METRICS if c[0] in SWEEP_COLUMNS]
     lines = ["| objective | lr | " + " | ".join(c for c, _, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
     chosen = {}
@@ -471,14 +466,11 @@ def lr_sweep(out, objectives, lrs, max_fragments=0.01):
 SWEEP_COLUMNS = ["pair-ord", "mAUROC", "ptx pair-ord", "bal-acc", "yes%", "frag%", "closed", "BLEU"]
 
 
-def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector", "mask"), n=128, folder="out/study"):
+def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector", "mask"), n=128):
     """Does Strategy 2's noise hide the lesion from the base model? On val-split questions whose answer
     states a finding, per heatmap and diffusion step: the drop of log P(y_w) from the clean to the noised
     image (median, share above 1 nat) and the share of greedy answers the noise changes. No training."""
     import tempfile
-    import data
-    import synthetic
-    from train import record_loader
     model, processor = checkpoint.load_model(base_path, torch.float32, torch.device("cpu"))
     sft_images, _ = synthetic.make_synthetic(2000, 0, 32, "train")
     images, qa = synthetic.make_synthetic(200, 0, 32, "val")
@@ -520,3 +512,13 @@ def weights_digest(folder):
 
 if __name__ == "__main__":
     main()
+
+
+def visual_tool_auroc(classifier, images):
+    """How well the visual tool sees: the AUROC of its confidence (largest finding probability) for
+    "has any finding" against clear images, and of each finding's probability for that finding."""
+    with torch.no_grad():
+        p = classifier(torch.as_tensor(np.stack([im["pixels"] for im in images]))[:, None]).sigmoid().numpy()
+    y = synthetic.finding_labels(images)
+    return {"any": auroc(p.max(1).tolist(), (y.max(1) > 0).tolist()),
+            **{k: auroc(p[:, i].tolist(), y[:, i].tolist()) for i, k in enumerate(synthetic.KINDS)}}

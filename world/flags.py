@@ -1,12 +1,13 @@
-"""The command line of train.py: every flag with its default and its help, and the checks that stop a
-bad value at start-up, naming the flag, before anything is loaded. `python train.py --help` prints it.
+"""The command line of train.py: the flags beyond the ~20 a learner turns (those stand at train.py's top),
+and the checks that stop a bad value at start-up, naming the flag, before anything is loaded.
+`python train.py --help` prints every flag.
 
 Numbers are checked by their argparse type (finite, in range); paths, judge specs and combinations by
 `check_args`, which also resolves the derived values (the run name, DPO's settings, generation caps).
 
     python train.py --help
 
-Tests:  python -m pytest -q tests/test_reliability.py tests/test_faults.py
+Tests:  python -m pytest -q tests/guard
 """
 import argparse
 import math
@@ -14,10 +15,10 @@ import os
 
 import torch
 
-import checkpoint
+from guard import checkpoint
 import data
 import lora
-import real_data
+from world import real_data
 import score
 
 
@@ -49,49 +50,38 @@ OBJECTIVE_HELP = {
     "hscr": "self-contrastive triplets", "fire": "FiRe-MPO, minimally edited on-policy answers"}
 
 
-# the flags a first run needs, shown first by --help; the others follow under their own headings
-COMMON = {"--objective", "--out", "--run-name", "--resume", "--seed", "--model", "--prompt-format", "--device", "--data",
-          "--data-dir", "--strategies", "--judge", "--weighting", "--heatmap", "--lr", "--beta", "--steps", "--epochs",
-          "--batch-size", "--lora-r"}
-
-
-def parse_args(argv=None, objectives=None):
-    """The flags, checked; `objectives` (train.OBJECTIVES) names the choices of --objective and what each implies."""
-    ap = get_parser(objectives or OBJECTIVE_HELP)
+def parse_args(argv=None, objectives=None, learner_flags=None):
+    """The flags, checked. `objectives` (train.OBJECTIVES) names the choices of --objective and what each
+    implies; `learner_flags` (train.LEARNER_FLAGS: (names, keywords) pairs) are the flags a first run turns, shown first."""
+    ap = get_parser(objectives or OBJECTIVE_HELP, learner_flags)
     args = ap.parse_args(argv)
     check_args(ap, args, objectives)
     return args
 
 
-def get_parser(objectives=OBJECTIVE_HELP):
+def get_parser(objectives=OBJECTIVE_HELP, learner_flags=None):
     ap = argparse.ArgumentParser(description="Clinical-aware multimodal preference optimization (MMedPO, HSCR, FiRe-MPO)",
                                  usage="python train.py [--objective NAME] [--out DIR] [FLAG ...]   (the flags most "
                                        "runs need come first below)")
-    common = ap.add_argument_group("the flags most runs need")
+    common = ap.add_argument_group("the flags most runs need (train.py's top)")
     common.add_argument("--objective", default="mmedpo", choices=list(objectives),
                         help="; ".join(f"{name}: {OBJECTIVE_HELP.get(name, '')}" for name in objectives))
+    for names, keywords in learner_flags or ():
+        common.add_argument(*names, **keywords)
     for title, add_flags in (("run, model and the tiny base", run_and_model_flags), ("data and evaluation", data_flags),
                              ("preference data, scores, HSCR and FiRe-MPO", preference_flags),
                              ("optimisation, LoRA and checkpoints", optimisation_flags)):
-        group = ap.add_argument_group(title)
-        add_flags(lambda *names, group=group, **kw: (common if names[0] in COMMON else group).add_argument(*names, **kw))
+        add_flags(ap.add_argument_group(title).add_argument)
     return ap
 
 
 def run_and_model_flags(a):
     """The run, the model, and the tiny base (`a` is an ArgumentParser's add_argument)."""
     # where things go
-    a("--out", default="out", help="folder for every stage's output (reused when its inputs are unchanged)")
-    a("--run-name", default=None, help="subfolder of --out for this training run (default: the objective)")
-    a("--resume", action="store_true", help="continue from RUN_NAME/checkpoint.pt (same flags and inputs only)")
     # model
-    a("--model", default=None, help="a transformers LLaVA checkpoint folder; default: the tiny built-in model")
-    a("--prompt-format", default="plain", help="plain, vicuna (LLaVA's v1 conversation, as the MMedPO authors trained "
-      "LLaVA-Med v1.5), mistral, chat (the processor's chat template), or a string with <image> and {question}")
     a("--pad-to-square", action="store_true", help="pad images to a square (LLaVA's preprocessing) before the processor")
     a("--trust-remote-code", action="store_true", help="allow a checkpoint's own code (off unless asked)")
     a("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="gradient checkpointing; auto: on CUDA")
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
     a("--max-length", type=number(int, 8), default=None, help="prompt+response tokens (default: the model's context)")
     # the tiny base model (only without --model): built once (vision pretraining, then the SFT warm-up), then reused
@@ -109,8 +99,6 @@ def run_and_model_flags(a):
 
 def data_flags(a):
     """The dataset and the evaluation."""
-    a("--data", default="synthetic", choices=["synthetic", *real_data.LOADERS], help="dataset")
-    a("--data-dir", default=None, help="folder of a downloaded dataset")
     a("--max-test", type=POS_INT, default=None, help="evaluate on at most this many test items (default: all)")
     a("--max-new-tokens", type=POS_INT, default=None,
       help="generation cap when evaluating; default per task: 48 synthetic, 64 Med-VQA, 256 reports")
@@ -125,28 +113,20 @@ def preference_flags(a):
     a("--pairs", default=None, help="train on a released MMedPO preference file (JSON) instead of building pairs")
     a("--images", default=None, help="image folder of --pairs")
     a("--export-pairs", default=None, help="also write the pairs as {prompt, chosen, rejected, images} JSONL here")
-    a("--strategies", default="text,visual", help="mmedpo: text (D_t), visual (D_v), or text,visual")
     a("--n-text", type=NONNEG_INT, default=512, help="questions turned into text pairs (HSCR, FiRe-MPO: their records)")
     a("--n-visual", type=NONNEG_INT, default=256, help="questions turned into visual pairs")
     a("--samples", type=POS_INT, default=3, help="answers sampled per question for Strategy 1")
     a("--temperature", type=POS, default=1.0, help="sampling temperature for Strategy 1")
-    a("--judge", "--judges", action="append", default=[], metavar="NAME=URL,model=M[,key_env=VAR]",
-      help="OpenAI-compatible scoring judge (repeat, in order), or rule, rule:lenient, rule:strict; default: rule")
     a("--selector", default=None, metavar="NAME=URL,model=M[,key_env=VAR]",
       help="the strong LLM that selects or writes the hallucination (the paper's GPT-4o); default: the first judge")
     a("--editor", default=None, metavar="NAME=URL,model=M[,key_env=VAR]",
       help="FiRe-MPO: the LLM that minimally corrects the policy's answers; default: the offline rule editor")
     a("--workers", type=POS_INT, default=4, help="pairs scored (or answers edited) concurrently")
     a("--rounds", type=POS_INT, default=5, help="consensus rounds")
-    a("--weighting", default="z", choices=list(data.WEIGHTINGS), help="z: the paper's Z(.) per source; raw: the score "
-      "as it is (the authors' trainer on their released weighted_score); none: every weight 1")
     a("--no-crs", action="store_true", help="the same as --weighting none")
     a("--noise", default="local", choices=["local", "global"], help="lesion-localized or whole-image noise")
     a("--noise-step", type=number(int, 0, 1000, hi_open=True), default=500,
       help="diffusion step k of the noise, in [0, 1000); the README's sweep chose it on the val split")
-    a("--heatmap", default=None, choices=["classifier", "detector", "mask", "attention"],
-      help="where the lesion is: the trained lesion classifier (default on synthetic data; it needs labelled training "
-           "images), the weight-free blob detector (default on real data), ground-truth masks, or the model's own attention")
     a("--visual-score", default="confidence", choices=["confidence", "coverage"],
       help="a visual pair's score: the visual tool's confidence (the paper), or coverage, an ORACLE: how much of "
            "the true lesion the noise covers")
@@ -165,18 +145,11 @@ def preference_flags(a):
 
 def optimisation_flags(a):
     """The optimisation, LoRA, checkpoints."""
-    a("--beta", type=POS, default=0.1, help="DPO temperature (the paper's alpha)")
     a("--nll-weight", type=NONNEG, default=0.0, help="dpo/mmedpo: add this times the chosen answer's mean token NLL "
       "(an anchor against likelihood displacement, as in RPO; not part of MMedPO)")
-    a("--lr", type=POS, default=None, help="peak learning rate of the LoRA weights; default: the objective's, chosen on "
-      "the val split (mmedpo, dpo, hscr 3e-4; oracle, lean 1e-3; sft, fire 3e-3)")
-    a("--epochs", type=POS_INT, default=3)
-    a("--steps", type=POS_INT, default=None, help="optimizer steps, overriding --epochs (equal budgets across objectives)")
-    a("--batch-size", type=POS_INT, default=16, help="records per micro-batch per process")
     a("--grad-accum", type=POS_INT, default=1, help="micro-batches per optimizer step")
     a("--warmup", type=OPEN_FRACTION, default=0.03, help="warmup, as a fraction of the steps")
     a("--clip", type=POS, default=1.0, help="gradient-norm clipping")
-    a("--lora-r", type=POS_INT, default=8)
     a("--lora-alpha", type=POS, default=16)
     a("--lora-dropout", type=OPEN_FRACTION, default=0.05)
     a("--lora-targets", default=lora.DEFAULT_TARGETS, help="regex of module names to adapt")
@@ -184,7 +157,6 @@ def optimisation_flags(a):
     a("--ckpt-every", type=POS_INT, default=50, help="checkpoint every N optimizer steps")
     a("--halt-at-step", type=POS_INT, default=None,
       help="stop after the checkpoint of step N (to split a run across sessions); continue with --resume")
-    a("--seed", type=NONNEG_INT, default=0)
 
 
 def check_args(ap, args, objectives=None):
@@ -239,7 +211,7 @@ def check_args(ap, args, objectives=None):
         for what, path, folder in inputs:
             if path and (inside(args.export_pairs, path) if folder else os.path.realpath(args.export_pairs) == os.path.realpath(path)):
                 ap.error(f"--export-pairs {args.export_pairs}: lies in {what} {path}; an output must not replace an input")
-        why = score.guarded_output(args.export_pairs)       # another run's folder, adapter or stage file
+        why = checkpoint.guarded_output(args.export_pairs)       # another run's folder, adapter or stage file
         if why:
             ap.error(f"--export-pairs {args.export_pairs}: {why}; an output must not replace another run's file")
     if args.no_crs:

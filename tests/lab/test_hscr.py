@@ -7,11 +7,11 @@ import os
 import torch
 
 import data
-import hscr
-from rule_judge import polarity
+from lab import hscr
+from world.rule_judge import polarity
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_visual_token_dropout_hides_only_image_tokens():

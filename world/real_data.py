@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 import data
-from checkpoint import file_digest, write_jsonl
+from guard.checkpoint import file_digest, write_jsonl
 from noise import heatmap_from_boxes
-from rule_judge import clean_answer, words
+from world.rule_judge import clean_answer, words
 
 
 DOWNLOAD_HINTS = {

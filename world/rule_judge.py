@@ -9,7 +9,7 @@ code paths are the ones used with real judges:
     inject  `inject_hallucination`: one clinically confusable swap of the ground truth
     edit    `rule_edit`: the smallest correction of an answer towards the ground truth (FiRe-MPO)
 
-    python -c "import rule_judge as r; print(r.rule_score('Is there a nodule?', 'yes', 'no'))"
+    python -c "from world import rule_judge as r; print(r.rule_score('Is there a nodule?', 'yes', 'no'))"
 
 stdlib only. Tests:  python -m pytest -q tests/test_score.py
 """

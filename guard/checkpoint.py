@@ -17,8 +17,8 @@ torch + stdlib (transformers inside `load_model`).
 import errno
 import hashlib
 import json
-import math
 import os
+import sys
 
 import torch
 
@@ -26,25 +26,30 @@ import torch
 # -----------------------------------------------------------------------------
 # content keys and the stage cache
 
-def cached(key_path, key, compute, save, load, log, what, writer=True):
+def cached(key_path, key, compute, save, load, log, what, writer=True, output=None):
     """Reuse a stage's output or compute it. `load()` is used when `key_path` holds `key` (the key is
-    written after the output, so a kill in between means 'not done'); else `value, complete = compute()`,
-    `save(value)`, and the key is written only if complete. The old key is removed before computing: an
-    old key must never vouch for a changed output. With several processes every one computes (its share)
-    and only the `writer` saves and writes keys. returns the value."""
+    written after the output, so a kill in between means 'not done') and, when the output is a file
+    (`output`), the digest of its bytes as they were saved: an output edited after its key was written is
+    computed again, never reused. Else `value, complete = compute()`, `save(value)`, and the key is
+    written only if complete. The old key is removed before computing: an old key must never vouch for a
+    changed output. With several processes every one computes (its share) and only the `writer` saves and
+    writes keys. returns the value."""
     stored = read_json(key_path, log)
     if stored is not None and stored.get("key") == key:
-        value = load()
-        if value is not None:
-            log(f"{what}: reused ({key_path})")
-            return value
+        if output is not None and stored.get("output") != file_digest(output):
+            log(f"{what}: {output} is not the file its key vouches for (changed or missing); computing it again")
+        else:
+            value = load()
+            if value is not None:
+                log(f"{what}: reused ({key_path})")
+                return value
     if writer and os.path.exists(key_path):
         os.remove(key_path)
     value, complete = compute()
     if writer:
         save(value)
         if complete:
-            write_json(key_path, {"key": key})
+            write_json(key_path, {"key": key, **({"output": file_digest(output)} if output is not None else {})})
         else:
             log(f"      {what} is incomplete: it will be computed again on the next run")
     return value
@@ -56,10 +61,11 @@ def fingerprint(obj):
 
 
 def weights_stamp(folder):
-    """Names, sizes and modification times (ns) of a model folder's weight files: rewriting a weight file
-    changes its time, and hashing a 7B model's 14 GB on every run would cost more than it protects."""
+    """The names and byte digests of a model folder's weight files: another model's weights with the same
+    names, sizes and times get another stamp. Each file is hashed once per process while it is unchanged
+    (`file_digest`; a 7B model's 14 GB take seconds, once)."""
     files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
-    return [(f, os.path.getsize(os.path.join(folder, f)), os.stat(os.path.join(folder, f)).st_mtime_ns) for f in files]
+    return [(f, file_digest(os.path.join(folder, f))) for f in files]
 
 
 _DIGESTS = {}  # (path, size, mtime_ns) -> digest: each file is read once per process while it is unchanged
@@ -115,14 +121,6 @@ def seed_everything(seed):
     np.random.seed(seed)
 
 
-def get_lr(step, max_lr, warmup, total):
-    """Linear warmup for `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return max_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def rng_state():
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -140,7 +138,7 @@ class RunLock:
     def __init__(self, folder):
         import fcntl
         os.makedirs(folder, exist_ok=True)
-        self.path, self.file = os.path.join(folder, ".mmedpo-run.lock"), None  # score.RUN_LOCK
+        self.path, self.file = os.path.join(folder, RUN_LOCK), None
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,3 +238,61 @@ def unwritable(path, is_folder):
     if not os.path.isdir(parent):
         return f"{parent} is a file, so nothing can be created under it"
     return None if os.access(parent, os.W_OK) else f"{parent} is not writable"
+
+
+def read_jsonl(path, log=None):
+    """[(line number, record)] of a JSONL file of objects. A UTF-8 byte-order mark is allowed; a line
+    that is not valid UTF-8, not JSON, or not a JSON object is reported as file:line and skipped.
+    A missing file or a folder raises ValueError naming it."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file" + (" (it is a folder)" if os.path.isdir(path) else ""))
+    records = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                log(f"{path}:{n}: skipped, not UTF-8 ({e})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                log(f"{path}:{n}: skipped, not JSON ({e})")
+                continue
+            if not isinstance(rec, dict):
+                log(f"{path}:{n}: skipped, a JSON {type(rec).__name__} where an object was expected")
+                continue
+            records.append((n, rec))
+    return records
+
+
+RUN_LOCK = ".mmedpo-run.lock"  # the file a run holds locked in its folder (checkpoint.RunLock)
+
+
+def guarded_output(path):
+    """Why `path` (links resolved) must not be written by a tool's --out, or None: it lies in a run
+    folder, an adapter or a model (their marker file in its folder or the one above), or another
+    stage's key vouches for it (FILE.key.json beside it)."""
+    real = os.path.realpath(path)
+    if os.path.exists(real + ".key.json"):
+        return f"a stage file ({real}.key.json vouches for its content)"
+    for folder in (os.path.dirname(real), os.path.dirname(os.path.dirname(real))):   # its folder and the one above
+        what = os.path.isdir(folder) and _project_folder(folder)
+        if what:
+            return f"it lies in {what} ({folder})"
+    return None
+
+
+def _project_folder(folder):
+    """What project folder `folder` is (a run folder, an adapter, a model), or None."""
+    has = lambda name: os.path.exists(os.path.join(folder, name))
+    if has(RUN_LOCK) or has("metrics.json") and has("log.jsonl"):
+        return "a run folder"
+    if has("adapter_config.json"):
+        return "an adapter"
+    if has("config.json") and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
+        return "a model"
+    return None

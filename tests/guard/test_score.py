@@ -8,11 +8,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import rule_judge
+from world import rule_judge
 import score
+from guard import judge as judge_guard
+from lab import score_cli
 
 # 12 records of the authors' released VQA-RAD preference file (aiming-lab/MMedPO, data/)
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_mmedpo_vqa-rad_sample.json")
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "official_mmedpo_vqa-rad_sample.json")
 
 
 # -----------------------------------------------------------------------------
@@ -82,8 +84,8 @@ def server_factory():
 
 
 def judge(server, max_retries=3, **kw):
-    kw = {"timeout": 2.0, "retry": score.Retry(max_retries, 0.01), **kw}
-    return score.HTTPJudge("med", server.url, "med-llm", **kw)
+    kw = {"timeout": 2.0, "retry": judge_guard.Retry(max_retries, 0.01), **kw}
+    return judge_guard.HTTPJudge("med", server.url, "med-llm", **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -224,17 +226,17 @@ def test_an_unreachable_server_stops_the_work_early_naming_it(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens here now
-    j = score.HTTPJudge("dead", f"http://127.0.0.1:{port}/v1", "m", retry=score.Retry(1, 0.01), timeout=1)
+    j = judge_guard.HTTPJudge("dead", f"http://127.0.0.1:{port}/v1", "m", retry=judge_guard.Retry(1, 0.01), timeout=1)
     pairs = [{"prompt": f"q{i}?", "chosen": "yes", "rejected": "no"} for i in range(20)]
     calls = []
-    real = score.HTTPJudge.__call__
+    real = judge_guard.HTTPJudge.__call__
     monkey = lambda self, messages: (calls.append(1), real(self, messages))[1]
-    score.HTTPJudge.__call__ = monkey
+    judge_guard.HTTPJudge.__call__ = monkey
     try:
-        with pytest.raises(score.JudgeUnreachable, match=f"cannot connect to http://127.0.0.1:{port}"):
+        with pytest.raises(judge_guard.JudgeUnreachable, match=f"cannot connect to http://127.0.0.1:{port}"):
             score.score_pairs(pairs, [j], str(tmp_path / "cache.jsonl"), workers=2, log=lambda m: None)
     finally:
-        score.HTTPJudge.__call__ = real
+        judge_guard.HTTPJudge.__call__ = real
     assert len(calls) <= 4          # the first items of each worker, not all 20 pairs times the retries
     assert not (tmp_path / "cache.jsonl").read_text()  # failures are not cached: the next run asks again
 
@@ -246,7 +248,7 @@ def test_api_key_never_written(server_factory, tmp_path, monkeypatch, capsys):
     pairs_path, out_path = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
     pairs_path.write_text(json.dumps({"prompt": "q?", "chosen": "yes", "rejected": "no", "source": "text"}) + "\n")
     with pytest.raises(SystemExit) as e:    # a refused key stops scoring at once, with a clear message ...
-        score.main(["--pairs", str(pairs_path), "--out", str(out_path),
+        score_cli.main(["--pairs", str(pairs_path), "--out", str(out_path),
                     "--judge", f"med={srv.url},model=m,key_env=MMEDPO_TEST_KEY"])
     captured = capsys.readouterr()
     written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
@@ -279,7 +281,7 @@ def test_eight_workers_are_at_least_5x_faster_than_one(server_factory):
 def test_judge_order_is_kept_within_a_pair_under_concurrency(server_factory):
     srv_a = server_factory(reply=lambda body: '{"score": 6}', delay=0.01)
     srv_b = server_factory(reply=lambda body: '{"agree": true, "score": 6}')
-    out = score.score_pairs(pairs(16), [judge(srv_a), score.HTTPJudge("b", srv_b.url, "m2", retry=score.Retry(backoff=0.01))],
+    out = score.score_pairs(pairs(16), [judge(srv_a), judge_guard.HTTPJudge("b", srv_b.url, "m2", retry=judge_guard.Retry(backoff=0.01))],
                             None, workers=8, log=lambda s: None)
     assert all([h["judge"] for h in r["history"]] == ["med", "b"] for r in out)
 
@@ -391,8 +393,8 @@ def test_an_echoed_key_is_scrubbed_even_where_the_error_text_is_cut(monkeypatch)
     class Reply:
         status_code, headers = 400, {}
         text = "x" * 170 + "Authorization: Bearer " + key            # the key starts at 192: it straddles the cut at 200
-    monkeypatch.setattr(score.HTTPJudge, "_post", lambda self, body, headers: (Reply.status_code, Reply.headers, Reply.text))
-    judge = score.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", key_env="TEST_JUDGE_KEY", retry=score.Retry(0))
+    monkeypatch.setattr(judge_guard.HTTPJudge, "_post", lambda self, body, headers: (Reply.status_code, Reply.headers, Reply.text))
+    judge = judge_guard.HTTPJudge("j", "http://127.0.0.1:9/v1", "m", key_env="TEST_JUDGE_KEY", retry=judge_guard.Retry(0))
     with pytest.raises(score.JudgeError) as e:
         judge([{"role": "user", "content": "hi"}])
     assert "sk-k" not in str(e.value) and "Bearer *" in str(e.value)   # cut first, 8 of its characters would stay
@@ -439,7 +441,7 @@ def test_a_trickling_reply_is_cut_at_the_timeout_in_total():
     server = RawServer(trickle)
     t0 = time.time()
     with pytest.raises(score.JudgeError, match="within"):
-        score.HTTPJudge("med", server.url, "m", timeout=0.5, retry=score.Retry(1, 0.01))([{"role": "user", "content": "q"}])
+        judge_guard.HTTPJudge("med", server.url, "m", timeout=0.5, retry=judge_guard.Retry(1, 0.01))([{"role": "user", "content": "q"}])
     server.close()
     assert time.time() - t0 < 4 and server.hits == 2
 
@@ -451,7 +453,7 @@ def test_a_flood_is_refused_unread():
             h.wfile.write(b"x" * (64 << 10))    # 4 MB
     server = RawServer(flood)
     with pytest.raises(score.JudgeError, match="larger than"):
-        score.HTTPJudge("med", server.url, "m", timeout=5, retry=score.Retry(0))([{"role": "user", "content": "q"}])
+        judge_guard.HTTPJudge("med", server.url, "m", timeout=5, retry=judge_guard.Retry(0))([{"role": "user", "content": "q"}])
     server.close()
 
 
@@ -459,7 +461,7 @@ def test_a_redirect_is_never_followed(server_factory):
     elsewhere = server_factory(reply=lambda body: "7")
     hop = RawServer(lambda h: head(h, 307, [("Location", elsewhere.url + "/chat/completions")]))
     with pytest.raises(score.JudgeError, match="redirect"):
-        score.HTTPJudge("med", hop.url, "m", timeout=2, retry=score.Retry(1, 0.01))([{"role": "user", "content": "truth"}])
+        judge_guard.HTTPJudge("med", hop.url, "m", timeout=2, retry=judge_guard.Retry(1, 0.01))([{"role": "user", "content": "truth"}])
     hop.close()
     assert elsewhere.requests == []          # the prompt, with the ground truth, never reached the other host
 

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+from guard import checkpoint
 import data
-import real_data
+from world import real_data
 import score
 import train
 from test_score import server_factory  # noqa: F401  (the fault-injecting server, a fixture)
+from guard import judge as judge_guard
+from lab import fire, score_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
 SMALL = ["--n-train", "60", "--n-test", "4", "--n-text", "12", "--n-visual", "8", "--batch-size", "4", "--epochs", "1"]
 
@@ -36,17 +38,17 @@ def test_an_output_never_replaces_an_input_or_a_stage_file(tmp_path, capsys):
     pairs = tmp_path / "p.jsonl"
     pairs.write_text("{}\n")
     with pytest.raises(SystemExit):
-        score.main(["--pairs", str(pairs), "--out", str(pairs)])
+        score_cli.main(["--pairs", str(pairs), "--out", str(pairs)])
     assert "would be overwritten" in capsys.readouterr().err and pairs.read_text() == "{}\n"
 
 
 def test_no_tool_writes_into_another_runs_files(tmp_path, capsys):
     """An adapter, a stage file vouched for by its key, a run's metrics and a model's config are refused as
     any tool's output, links resolved; nothing is touched."""
-    import eval as evaluation
+    from world import eval as evaluation
     out = tmp_path / "out"
     (out / "mmedpo" / "adapter").mkdir(parents=True)
-    (out / "mmedpo" / score.RUN_LOCK).write_text("")
+    (out / "mmedpo" / checkpoint.RUN_LOCK).write_text("")
     (out / "mmedpo" / "adapter" / "adapter_config.json").write_text("{}")
     (out / "pairs").mkdir()
     for name, text in (("mmedpo.jsonl", "{}\n"), ("mmedpo.jsonl.key.json", "{}")):
@@ -60,7 +62,7 @@ def test_no_tool_writes_into_another_runs_files(tmp_path, capsys):
     pairs.write_text(json.dumps({"prompt": "q?", "chosen": "yes", "rejected": "no"}) + "\n")
     for target, why in ((out / "pairs" / "mmedpo.jsonl", "a stage file"), (tmp_path / "link" / "metrics.json", "a run folder")):
         with pytest.raises(SystemExit):
-            score.main(["--pairs", str(pairs), "--out", str(target)])
+            score_cli.main(["--pairs", str(pairs), "--out", str(target)])
         assert why in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluation.main(["--model", TINY_BASE, "--out", os.path.join(TINY_BASE, "config.json")])
@@ -71,7 +73,7 @@ def test_no_tool_writes_into_another_runs_files(tmp_path, capsys):
 def test_an_input_named_like_a_temporary_file_survives(tmp_path):
     pairs = tmp_path / "scored.jsonl.tmp"
     pairs.write_text(json.dumps({"prompt": "Is there a nodule?", "chosen": "yes", "rejected": "no"}) + "\n")
-    score.main(["--pairs", str(pairs), "--out", str(tmp_path / "scored.jsonl")])
+    score_cli.main(["--pairs", str(pairs), "--out", str(tmp_path / "scored.jsonl")])
     assert pairs.exists() and json.loads((tmp_path / "scored.jsonl").read_text())["score"] is not None
 
 
@@ -137,7 +139,7 @@ def test_a_reply_holding_the_key_is_a_failed_reply_and_never_stored(server_facto
     secret = "sk-echoed-back-4242"
     monkeypatch.setenv("MMEDPO_TEST_KEY", secret)
     srv = server_factory(reply=lambda body: f'{{"score": 8}} (you sent Bearer {secret})')
-    j = score.HTTPJudge("med", srv.url, "m", key_env="MMEDPO_TEST_KEY", retry=score.Retry(1, 0.01))
+    j = judge_guard.HTTPJudge("med", srv.url, "m", key_env="MMEDPO_TEST_KEY", retry=judge_guard.Retry(1, 0.01))
     cache = tmp_path / "cache.jsonl"
     out = score.score_pairs([{"prompt": "q?", "chosen": "yes", "rejected": "no"}], [j], str(cache), log=lambda m: None)
     assert out[0]["status"] == "failed" and "holds (part of) the API key" in out[0]["reason"] and secret not in out[0]["reason"]
@@ -169,7 +171,7 @@ def test_an_llm_edit_gets_the_rule_editors_checks(reply, why):
 
 def test_a_json_nan_content_is_a_malformed_reply(server_factory):
     srv = server_factory(script=[(200, float("nan"), {}, 0)])   # {"content": NaN}
-    j = score.HTTPJudge("med", srv.url, "m", retry=score.Retry(1, 0.01))
+    j = judge_guard.HTTPJudge("med", srv.url, "m", retry=judge_guard.Retry(1, 0.01))
     with pytest.raises(score.JudgeError, match="malformed reply"):
         j([{"role": "user", "content": "x"}])
 
@@ -179,7 +181,7 @@ def test_non_object_cache_lines_are_named_and_skipped(tmp_path):
     good = {"key": "k1", "status": "scored", "score": 7.0}
     cache.write_text("\n".join(["[1, 2]", "null", '"x"', json.dumps(good), json.dumps({"key": 3})]) + "\n")
     said = []
-    loaded = score.load_cache(str(cache), said.append)
+    loaded = judge_guard.load_cache(str(cache), said.append)
     assert loaded == {"k1": good}
     assert [m.split(": ")[0] for m in said] == [f"{cache}:{n}" for n in (1, 2, 3, 5)]
 
@@ -210,12 +212,12 @@ def test_released_images_outside_the_folder_or_special_are_never_opened(tmp_path
 # finished work is never lost, and old results never stand beside a new adapter
 
 def test_a_later_fire_round_that_cannot_train_keeps_the_last_rounds_adapter(tmp_path, capsys, monkeypatch):
-    real = train.build_fire_pairs
+    real = fire.build_fire_pairs
 
     def fewer(*a, round_index=0, **k):
         records, complete = real(*a, round_index=round_index, **k)
         return (records[:1] if round_index else records), complete
-    monkeypatch.setattr(train, "build_fire_pairs", fewer)
+    monkeypatch.setattr(fire, "build_fire_pairs", fewer)
     train.main(["--out", str(tmp_path), "--objective", "fire", "--n-text", "96", "--n-test", "4", "--batch-size", "4",
                 "--epochs", "1", "--policy-rounds", "2"])
     printed = capsys.readouterr().out
@@ -250,7 +252,7 @@ def test_a_refused_run_deletes_nothing(tmp_path):
 
 
 def test_another_seed_never_reuses_an_image_file(tmp_path):
-    import synthetic
+    from world import synthetic
     paths = []
     for seed in (0, 1):
         images, _ = synthetic.make_synthetic(2, seed, 32, "pref")
@@ -278,7 +280,7 @@ def test_a_decompression_bomb_is_named_not_a_traceback(tmp_path, monkeypatch):
 
 
 def test_a_base_cut_short_is_never_taken_for_a_base(tmp_path, monkeypatch):
-    import synthetic
+    from world import synthetic
     from transformers import LlavaProcessor
 
     def full_disk(self, folder, **kw):
@@ -293,3 +295,26 @@ def test_a_relative_out_is_the_same_folder_as_its_absolute_spelling(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     relative, absolute = train.parse_args(["--out", "runs"]), train.parse_args(["--out", str(tmp_path / "runs")])
     assert relative.out == absolute.out == str(tmp_path / "runs")
+
+
+def test_a_base_is_never_built_over_a_folder_the_project_did_not_make(tmp_path):
+    """A typo in --base that names someone's folder stops the run, naming the flag, and deletes nothing."""
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "results.csv").write_text("keep me")
+    with pytest.raises(SystemExit, match="--base .*did not make"):
+        train.main(["--out", str(tmp_path / "out"), "--base", str(folder), "--base-only"])
+    assert (folder / "results.csv").read_text() == "keep me"
+    with pytest.raises(SystemExit, match="did not make"):   # --rebuild-base over a model folder it did not build
+        train.main(["--out", str(tmp_path / "out"), "--base", str(folder), "--base-only", "--rebuild-base"])
+    assert os.listdir(folder) == ["results.csv"]
+
+
+@pytest.mark.parametrize("spec", ["med=http://user:SECRETKEY123@127.0.0.1:9/v1,model=m",
+                                  "med=http://127.0.0.1:9/v1?api_key=SECRETKEY123,model=m",
+                                  "med=http://127.0.0.1:9/v1,model=m,key_env=sk-SECRETKEY123"])
+def test_a_key_in_a_judge_spec_is_refused_and_never_printed(spec, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path), "--judge", spec])
+    said = capsys.readouterr()
+    assert "SECRETKEY123" not in said.out + said.err and "--judge" in said.err

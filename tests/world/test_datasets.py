@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 import data
-import real_data
+from world import real_data
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_mmedpo_vqa-rad_sample.json")
 TINY_BASE = os.path.join(ROOT, "assets", "tiny-base")
 
@@ -65,7 +65,7 @@ def test_slake_loader_keeps_english_and_counts_what_it_skips(slake):
 def test_visual_pairs_on_slake_skip_a_mask_of_the_wrong_size(slake, tmp_path):
     items, store = real_data.load_slake(str(slake), "train", lambda s: None)
     logs = []
-    pairs = data.build_visual_pairs(items, store, str(tmp_path / "pairs"), heatmap="mask", log=logs.append)
+    pairs = data.build_visual_pairs(items, store, str(tmp_path / "pairs"), data.heatmap_tool("mask", store=store, log=logs.append), log=logs.append)
     assert len(pairs) == 2 and "1 mask does not fit" in logs[-1]
     assert all(os.path.isfile(p["image"]) and os.path.isfile(p["rejected_image"]) for p in pairs)
 
@@ -107,7 +107,7 @@ def test_r2gen_layout_reports(tmp_path, name):
     items, store = real_data.LOADERS[name](str(root), "train", lambda s: None)
     assert len(items) == 1 and items[0]["type"] == "report" and "describe" in items[0]["question"].lower()
     assert items[0]["answer"] == "The heart is normal. No effusion."
-    from eval import format_table, vqa_metrics
+    from world.eval import format_table, vqa_metrics
     m = vqa_metrics(items, ["The heart is normal. No effusion."])
     assert m["bleu_mean"] == pytest.approx(1.0, abs=1e-6) and m["rouge_l"] == pytest.approx(1.0)
     assert "ROUGE-L" in format_table({"x": m})
