@@ -227,8 +227,9 @@ def stage_records(run, model, processor, base_path, pref_qa, store):
             checkpoint.write_jsonl(path, released)
     else:
         path = os.path.join(run.pairs_dir, f"{args.objective}.jsonl")
-        key = fingerprint({**{k: getattr(args, k) for k in PAIR_FLAGS}, "weights": weights_stamp(base_path),
-                           "items": fingerprint(items_key(pref_qa, store))})
+        key = fingerprint({**{k: getattr(args, k) for k in flags.PAIR_FLAGS}, "weights": weights_stamp(base_path),
+                           "items": fingerprint(items_key(pref_qa, store)),
+                           "records": "v2: a row carries its own edit mask"})
 
         def compute():
             run.log(f"[2/6] building {args.objective} preference data -> {path}")
@@ -248,12 +249,6 @@ def stage_records(run, model, processor, base_path, pref_qa, store):
     if not records:
         sys.exit(f"{path}: no usable preference records")
     return records, skipped
-
-
-PAIR_FLAGS = ["objective", "model", "data", "data_dir", "strategies", "n_text", "n_visual", "samples", "temperature",
-              "judge", "n_pref", "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "visual_score", "seed",
-              "n_train", "image_size", "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_p2", "hscr_share",
-              "pairs", "images", "editor"]
 
 
 def weigh(run, records):
@@ -466,7 +461,7 @@ def resume(run, ckpt_path, model, opt, config, inputs, total):
     ck = checkpoint.load_tensors(ckpt_path, run.log)
     if ck is None:
         sys.exit(f"--resume: {ckpt_path} cannot be read as a checkpoint of this project; start a new --run-name")
-    changed = checkpoint.check_checkpoint(ck, config, inputs, RESUME_FLAGS)
+    changed = checkpoint.check_checkpoint(ck, config, inputs, flags.RESUME_FLAGS)
     if changed:
         sys.exit(f"--resume: {ckpt_path} was written with other settings: {'; '.join(changed)}. "
                  f"Resume with the same flags, or start a new --run-name.")
@@ -475,11 +470,6 @@ def resume(run, ckpt_path, model, opt, config, inputs, total):
     checkpoint.set_rng_state(ck["rng"][run.rank])
     run.log(f"      resumed from {ckpt_path} at step {ck['step']}/{total}")
     return ck["step"], ck["history"]
-
-
-RESUME_FLAGS = PAIR_FLAGS + ["lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r", "lora_alpha",
-                             "lora_dropout", "lora_targets", "hscr_lambda", "policy_rounds", "fire_gamma", "fire_eta",
-                             "fire_lambda", "nll_weight", "dtype", "max_length"]
 
 
 def clear_results(run):

@@ -227,3 +227,14 @@ def check_args(ap, args, objectives=None):
 def inside(path, folder):
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+PAIR_FLAGS = ["objective", "model", "data", "data_dir", "strategies", "n_text", "n_visual", "samples", "temperature",
+              "judge", "n_pref", "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "visual_score", "seed",
+              "n_train", "image_size", "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_p2", "hscr_share",
+              "pairs", "images", "editor"]
+
+
+RESUME_FLAGS = PAIR_FLAGS + ["lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r", "lora_alpha",
+                             "lora_dropout", "lora_targets", "hscr_lambda", "policy_rounds", "fire_gamma", "fire_eta",
+                             "fire_lambda", "nll_weight", "dtype", "max_length"]

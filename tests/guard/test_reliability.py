@@ -118,11 +118,11 @@ def test_a_resume_continues_only_the_same_computation(tmp_path):
     inputs = train.inputs_of(run, TINY_BASE, records, 64)
     config = {**vars(run.args), "world": 1}
     ck = {"config": config, "inputs": inputs}
-    assert checkpoint.check_checkpoint(ck, config, inputs, train.RESUME_FLAGS) == []
+    assert checkpoint.check_checkpoint(ck, config, inputs, train.flags.RESUME_FLAGS) == []
     reweighted = train.inputs_of(run, TINY_BASE, [{**records[0], "weight": 1.2}], 64)   # a healthy judge, new weights
-    assert checkpoint.check_checkpoint(ck, config, reweighted, train.RESUME_FLAGS) == ["the records differ"]
+    assert checkpoint.check_checkpoint(ck, config, reweighted, train.flags.RESUME_FLAGS) == ["the records differ"]
     longer = train.inputs_of(run, TINY_BASE, records, 128)
-    assert checkpoint.check_checkpoint(ck, {**config, "max_length": 128}, longer, train.RESUME_FLAGS) == \
+    assert checkpoint.check_checkpoint(ck, {**config, "max_length": 128}, longer, train.flags.RESUME_FLAGS) == \
         ["--max-length None -> 128", "the encoding differ"]
 
 
