@@ -73,10 +73,21 @@ def test_cached_reference_and_before_eval_follow_the_model(out, capsys):
     printed = capsys.readouterr().out
     assert "reference log-probs: reused" in printed and "evaluation of the base model: reused" in printed
     assert "reference log-probs for" not in printed
-    os.utime(out / "base" / "model.safetensors")  # the same path with new weights (a new time) must not reuse them
+    from safetensors.torch import load_file, save_file
+    weights = out / "base" / "model.safetensors"
+    os.utime(weights)  # a new time, the same bytes: the same model, reused (keys are on the bytes)
     train.main(args)
-    printed = capsys.readouterr().out
-    assert "reference log-probs for" in printed and "evaluating the base model" in printed
+    assert "reference log-probs: reused" in capsys.readouterr().out
+    original, tensors = weights.read_bytes(), load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})  # the same path, the same size, new weights
+    try:
+        train.main(args)
+        printed = capsys.readouterr().out
+        assert "reference log-probs for" in printed and "evaluating the base model" in printed
+    finally:
+        weights.write_bytes(original)
 
 
 def test_one_training_step_reads_downward(out, monkeypatch):
