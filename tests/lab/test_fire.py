@@ -1,5 +1,5 @@
 """FiRe-MPO's pair building: the rule editor, the token masks, the records, and the objective end to end
-on the tiny default (the loss math is in tests/test_mmedpo.py).  python -m pytest -q tests/test_fire.py"""
+on the tiny default (the loss math is in tests/lab/test_lab_losses.py).  python -m pytest -q tests/lab/test_fire.py"""
 import json
 
 import pytest
