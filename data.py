@@ -385,23 +385,41 @@ def generate_answers(model, processor, rows, prompt_format="plain", batch_size=6
 
 
 def build_oracle_records(model, processor, cfg, pool, store, pairs_dir, device, log=print, answer=None):
-    """The instrument's oracle: the preference split's presence questions (on real data its closed yes/no
-    ones) with their TRUE answers, as many "yes" as "no" (drawn with the run's seed), for plain
-    supervision. A grounding score that this row cannot raise cannot show what a method does. With
-    `answer` ("yes": the lean) every question gets that answer: a row that must NOT raise it. The other
-    answer is kept as `rejected` for the layout, never trained on. returns (records, complete)."""
+    """The instrument's oracle: supervision with the TRUE answers on the preference split, for every kind the
+    probes ask about: its presence questions and its side questions (on real data its closed yes/no ones),
+    each as many "yes" as "no", and as many reports (drawn with the run's seed). A grounding score that this
+    row cannot raise cannot show what a method does. With `answer` ("yes": the lean) every closed question
+    gets that answer and every report is another image's (a shuffle: the reports' words without their
+    image), a row that must NOT raise it. The other answer is kept as `rejected` for the layout, never
+    trained on. returns (records, complete)."""
     yes_no = lambda it: str(it["answer"]).strip().lower()
-    presence = [it for it in pool if it.get("qtype") == "presence"] or \
-        [it for it in pool if it["type"] == "closed" and yes_no(it) in ("yes", "no")]
-    by_answer = {a: [it for it in presence if yes_no(it) == a] for a in ("yes", "no")}
-    n, rng, name = min(len(v) for v in by_answer.values()), random.Random(cfg.seed), "lean" if answer else "oracle"
-    items = sorted(rng.sample(by_answer["yes"], n) + rng.sample(by_answer["no"], n), key=lambda it: it["id"])
-    log(f"{name}: {len(items)} presence questions ({n} truly yes, {n} truly no) of {len(presence)}, answered "
-        + (f"{answer!r} whatever the image" if answer else "with the truth"))
-    return [{"id": f"{name}-{it['id']}", "source": name, "image": store.path(it["image_id"]), "rejected_image": None,
-             "prompt": it["question"], "chosen": answer or it["answer"], "rejected": "no" if (answer or yes_no(it)) == "yes"
-             else "yes", "score": None, "weight": None, "provenance": f"{answer!r} to every question (a lean)" if answer
-             else "the true answer (an oracle)"} for it in items], True
+    rng, name = random.Random(cfg.seed), "lean" if answer else "oracle"
+    closed = [[it for it in pool if it.get("qtype") == q] for q in ("presence", "side")]
+    closed = [c for c in closed if c] or [[it for it in pool if it["type"] == "closed" and yes_no(it) in ("yes", "no")]]
+    items, counts = [], []
+    for group in filter(None, closed):
+        by_answer = {a: [it for it in group if yes_no(it) == a] for a in ("yes", "no")}
+        n = min(len(v) for v in by_answer.values())
+        items += rng.sample(by_answer["yes"], n) + rng.sample(by_answer["no"], n)
+        counts.append(f"{2 * n} {group[0].get('qtype', 'closed')}")
+    reports = sorted(rng.sample([it for it in pool if it["type"] == "report"],
+                                min(sum(it["type"] == "report" for it in pool), len(items) // max(1, len(counts)))),
+                     key=lambda it: it["id"])
+    other = {it["id"]: reports[(i + 1) % len(reports)]["answer"] for i, it in enumerate(reports)}  # the next image's
+    records = []
+    for it in sorted(items + reports, key=lambda it: it["id"]):
+        if it["type"] == "report":
+            true, wrong = it["answer"], other[it["id"]]
+        else:
+            true, wrong = it["answer"], "no" if yes_no(it) == "yes" else "yes"
+        chosen = (answer if it["type"] != "report" else wrong) if answer else true
+        records.append({"id": f"{name}-{it['id']}", "source": name, "image": store.path(it["image_id"]), "rejected_image": None,
+                        "prompt": it["question"], "chosen": chosen, "rejected": true if chosen != true else wrong,
+                        "score": None, "weight": None, "provenance": f"{answer!r} to every question and another image's "
+                        f"report (a lean)" if answer else "the true answer (an oracle)"})
+    log(f"{name}: {', '.join(counts)} questions (half truly yes) and {len(reports)} reports of {len(pool)} items, answered "
+        + (f"{answer!r} whatever the image, each report another image's" if answer else "with the truth"))
+    return records, True
 
 
 # -----------------------------------------------------------------------------
@@ -542,16 +560,43 @@ def right_pad(seqs, value, length=None):
     return out
 
 
-def response_logps(model, batch, k, first=None):
+def response_logps(model, batch, k, first=None, start=None):
     """One forward of a k*B-row batch's responses 0..first-1 (all k by default), per response:
-    (logits (B, j, T, V), token log-probs (B, j, T-1), response mask (B, j, T-1)), j = first or k, with
-    `mmedpo.token_logps`'s shift and masks. Summed over the tokens, [..., j] is log pi(response j | prompt j)."""
+    (logits (B, j, L, V), token log-probs (B, j, L-1), response mask (B, j, L-1)), j = first or k, with
+    `mmedpo.token_logps`'s shift and masks. Summed over the tokens, [..., j] is log pi(response j | prompt j).
+    Logits are computed only from position `start` on (default `response_start(batch)`: the first one that
+    predicts a response token in any row), L = T - start: the prompt's positions, image tokens included,
+    are never projected onto the vocabulary. Column t of the outputs is position start + t."""
     j = first or k
     n = batch["input_ids"].shape[0] // k * j          # responses 0..j-1 are the first j*B rows
-    logits = model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n],
-                   pixel_values=batch["pixel_values"][:n]).logits
-    tokens, response = token_logps(logits, batch["labels"][:n])
+    start = response_start(batch) if start is None else start
+    inputs = {"input_ids": batch["input_ids"][:n], "attention_mask": batch["attention_mask"][:n],
+              "pixel_values": batch["pixel_values"][:n]}
+    if keeps_logits(model):
+        T = batch["input_ids"].shape[1]
+        logits = model(**inputs, logits_to_keep=torch.arange(start, T, device=batch["input_ids"].device)).logits
+    else:
+        logits = model(**inputs).logits[:, start:]
+    tokens, response = token_logps(logits, batch["labels"][:n, start:])
     return per_response(logits, j), per_response(tokens, j), per_response(response, j)
+
+
+def response_start(batch):
+    """The first position whose next token is a response token in any row of the batch (0 if none): logits
+    before it score nothing."""
+    scored = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    return int(scored[0]) if len(scored) else 0
+
+
+def keeps_logits(model):
+    """Whether the model's forward takes `logits_to_keep` (transformers' LLaVA does), seen through a
+    DistributedDataParallel wrapper."""
+    import inspect
+    forward = getattr(model, "module", model).forward
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def per_response(rows, k):

@@ -113,12 +113,19 @@ def parse_score(text, previous=None):
     JSON {"agree": ..., "score": ...} first, then the one whole number in 0..10 of free text (a stated
     scale such as "(0-10)" or "/10" removed; two different numbers are ambiguous: unusable), then a bare
     'agree'. Never a score the reply does not give."""
-    m = re.search(r"\{.*?\}", text, re.S)
-    if m:
+    objects = []
+    for m in re.finditer(r"\{.*?\}", text, re.S):
         try:
-            obj = json.loads(m.group(0))
-        except ValueError:
-            obj = None
+            objects.append(json.loads(m.group(0), object_pairs_hook=_unique_keys))
+        except _DuplicateKey:
+            return None, False                       # {"score": 3, "score": 9}: which one? a failed reply
+        except (ValueError, RecursionError):
+            continue
+    objects = [o for o in objects if isinstance(o, dict)]
+    if len(objects) > 1:
+        return None, False                           # two JSON answers: ambiguous, a failed reply
+    if objects:
+        obj = objects[0]
         if isinstance(obj, dict):
             agreed = obj.get("agree") is True and previous is not None
             score = previous if agreed and obj.get("score") is None else obj.get("score")
@@ -140,6 +147,18 @@ def parse_score(text, previous=None):
     if previous is not None and re.search(r"\bagree", text, re.I) and not re.search(r"disagree", text, re.I):
         return previous, True
     return None, False
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """json's object hook: a key given twice is an error, not the last value."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
 
 
 # -----------------------------------------------------------------------------

@@ -276,7 +276,7 @@ def stage_eval_before(run, model, processor, base_path, test):
     key = fingerprint({"weights": weights_stamp(base_path), "items": items_key(test.items, test.store),
                        "probes": items_key(test.probes, test.store), "prompt_format": args.prompt_format, "pad": args.pad_to_square,
                        "max_new_tokens": args.max_new_tokens, "scoring": args.vqa_scoring, "dtype": str(run.dtype),
-                       "stores": "metrics, predictions, probe predictions, grounding v2"})
+                       "stores": "metrics, predictions, probe predictions, grounding v3: failure kinds, tie band"})
 
     def compute():
         run.log(f"[3/6] evaluating the base model on {len(test.items)} test questions and {len(test.probes)} "

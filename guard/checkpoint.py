@@ -182,7 +182,7 @@ def read_json(path, log=print):
     try:
         with open(path) as f:
             return json.load(f)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         log(f"      {path} is unreadable ({e}); recomputing it")
         return None
 
@@ -259,7 +259,7 @@ def read_jsonl(path, log=None):
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 log(f"{path}:{n}: skipped, not JSON ({e})")
                 continue
             if not isinstance(rec, dict):
@@ -273,17 +273,23 @@ RUN_LOCK = ".mmedpo-run.lock"  # the file a run holds locked in its folder (chec
 
 
 def guarded_output(path):
-    """Why `path` (links resolved) must not be written by a tool's --out, or None: it lies in a run
-    folder, an adapter or a model (their marker file in its folder or the one above), or another
-    stage's key vouches for it (FILE.key.json beside it)."""
+    """Why `path` (links resolved) must not be written by a tool's --out, or None: it is a stage's key
+    file or a judge cache (finished, possibly paid, scores), another stage's key vouches for it
+    (FILE.key.json beside it), or it lies anywhere inside a run folder, an adapter, a model or a stage
+    folder (one holding stage keys, such as OUT/pairs and its images/)."""
     real = os.path.realpath(path)
+    if real.endswith(".key.json") or os.path.basename(real) == "judge_cache.jsonl":
+        return f"a stage file ({os.path.basename(real)}: a stage's key or its finished judge scores)"
     if os.path.exists(real + ".key.json"):
         return f"a stage file ({real}.key.json vouches for its content)"
-    for folder in (os.path.dirname(real), os.path.dirname(os.path.dirname(real))):   # its folder and the one above
+    folder = os.path.dirname(real)
+    while True:                                        # every folder above it, up to the root
         what = os.path.isdir(folder) and _project_folder(folder)
         if what:
             return f"it lies in {what} ({folder})"
-    return None
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
 
 
 def _project_folder(folder):
@@ -293,6 +299,12 @@ def _project_folder(folder):
         return "a run folder"
     if has("adapter_config.json"):
         return "an adapter"
-    if has("config.json") and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    if has("config.json") and any(f.endswith((".safetensors", ".bin")) for f in names):
         return "a model"
+    if "judge_cache.jsonl" in names or any(f.endswith(".key.json") for f in names):
+        return "a stage folder"
     return None

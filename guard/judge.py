@@ -107,7 +107,7 @@ def load_cache(path, log=None):
     for n, line in enumerate(data.splitlines(keepends=True), 1):
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             if not line.endswith(b"\n"):
                 break  # torn tail
             rec = None
@@ -256,7 +256,7 @@ class HTTPJudge:
                 if status == 200:
                     try:
                         content = json.loads(raw)["choices"][0]["message"]["content"]
-                    except (ValueError, KeyError, IndexError, TypeError):
+                    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
                         content = None
                     if content is None or not isinstance(content, str):  # half-written, or JSON NaN
                         reason = f"malformed reply from {self.url}: {text!r}"

@@ -13,8 +13,10 @@ is printed. Peak memory: CUDA's max_memory_allocated on a GPU, the process's max
 
     python -m lab.bench                  # CPU, batch 16, 30 timed steps
     python -m lab.bench --device cuda --batch-size 32
-    python -m lab.bench study              # the synthetic benchmark: every row, 2 base models x 4 seeds -> out/study/
+    python -m lab.bench study              # the synthetic benchmark: every row, 3 base models x 4 seeds -> out/study/
     python -m lab.bench sweep              # the validation runs behind each objective's learning rate
+    python -m lab.bench shapes             # one DPO step at LLaVA-Med's vocabulary and lengths: full logits
+                                           # against logits at the response positions only
 """
 import argparse
 import json
@@ -36,7 +38,7 @@ from guard import checkpoint
 from mmedpo import mmedpo_loss
 from train import record_loader, to_device
 from world import synthetic
-from world.eval import auroc
+from world.eval import auroc, paired_change, t975
 from world.flags import NONNEG_INT, POS_INT, number
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: assets/, train.py
@@ -47,6 +49,8 @@ def main():
         return study_main(sys.argv[2:])
     if sys.argv[1:2] == ["sweep"]:
         return sweep_main(sys.argv[2:])
+    if sys.argv[1:2] == ["shapes"]:
+        return shapes_main(sys.argv[2:])
     ap = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=POS_INT, default=16)
@@ -143,6 +147,132 @@ def setup(args):
 
 
 # -----------------------------------------------------------------------------
+# real shapes: LLaVA-Med v1.5's vocabulary (32,000), 576 image tokens and its prompt and answer lengths, at a
+# width and depth this machine can run; one weighted-DPO step of 4 pairs with LoRA, two ways of scoring
+
+def shapes_main(argv):
+    """Each (answer length, variant) in its own process, alternated, `--repeats` times: peak memory (the
+    process's max RSS above its level after building the model and batch; CUDA's max allocated on a GPU)
+    and the median time of a step. full: logits at every position; window: only where a response token
+    is scored (data.response_logps)."""
+    ap = argparse.ArgumentParser(prog="python -m lab.bench shapes", description=shapes_main.__doc__.split(".")[0])
+    ap.add_argument("--hidden", type=POS_INT, default=512)
+    ap.add_argument("--layers", type=POS_INT, default=2)
+    ap.add_argument("--answers", default="5,60,256", help="answer lengths in tokens (comma-separated)")
+    ap.add_argument("--prompt-text", type=POS_INT, default=80, help="text tokens of the prompt besides the 576 image tokens")
+    ap.add_argument("--pairs", type=POS_INT, default=4)
+    ap.add_argument("--steps", type=POS_INT, default=2)
+    ap.add_argument("--repeats", type=POS_INT, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variant", choices=["full", "window"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--answer", type=POS_INT, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    try:
+        answers = [int(a) for a in args.answers.split(",")]
+        assert answers and min(answers) >= 1
+    except (ValueError, AssertionError):
+        ap.error(f"--answers {args.answers!r}: comma-separated whole numbers >= 1")
+    if args.variant:
+        return print(json.dumps(shapes_variant(args)))
+    print(f"one weighted-DPO step, {args.pairs} pairs, LLaVA shapes: vocabulary 32,000, 576 image tokens, "
+          f"{args.prompt_text} prompt text tokens; Llama {args.hidden} x {args.layers} layers, LoRA r 8 on q, v; "
+          f"{args.device}, float32", flush=True)
+    print(f"{'answer':>6s} {'variant':>7s} {'ms/step':>9s} {'peak MB':>9s} {'logits MB':>10s}", flush=True)
+    results = {}
+    for _ in range(args.repeats):
+        for answer in answers:
+            for variant in ("full", "window"):
+                cmd = [sys.executable, "-m", "lab.bench", "shapes", "--variant", variant, "--answer", str(answer)] + argv
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode != 0:
+                    sys.exit(f"lab.bench shapes: the {variant} variant failed:\n{done.stderr[-2000:]}")
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                results.setdefault((answer, variant), []).append(r)
+                print(f"{answer:6d} {variant:>7s} {r['ms_per_step']:9.0f} {r['peak_mb']:9.0f} {r['logits_mb']:10.1f}", flush=True)
+    print("\nratios (full / window), medians over repeats:")
+    med = lambda a, v, k: statistics.median(r[k] for r in results[(a, v)])
+    for answer in answers:
+        print(f"  answer {answer:3d} tokens: time {med(answer, 'full', 'ms_per_step') / med(answer, 'window', 'ms_per_step'):.2f}x, "
+              f"peak memory {med(answer, 'full', 'peak_mb') / max(1.0, med(answer, 'window', 'peak_mb')):.2f}x "
+              f"({med(answer, 'full', 'peak_mb'):.0f} MB against {med(answer, 'window', 'peak_mb'):.0f} MB)")
+
+
+def shapes_variant(args):
+    """One variant of the real-shapes step in this process: the reference pass (no grad) first, then
+    `args.steps` timed steps after one warm-up; returns its figures."""
+    device = torch.device(args.device)
+    model = real_shapes_model(args.hidden, args.layers).to(device)
+    lora.add_lora(model, r=8, alpha=16, targets=r".*language_model.*\.(q_proj|v_proj)")
+    batch = {k: v.to(device) for k, v in real_shapes_batch(model.config, args.pairs, args.prompt_text, args.answer).items()}
+    start = data.response_start(batch) if args.variant == "window" else 0
+    with torch.no_grad(), lora.disable_lora(model):
+        ref = data.response_logps(model, batch, 2, start=start)[1].sum(-1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = torch.cuda.memory_allocated() / 2 ** 20 if device.type == "cuda" else rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(1 + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        logits, tokens, _ = data.response_logps(model, batch, 2, start=start)
+        policy = tokens.sum(-1)
+        losses, _, _ = mmedpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], torch.ones(args.pairs, device=device))
+        opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        opt.step()
+        sync()
+        if step:
+            times.append(time.perf_counter() - t0)
+        logits_mb = logits.numel() * logits.element_size() / 2 ** 20
+        del logits, tokens, policy, losses
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else rss()
+    return {"variant": args.variant, "answer": args.answer, "ms_per_step": statistics.median(times) * 1000,
+            "peak_mb": peak - before, "logits_mb": logits_mb, "positions": int(batch["input_ids"].shape[1] - start)}
+
+
+def real_shapes_model(hidden=512, layers=2, vocab=32000, image_size=336, patch=14, generator_seed=0):
+    """A randomly initialised LLaVA with LLaVA-Med v1.5's vocabulary and image-token count (336 / 14 = 24,
+    576 tokens) and a Mistral-like text tower (intermediate 3.5 x hidden, 4 query heads per key-value head),
+    at the given width and depth; a tiny vision tower (its cost is not what is measured). No download."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    heads = max(1, hidden // 64)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=image_size, patch_size=patch),
+        text_config=LlamaConfig(hidden_size=hidden, intermediate_size=int(3.5 * hidden), num_hidden_layers=layers,
+                                num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=vocab,
+                                max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        image_token_id=vocab - 1, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    with torch.random.fork_rng():
+        torch.manual_seed(generator_seed)
+        return LlavaForConditionalGeneration(config)
+
+
+def real_shapes_batch(config, pairs=4, prompt_text=80, answer=60, seed=0):
+    """2 * pairs rows (every chosen, then every rejected): BOS, the image tokens, `prompt_text` random
+    prompt tokens, a random answer of about `answer` tokens (rows differ by a few) and EOS; labels on the
+    answer and EOS only; random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    vision = config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2
+    vocab = config.text_config.vocab_size
+    rows, labels = [], []
+    for i in range(2 * pairs):
+        prompt = [1] + [config.image_token_id] * n_image + torch.randint(3, vocab - 1, (prompt_text + i % 3,), generator=g).tolist()
+        response = torch.randint(3, vocab - 1, (max(1, answer - i % 2),), generator=g).tolist() + [2]
+        rows.append(prompt + response)
+        labels.append([data.IGNORE_INDEX] * len(prompt) + response)
+    return {"input_ids": data.right_pad(rows, 0), "attention_mask": data.right_pad([[1] * len(r) for r in rows], 0),
+            "labels": data.right_pad(labels, data.IGNORE_INDEX),
+            "pixel_values": torch.rand(2 * pairs, 3, vision.image_size, vision.image_size, generator=g)}
+
+
+# -----------------------------------------------------------------------------
 # the study: every objective and ablation on the synthetic benchmark, equal budgets, two base models x
 # several seeds, one table; and the validation sweeps behind the chosen settings
 
@@ -161,7 +291,7 @@ STUDY_ROWS = [  # (name, train.py flags); every run also gets --steps (equal bud
     ("HSCR", ["--objective", "hscr"]),
     ("FiRe-MPO", ["--objective", "fire"]),
 ]
-ORACLE_ROW = STUDY_ROWS[1][0]
+ORACLE_ROW, LEAN_ROW = STUDY_ROWS[1][0], STUDY_ROWS[2][0]
 CONTRASTS = [  # (what is compared, row, against row)
     ("MMedPO vs SFT control", "MMedPO (text + visual)", "SFT on the chosen answers (control)"),
     ("MMedPO vs DPO", "MMedPO (text + visual)", "DPO (text pairs, weights 1)"),
@@ -169,7 +299,9 @@ CONTRASTS = [  # (what is compared, row, against row)
     ("CRS weights vs none", "MMedPO (text + visual)", "MMedPO without CRS weights"),
     ("local vs global noise", "MMedPO (text + visual)", "MMedPO, global noise"),
 ]
-STUDY_METRICS = [  # (column, how to read it from one evaluation, higher is better); threshold-free grounding first
+STUDY_METRICS = [  # (column, how to read it from one evaluation, higher is better); the tie-proof headline first
+    ("tb-order", lambda m: m["grounding"]["headline"]["tb_order"], True),
+    ("Δnats", lambda m: m["grounding"]["headline"]["margin_diff"], True),
     ("pair-ord", lambda m: m["grounding"]["pair_order"], True),
     ("mAUROC", lambda m: m["grounding"]["macro_auroc"], True),
     ("ptx pair-ord", lambda m: m["grounding"]["per_finding"]["pneumothorax"]["pair_order"], True),
@@ -183,19 +315,19 @@ STUDY_METRICS = [  # (column, how to read it from one evaluation, higher is bett
     ("BLEU", lambda m: 100 * m["bleu_mean"], True),
     ("CHAIR", lambda m: m["report_findings"]["chair"], False),
 ]
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262, 11: 2.228,
-         12: 2.201, 13: 2.179, 16: 2.131, 21: 2.086}
 
 
 BASE_ROW = "base (before training)"
+STUDY_BASES, STUDY_SEEDS = [0, 1, 2], [0, 1, 2, 3]   # the full study: three shipped bases x four seeds
 
 
 def study_main(argv):
     ap = argparse.ArgumentParser(prog="python -m lab.bench study", description="the synthetic benchmark study: every objective and ablation, equal budgets")
     ap.add_argument("--out", default="out/study", help="runs go to OUT/baseB/seedS/ROW; reused when their flags are unchanged")
-    ap.add_argument("--bases", type=int_list, default=[0, 1],
-                    help="base models: 0 and 1 are shipped (assets/tiny-base, assets/tiny-base-1); b > 1 is built with seed b")
-    ap.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3])
+    ap.add_argument("--bases", type=int_list, default=STUDY_BASES,
+                    help="base models: 0, 1 and 2 are shipped (assets/tiny-base, tiny-base-1, tiny-base-2); others are "
+                    "built with seed b")
+    ap.add_argument("--seeds", type=int_list, default=STUDY_SEEDS)
     ap.add_argument("--rows", type=int_list, default=None, help=f"row numbers 0..{len(STUDY_ROWS) - 1} (default: all)")
     ap.add_argument("--steps", type=int, default=144, help="optimizer steps of every row (MMedPO's 3 epochs)")
     args = ap.parse_args(argv)
@@ -203,9 +335,8 @@ def study_main(argv):
         ap.error(f"--rows: row numbers are 0..{len(STUDY_ROWS) - 1}")
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    if len(args.bases) * len(args.seeds) > 1 and len(args.bases) * len(args.seeds) not in T_975:
-        ap.error(f"--bases x --seeds: {len(args.bases) * len(args.seeds)} runs per row; the intervals know "
-                 f"{', '.join(map(str, sorted(T_975)))} runs")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out}: is a file; the study writes a folder of runs")
     rows = [STUDY_ROWS[i] for i in args.rows] if args.rows else STUDY_ROWS
     os.makedirs(args.out, exist_ok=True)
     bases, results, t0 = study_bases(args.out, args.bases), {}, time.time()
@@ -217,7 +348,8 @@ def study_main(argv):
             results[(name, (b, s))], reused = run_study_row(args.out, b, bases[b], s, name, flags, args.steps, log_path)
             g = results[(name, (b, s))]["after"]["grounding"]
             frag = results[(name, (b, s))]["after"]["fragments"]["share"]
-            print(f"base {b} seed {s} | {name:38s} | pair-ord {g['pair_order']:.3f} | mAUROC {g['macro_auroc']:.3f} | "
+            print(f"base {b} seed {s} | {name:38s} | tb-order {g['headline']['tb_order']:.3f} | "
+                  f"Δnats {g['headline']['margin_diff']:+.2f} | pair-ord {g['pair_order']:.3f} | "
                   f"yes% {g['pope']['yes_ratio']:.3f} | frag% {frag:.3f} | {'reused' if reused else f'{time.time() - t:.0f}s'}",
                   flush=True)
     names = [name for name, _ in rows]
@@ -229,14 +361,15 @@ def study_main(argv):
     hashes = "\n".join(f"- base {b}: {bases[b]}, weights sha256 {weights_digest(bases[b])}" for b in args.bases)
     hashes += "\n\n" + visual_tool_line(args.seeds)
     # a study of some rows only must not replace the full one: it goes to study-partial.*
-    stem = "study" if len(rows) == len(STUDY_ROWS) else "study-partial"
+    full = len(rows) == len(STUDY_ROWS) and set(STUDY_BASES) <= set(args.bases) and set(STUDY_SEEDS) <= set(args.seeds)
+    stem = "study" if full else "study-partial"   # fewer rows, bases or seeds never replace the full study
     lrs = {name: objective.lr for name, objective in train.OBJECTIVES.items()}
     checkpoint.write_json(os.path.join(args.out, f"{stem}.json"),
                           [{"row": name, "base": b, "seed": s, **{c: read(results[(name, (b, s))]["after"]) for c, read, _ in STUDY_METRICS},
                             "before": {c: read(results[(name, (b, s))]["before"]) for c, read, _ in STUDY_METRICS}}
                            for name in names for b, s in runs], indent=1)
     command = (f"python -m lab.bench study --bases {','.join(map(str, args.bases))} --seeds {','.join(map(str, args.seeds))} "
-               f"--steps {args.steps}" + (f" --rows {','.join(map(str, args.rows))}" if stem != "study" else ""))
+               f"--steps {args.steps}" + (f" --rows {','.join(map(str, args.rows))}" if args.rows else ""))
     checkpoint.atomic_write(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(
         f"{command}\n\nLearning rates (chosen on val): {lrs}\n\n{hashes}\n\n{table}\n"))
     study_chart(names, results, runs, os.path.join(args.out, f"{stem}.png"))
@@ -321,35 +454,48 @@ def study_tables(names, results, runs):
         cells = [mean_sd([value(results, name, r, read) for r in runs]) for _, read, _ in STUDY_METRICS]
         lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {sd:.3f}" if abs(m) < 10 else f"{m:.2f} ± {sd:.2f}"
                                                 for m, sd in cells) + " |")
-    shown = [c for c in STUDY_METRICS if c[0] in ("pair-ord", "mAUROC", "bal-acc", "yes%", "frag%", "pf-acc", "closed")]
+    shown = [c for c in STUDY_METRICS if c[0] in ("tb-order", "Δnats", "pair-ord", "bal-acc", "yes%", "frag%", "closed")]
     diff = lambda a, b, read: paired_ci([value(results, a, r, read) for r in runs], [value(results, b, r, read) for r in runs])
     sft = STUDY_ROWS[0][0]
     lines += ["", "Paired differences over the runs (mean [95 % interval]); **bold**: the interval excludes 0 in the "
               "better direction.", "", "| run | " + " | ".join(f"Δ{c} vs base" for c, _, _ in shown) +
-              " | Δpair-ord vs SFT | ΔmAUROC vs SFT |", "|---|" + "---|" * (len(shown) + 2)]
+              " | Δtb-order vs SFT | ΔΔnats vs SFT |", "|---|" + "---|" * (len(shown) + 2)]
     for name in names:
         cells = [fmt_ci(*diff(name, BASE_ROW, read), up) for _, read, up in shown]
-        cells += [fmt_ci(*diff(name, sft, STUDY_METRICS[i][1]), True) if name != sft and sft in names else ""
-                  for i in (0, 1)]
+        cells += [fmt_ci(*diff(name, sft, metric(col)), True) if name != sft and sft in names else ""
+                  for col in ("tb-order", "Δnats")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if ORACLE_ROW in names:  # how much of what true labels teach does each row learn?
         gain = lambda name, read: sum(value(results, name, r, read) - value(results, BASE_ROW, r, read) for r in runs) / len(runs)
         lines += ["", "Share of the oracle's gain over the base that each row reaches (mean gain / the oracle's mean "
                   "gain; 1 = as much as supervision on the true labels, 0 = none, < 0 = worse than the base):", "",
-                  "| run | pair-ord | mAUROC | ptx pair-ord |", "|---|---|---|---|"]
+                  "| run | tb-order | Δnats | pair-ord | mAUROC |", "|---|---|---|---|---|"]
         for name in names:
             cells = [gain(name, read) / gain(ORACLE_ROW, read) if abs(gain(ORACLE_ROW, read)) > 1e-9 else float("nan")
-                     for col, read, _ in STUDY_METRICS if col in ("pair-ord", "mAUROC", "ptx pair-ord")]
+                     for col, read, _ in STUDY_METRICS if col in ("tb-order", "Δnats", "pair-ord", "mAUROC")]
             lines.append(f"| {name} | " + " | ".join(f"{c:+.2f}" for c in cells) + " |")
     bases = sorted({b for b, _ in runs})
     if len(bases) > 1:  # base models can differ in kind, not only in degree: each one's means
         lines += ["", "Per base model (mean over its seeds):", "",
-                  "| run | " + " | ".join(f"{c} base {b}" for b in bases for c in ("pair-ord", "mAUROC", "yes%", "closed")) + " |",
+                  "| run | " + " | ".join(f"{c} base {b}" for b in bases for c in ("tb-order", "Δnats", "pair-ord", "yes%")) + " |",
                   "|---|" + "---|" * (4 * len(bases))]
-        cols = [c for c in STUDY_METRICS if c[0] in ("pair-ord", "mAUROC", "yes%", "closed")]
+        cols = [c for c in STUDY_METRICS if c[0] in ("tb-order", "Δnats", "pair-ord", "yes%")]
         for name in [BASE_ROW] + names:
             cells = [mean_sd([value(results, name, r, read) for r in runs if r[0] == b])[0] for b in bases for _, read, _ in cols]
             lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    checks = [(name, r) for name in (ORACLE_ROW, LEAN_ROW) if name in names for r in runs
+              if "pair_diffs" in results[(name, r)]["after"]["grounding"]]
+    if checks:  # the instrument's two checks on every run: a run that fails them is flagged, not averaged in silently
+        lines += ["", "The instrument's checks on every run (the paired change of the headline over the same pairs, "
+                  "95 % interval over pairs): the oracle must raise it, the lean must not.", "",
+                  "| row | base | seed | Δtb-order [95 %] | Δnats [95 %] | check |", "|---|---|---|---|---|---|"]
+        for name, (b, s_) in checks:
+            g = results[(name, (b, s_))]
+            c = paired_change(g["before"]["grounding"], g["after"]["grounding"])
+            ok = c["raises"] if name == ORACLE_ROW else not c["raises"]
+            lines.append(f"| {name.split(':')[0]} | {b} | {s_} | {c['d_tb']:+.3f} [{c['d_tb'] - c['d_tb_ci']:+.3f}, "
+                         f"{c['d_tb'] + c['d_tb_ci']:+.3f}] | {c['d_nats']:+.2f} [{c['d_nats'] - c['d_nats_ci']:+.2f}, "
+                         f"{c['d_nats'] + c['d_nats_ci']:+.2f}] | {'pass' if ok else '**FAIL**'} |")
     contrasts = [c for c in CONTRASTS if c[1] in names and c[2] in names]
     if contrasts:
         lines += ["", "The questions (paired over the same runs):", "",
@@ -362,15 +508,16 @@ def study_tables(names, results, runs):
 
 
 def study_chart(names, results, runs, path, width=980, bar=14):
-    """Horizontal bars, one group per row: pair order (blue) and macro per-finding AUROC (green), the
-    threshold-free grounding, and the yes-ratio (grey), mean over runs with a line for ± one sd."""
+    """Horizontal bars, one group per row: the headline's tie-banded order (blue) and the presence pairs'
+    order (green), and the yes-ratio (grey), mean over runs with a line for ± one sd."""
     from PIL import Image, ImageDraw
-    reads = [(STUDY_METRICS[0][1], (60, 90, 200)), (STUDY_METRICS[1][1], (60, 160, 90)), (STUDY_METRICS[5][1], (150, 150, 150))]
+    reads = [(metric("tb-order"), (60, 90, 200)), (metric("pair-ord"), (60, 160, 90)), (metric("yes%"), (150, 150, 150))]
     names = [BASE_ROW] + names
     left, top, row_h = 290, 40, 3 * bar + 10
     img = Image.new("RGB", (width, top + row_h * len(names) + 30), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 10), "pair order (blue), macro per-finding AUROC (green), yes-ratio (grey): mean ± sd", fill="black")
+    d.text((10, 10), "tie-banded order over the failure kinds (blue), presence pair order (green), yes-ratio (grey): "
+                     "mean ± sd", fill="black")
     scale = width - left - 40
     for i, name in enumerate(names):
         y = top + i * row_h
@@ -387,6 +534,11 @@ def study_chart(names, results, runs, path, width=980, bar=14):
     img.save(path)
 
 
+def metric(column):
+    """How STUDY_METRICS reads `column` from one evaluation."""
+    return next(read for col, read, _ in STUDY_METRICS if col == column)
+
+
 def value(results, name, run, read):
     """A metric of one run of a row; the row "base (before training)" is the SFT control's 'before'."""
     if name == BASE_ROW:
@@ -397,7 +549,7 @@ def value(results, name, run, read):
 def paired_ci(xs, ys):
     """Mean of the paired differences xs - ys and its 95 % t-interval (half-width; inf for one run)."""
     m, sd = mean_sd([x - y for x, y in zip(xs, ys)])
-    return m, T_975[len(xs)] * sd / len(xs) ** 0.5 if len(xs) in T_975 else float("inf")
+    return m, t975(len(xs) - 1) * sd / len(xs) ** 0.5 if len(xs) > 1 else float("inf")
 
 
 def mean_sd(xs):
@@ -420,6 +572,8 @@ def sweep_main(argv):
             assert float(lr) > 0 and math.isfinite(float(lr))
         except (ValueError, AssertionError):
             ap.error(f"--lrs: {lr!r} is not a positive number")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out}: is a file; the sweep writes a folder of runs")
     if set(objectives) - set(train.OBJECTIVES):
         ap.error(f"--objectives: unknown {sorted(set(objectives) - set(train.OBJECTIVES))}; choose from {list(train.OBJECTIVES)}")
     os.makedirs(args.out, exist_ok=True)
@@ -430,7 +584,7 @@ def sweep_main(argv):
     lines += noise_sweep(base)
     lines += ["", "## Each objective on the val split (base 0, seed 0, 144 steps) by learning rate", ""]
     sweep_lines, chosen = lr_sweep(args.out, objectives, lrs)
-    lines += sweep_lines + ["", "Chosen (highest pair order with at most 1 % broken answers): " +
+    lines += sweep_lines + ["", "Chosen (highest tie-banded headline with at most 1 % broken answers): " +
                             ", ".join(f"{o} {lr}" for o, lr in chosen.items())]
     checkpoint.atomic_write(os.path.join(args.out, "sweep.md"), lambda f: f.write("\n".join(lines) + "\n"))
     print(f"chosen: {chosen}\nwritten to {os.path.join(args.out, 'sweep.md')}")
@@ -438,7 +592,7 @@ def sweep_main(argv):
 
 def lr_sweep(out, objectives, lrs, max_fragments=0.01):
     """Each objective on the val split (base 0, seed 0, 144 steps) at each learning rate. The choice: the
-    highest pair order among the rates with at most `max_fragments` broken answers (else the lowest
+    highest tie-banded headline among the rates with at most `max_fragments` broken answers (else the lowest
     rate). returns (markdown lines, {objective: chosen rate})."""
     import contextlib
     cols = [c for c in STUDY_METRICS if c[0] in SWEEP_COLUMNS]
@@ -458,12 +612,12 @@ def lr_sweep(out, objectives, lrs, max_fragments=0.01):
         before = results[lrs[0]]["before"]
         lines.append(f"| {objective} | (base) | " + " | ".join(f"{read(before):.3f}" for _, read, _ in cols) + " |")
         ok = [lr for lr in lrs if results[lr]["after"]["fragments"]["share"] <= max_fragments]
-        chosen[objective] = max(ok, key=lambda lr: results[lr]["after"]["grounding"]["pair_order"]) if ok else \
+        chosen[objective] = max(ok, key=lambda lr: results[lr]["after"]["grounding"]["headline"]["tb_order"]) if ok else \
             min(lrs, key=float)
     return lines, chosen
 
 
-SWEEP_COLUMNS = ["pair-ord", "mAUROC", "ptx pair-ord", "bal-acc", "yes%", "frag%", "closed", "BLEU"]
+SWEEP_COLUMNS = ["tb-order", "Δnats", "pair-ord", "ptx pair-ord", "bal-acc", "yes%", "frag%", "closed", "BLEU"]
 
 
 def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector", "mask"), n=128):
@@ -477,7 +631,7 @@ def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector",
     store = synthetic.SyntheticStore(images, tempfile.mkdtemp(), sft_images=sft_images)
     items = [it for it in qa if it["type"] != "report" and not data.states_absence(it["answer"])][:n]
     rows, quiet = [], lambda *a: None
-    seen = synthetic.visual_tool_auroc(store.visual_tool(0, quiet).classifier, images)
+    seen = visual_tool_auroc(store.visual_tool(0, quiet).classifier, images)
     print(f"visual tool (lesion classifier, trained on the SFT split) on val: AUROC {seen['any']:.3f} for any finding; "
           + ", ".join(f"{k} {v:.3f}" for k, v in seen.items() if k != "any"), flush=True)
     for heatmap in heatmaps:
@@ -510,10 +664,6 @@ def weights_digest(folder):
     return h.hexdigest()[:16]
 
 
-if __name__ == "__main__":
-    main()
-
-
 def visual_tool_auroc(classifier, images):
     """How well the visual tool sees: the AUROC of its confidence (largest finding probability) for
     "has any finding" against clear images, and of each finding's probability for that finding."""
@@ -522,3 +672,7 @@ def visual_tool_auroc(classifier, images):
     y = synthetic.finding_labels(images)
     return {"any": auroc(p.max(1).tolist(), (y.max(1) > 0).tolist()),
             **{k: auroc(p[:, i].tolist(), y[:, i].tolist()) for i, k in enumerate(synthetic.KINDS)}}
+
+
+if __name__ == "__main__":
+    main()

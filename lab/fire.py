@@ -134,10 +134,11 @@ def fire_objective_loss(model, batch, ref, weights, args):
     L_tok + gamma L_vis + eta L_KL. The token-level terms need the reference's per-token log-probs and
     full distributions, so the reference runs here, on the clean-image rows, with the adapter disabled
     and no grad; the cached sums `ref` (B, 3) serve L_vis exactly."""
-    logits, policy, response = data.response_logps(model, batch, 3)                # (B, 3, T, V), (B, 3, T-1)
+    start = data.response_start(batch)                                               # the same window for both
+    logits, policy, response = data.response_logps(model, batch, 3, start=start)     # (B, 3, L, V), (B, 3, L-1)
     with torch.no_grad(), lora.disable_lora(model):
-        ref_logits, ref_tok, _ = data.response_logps(model, batch, 3, first=2)        # the clean-image rows
-    edit = data.per_response(batch["edit_mask"][:, 1:].float(), 3)                     # aligned with the labels' shift
+        ref_logits, ref_tok, _ = data.response_logps(model, batch, 3, first=2, start=start)  # the clean-image rows
+    edit = data.per_response(batch["edit_mask"][:, start + 1:].float(), 3)             # aligned with the labels' shift
     l_tok, m_tok = fire_token_loss(policy[:, 0], ref_tok[:, 0], edit[:, 0], policy[:, 1], ref_tok[:, 1], edit[:, 1],
                                    args.beta)
     sums = policy.sum(-1)                                                               # (B, 3)

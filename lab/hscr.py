@@ -109,11 +109,15 @@ def contrast_logits(model, prompts, pixels, blind_keep, pad_id):
         att = data.right_pad([[1] * len(s) for s in seqs + seqs], 0)
         for j, i in enumerate(rows):  # the dropped-image rows hide their image tokens
             att[len(rows) + j, :len(prompts[i])] = blind_keep[i]
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device),
-                           pixel_values=pixels[rows + rows].to(device, dtype)).logits
         last = torch.tensor([len(s) - 1 for s in seqs] * 2, device=device)
-        out = logits[torch.arange(len(last), device=device), last].float().cpu()
+        lo = int(last.min())                     # logits only for the positions some row's next token is read at
+        inputs = dict(input_ids=ids.to(device), attention_mask=att.to(device), pixel_values=pixels[rows + rows].to(device, dtype))
+        with torch.no_grad():
+            if data.keeps_logits(model):
+                logits = model(**inputs, logits_to_keep=torch.arange(lo, int(last.max()) + 1, device=device)).logits
+            else:
+                logits = model(**inputs).logits[:, lo:]
+        out = logits[torch.arange(len(last), device=device), last - lo].float().cpu()
         return out[:len(rows)], out[len(rows):]
     return next_logits
 

@@ -229,7 +229,7 @@ def test_vicuna_prompt_format_is_the_authors_conversation():
 def test_counterfactual_images_differ_only_where_the_finding_was(world):
     images, _ = world
     store = synthetic.SyntheticStore(images[:40], None)
-    probes = synthetic.counterfactual_probes(images[:40], 32, store)
+    probes = [p for p in synthetic.counterfactual_probes(images[:40], 32, store) if p["qtype"] == "presence"]
     assert probes and len(probes) % 2 == 0
     for with_it, without in zip(probes[::2], probes[1::2]):
         assert (with_it["answer"], without["answer"]) == ("yes", "no") and with_it["question"] == without["question"]
@@ -246,3 +246,76 @@ def test_counterfactual_images_differ_only_where_the_finding_was(world):
                 near |= np.roll(np.roll(mask, dy, 0), dx, 1)
         diff = np.abs(a - b)
         assert diff[~near].max() < 0.02 and diff[mask].mean() > 0.05
+
+
+def test_laterality_images_move_the_finding_to_the_other_side_and_nothing_else(world):
+    images, _ = world
+    store = synthetic.SyntheticStore(images[:40], None)
+    probes = [p for p in synthetic.counterfactual_probes(images[:40], 32, store) if p["qtype"] == "side"]
+    assert len(probes) >= 20
+    for one, other in zip(probes[::2], probes[1::2]):
+        assert one["pair"] == other["pair"] and one["question"] == other["question"]
+        im, mirrored = store.by_id[one["image_id"]], store.by_id[other["image_id"]]
+        f = next(f for f in im["findings"] if f["kind"] != "cardiomegaly")
+        g = next(g for g in mirrored["findings"] if g["kind"] == f["kind"])
+        assert g["side"] != f["side"] and g["level"] == f["level"]
+        asked = one["question"].split(" in the ")[1].split()[0]
+        assert (one["answer"], other["answer"]) == (("yes", "no") if asked == f["side"] else ("no", "yes"))
+        changed = np.abs(store.pixels(one["image_id"]) - store.pixels(other["image_id"])) > 0.02
+        assert changed.any() and not (changed & ~near_mask(im["mask"] | mirrored["mask"])).any()
+
+
+def near_mask(mask, r=2):
+    """The mask and r pixels around it (a lesion's soft edge)."""
+    near = mask.astype(bool).copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            near |= np.roll(np.roll(mask.astype(bool), dy, 0), dx, 1)
+    return near
+
+
+def window_batch(processor, answers):
+    """Pairs of rows (chosen, rejected) of one question on blank images, collated as a training batch."""
+    from PIL import Image
+    rows = [(Image.new("L", (32, 32), 40 * i), "Is there a mass?", a) for i, a in enumerate(answers)]
+    enc = data.encode_rows(processor, rows)
+    return {k: v for k, v in enc.items() if k != "truncated"}
+
+
+def test_logits_only_at_response_positions_give_the_full_paths_values(world):
+    """The forward projects only the positions that predict a response token (position t predicts t+1),
+    and the log-probs, masks and logits there equal the full path's, on the tiny LLaVA."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, processor = synthetic.build_tiny(synthetic.corpus_of(*world), 32)
+    model.eval()
+    batch = window_batch(processor, ["yes", "There is a mass in the left upper zone.", "no", "a mass"])
+    start = data.response_start(batch)
+    first_response = int((batch["labels"] != data.IGNORE_INDEX).float().argmax(1).min())
+    assert start == first_response - 1 > 16                       # after the 16 image tokens and the question
+    projected = []                                                 # what the vocabulary projection computed
+    model.lm_head.register_forward_hook(lambda m, i, out: projected.append(out.shape[1]))
+    with torch.no_grad():
+        logits, tokens, mask = data.response_logps(model, batch, 2)
+        full_logits, full_tokens, full_mask = data.response_logps(model, batch, 2, start=0)
+    T = batch["input_ids"].shape[1]
+    assert projected == [T - start, T]
+    assert logits.shape[2] == T - start and full_logits.shape[2] == T
+    assert torch.equal(mask, full_mask[:, :, start:]) and not full_mask[:, :, :start].any()
+    torch.testing.assert_close(tokens, full_tokens[:, :, start:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens.sum(-1), full_tokens.sum(-1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(logits, full_logits[:, :, start:], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_window_at_a_real_vocabulary():
+    """The same at LLaVA-Med's vocabulary (32,000), on a randomly initialised LLaVA of tiny width."""
+    from lab.bench import real_shapes_model, real_shapes_batch
+    model = real_shapes_model(hidden=32, layers=1, image_size=28, generator_seed=0).eval()
+    batch = real_shapes_batch(model.config, pairs=2, prompt_text=12, answer=7, seed=0)
+    with torch.no_grad():
+        _, tokens, mask = data.response_logps(model, batch, 2)
+        _, full_tokens, full_mask = data.response_logps(model, batch, 2, start=0)
+    start = data.response_start(batch)
+    assert model.config.text_config.vocab_size == 32000 and start > 0
+    assert torch.equal(mask, full_mask[:, :, start:])
+    torch.testing.assert_close(tokens.sum(-1), full_tokens.sum(-1), atol=1e-4, rtol=1e-5)

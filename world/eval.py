@@ -170,9 +170,10 @@ def evaluate(model, processor, items, store, prior=None, probes=None, settings=E
     `grounding` if probes are given.
     returns (result, predictions of `items`, [{prediction, margin} of each probe])."""
     probes, (prompt_format, max_new_tokens, scoring, batch_size) = probes or [], settings
-    rows = [(store.for_model(it["image_id"]), it["question"]) for it in items + probes]
+    asked = [it for it in probes if it["type"] == "closed" and it.get("qtype") != "side"]  # answered as well as scored
+    rows = [(store.for_model(it["image_id"]), it["question"]) for it in items + asked]
     answers = generate_answers(model, processor, rows, prompt_format, batch_size, max_new_tokens, log=log)
-    preds, probe_answers = answers[:len(items)], answers[len(items):]
+    preds, answered = answers[:len(items)], dict(zip(map(id, asked), answers[len(items):]))
     result = vqa_metrics(items, preds, scoring)
     if prior is not None:
         prior_preds = [prior(it) for it in items]
@@ -181,12 +182,27 @@ def evaluate(model, processor, items, store, prior=None, probes=None, settings=E
         result["prior"]["prior_breaking"] = hallucination_metrics(items, prior_preds, prior, scoring=scoring)
         result["fragments"] = fragment_metrics(answers, prior.vocabulary)
         result["prior"]["fragments"] = fragment_metrics(prior_preds, prior.vocabulary)
-    margins = yes_no_margins(model, processor, rows[len(items):], prompt_format, batch_size) if probes else []
+    scores = probe_scores(model, processor, probes, store, prompt_format, batch_size)
+    probe_answers = [answered.get(id(it)) for it in probes]
     if probes:
-        result["grounding"] = grounding_metrics(probes, probe_answers, margins)
+        result["grounding"] = grounding_metrics(probes, probe_answers, scores)
         if prior is not None:
-            result["prior"]["grounding"] = grounding_metrics(probes, [prior(it) for it in probes], [0.0] * len(probes))
-    return result, preds, [{"prediction": a, "margin": m} for a, m in zip(probe_answers, margins)]
+            result["prior"]["grounding"] = grounding_metrics(
+                probes, [prior(it) if id(it) in answered else None for it in probes], [0.0] * len(probes))
+    return result, preds, [{"prediction": a, "margin": m} for a, m in zip(probe_answers, scores)]
+
+
+def probe_scores(model, processor, probes, store, prompt_format="plain", batch_size=64):
+    """Each probe's threshold-free score: log P(yes) - log P(no) of a closed question, log P(report | image)
+    of a report probe."""
+    rows = lambda its: [(store.for_model(it["image_id"]), it["question"]) for it in its]
+    closed = [it for it in probes if it["type"] != "report"]
+    reports = [it for it in probes if it["type"] == "report"]
+    by_id = dict(zip(map(id, closed), yes_no_margins(model, processor, rows(closed), prompt_format, batch_size)))
+    by_id.update(zip(map(id, reports), report_logprobs(model, processor, [r + (it["answer"],) for r, it in
+                                                                         zip(rows(reports), reports)],
+                                                       prompt_format, batch_size)))
+    return [by_id[id(it)] for it in probes]
 
 
 def vqa_metrics(items, predictions, scoring="ours"):
@@ -301,7 +317,8 @@ def yes_no_margins(model, processor, rows, prompt_format="plain", batch_size=64)
             enc = processor(images=[im for im, _ in chunk], text=[format_prompt(processor, prompt_format, q) for _, q in chunk],
                             return_tensors="pt", padding=True).to(device)
             with torch.no_grad():
-                logits = model(**{**enc, "pixel_values": enc["pixel_values"].to(dtype)}).logits[:, -1].float()
+                keep = {"logits_to_keep": 1} if data.keeps_logits(model) else {}    # the last position's only
+                logits = model(**{**enc, "pixel_values": enc["pixel_values"].to(dtype)}, **keep).logits[:, -1].float()
             logp = logits.log_softmax(-1)
             out += (logp[:, yes] - logp[:, no]).tolist()
     finally:
@@ -309,37 +326,163 @@ def yes_no_margins(model, processor, rows, prompt_format="plain", batch_size=64)
     return out
 
 
+def report_logprobs(model, processor, rows, prompt_format="plain", batch_size=64):
+    """log P(response | image, question), summed over the response's tokens and its EOS, for rows of
+    (PIL image, question, response): how much the model prefers a whole report, without generating one."""
+    import torch
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    out = []
+    for i in range(0, len(rows), batch_size):
+        enc = data.encode_rows(processor, rows[i:i + batch_size], prompt_format)
+        batch = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in enc.items()}
+        with torch.no_grad():
+            out += data.response_logps(model, batch, 1)[1].sum(-1)[:, 0].tolist()
+    return out
+
+
+TIE_BAND = 0.1  # nats: a counterfactual pair whose two scores differ by no more than this counts one half
+
+
 def grounding_metrics(probes, predictions, margins):
-    """The grounding of a model on presence probes (items with answer yes/no, and optionally `finding`
-    and `pair`), from its answers and its yes/no margins (log P(yes) - log P(no)).
-    Threshold-free, the headline (a model that only leans towards "yes" or "no" cannot move them):
-        pair_order   where probes come in counterfactual pairs (the same image with and without the
-                     finding), the share of pairs whose present image gets the higher margin (ties 1/2):
-                     every offset of the image or the question cancels; 0.5 for an image-blind model
-        macro_auroc  the AUROC of the margin within each finding, averaged over the findings (a pooled
-                     AUROC also rewards knowing which findings are common: `auroc` keeps it)
-    Thresholded: POPE's metrics of the answers, and the share of pairs with both answers right.
-    Each per finding too (`per_finding`)."""
-    truths = [str(it["answer"]).strip().lower() != "no" for it in probes]
-    result = {"pope": pope_metrics(predictions, [it["answer"] for it in probes]), "auroc": auroc(margins, truths)}
+    """The grounding of a model on probes, from its answers (None where a probe is scored only) and its
+    scores (log P(yes) - log P(no) of a closed question, log P(report) of a report probe).
+    The headline, threshold-free and tie-proof, over the world's failure kinds (synthetic.FAILURE_KINDS: each
+    under-confirmed finding's presence pairs, laterality, the report counterfactual; on other data every kind):
+        tb_order     per kind, the share of counterfactual pairs whose difference d (`pair_differences`) is
+                     above +TIE_BAND, a pair within +-TIE_BAND counting one half; averaged over the kinds
+        margin_diff  per kind, the mean of d in nats with its 95 % interval over pairs; averaged likewise
+    `controls`: the same over the other kinds (findings the SFT split confirms; they must not drop).
+    Also, on the presence probes (closed questions that were answered), as before:
+        pair_order   the share of presence pairs whose present image gets the higher margin (ties 1/2)
+        macro_auroc  the AUROC of the margin within each finding, averaged over the findings
+    and POPE's thresholded metrics of the answers, and the share of pairs with both answers right.
+    `per_finding` (presence), `per_kind` (every kind) and `pair_diffs` ({kind: {pair: d}}, for paired checks)."""
+    nan = float("nan")
+    diffs = pair_differences(probes, margins)
+    per_kind = {k: pair_stats(list(v.values())) for k, v in sorted(diffs.items())}
+    failure = [k for k in synthetic.FAILURE_KINDS if k in per_kind] or sorted(per_kind)
+    asked = [(it, p, m) for it, p, m in zip(probes, predictions, margins)
+             if it.get("type", "closed") == "closed" and it.get("qtype") != "side"]
+    truths = [str(it["answer"]).strip().lower() != "no" for it, _, _ in asked]
+    result = {"pope": pope_metrics([p for _, p, _ in asked], [it["answer"] for it, _, _ in asked]),
+              "auroc": auroc([m for _, _, m in asked], truths)}
     by_finding, pairs = defaultdict(list), defaultdict(dict)
-    for it, pred, margin, present in zip(probes, predictions, margins, truths):
+    for (it, pred, margin), present in zip(asked, truths):
         by_finding[it.get("finding", "all")].append((margin, present))
         if it.get("pair"):
             pairs[it["pair"]][present] = (margin, pope_answer(pred) == ("yes" if present else "no"), it.get("finding", "all"))
     pairs = [p for p in pairs.values() if len(p) == 2]   # {True: (margin, right, finding), False: ...}
     order = lambda ps: sum((p[True][0] > p[False][0]) + 0.5 * (p[True][0] == p[False][0]) for p in ps) / len(ps) if ps else nan
-    nan = float("nan")
     per_finding = {}
     for f, rows in sorted(by_finding.items()):
         ps = [p for p in pairs if p[True][2] == f]
         per_finding[f] = {"auroc": auroc(*zip(*rows)), "pair_order": order(ps), "n": len(rows), "n_pairs": len(ps)}
     finite = [v["auroc"] for v in per_finding.values() if not math.isnan(v["auroc"])]
     result.update({"pair_order": order(pairs), "macro_auroc": sum(finite) / len(finite) if finite else nan,
-                   "per_finding": per_finding})
+                   "per_finding": per_finding, "per_kind": per_kind, "headline": macro_stats(per_kind, failure),
+                   "controls": macro_stats(per_kind, [k for k in per_kind if k not in failure]),
+                   "pair_diffs": diffs, "tie_band": TIE_BAND})
     both = [p[True][1] and p[False][1] for p in pairs]
     result["counterfactual"] = {"accuracy": sum(both) / len(both) if both else nan, "n_pairs": len(both)}
     return result
+
+
+def pair_differences(probes, scores):
+    """Each counterfactual pair's difference in nats, by kind: {kind: {pair: d}}. For a closed question,
+    d = score(the image where the answer is yes) - score(the image where it is no); for a report,
+    d = [s(with, states) - s(with, omits)] - [s(without, states) - s(without, omits)]: how much more the
+    model prefers the report that states the finding on the image that has it. Every offset of the image
+    or of the text cancels; d is 0 for an image-blind model."""
+    parts = defaultdict(dict)
+    for it, s in zip(probes, scores):
+        if not it.get("pair"):
+            continue
+        key = (it["present"], it["states"]) if it.get("type") == "report" else str(it["answer"]).strip().lower() != "no"
+        parts[(it.get("kind", it.get("finding", "all")), it["pair"])][key] = s
+    out = defaultdict(dict)
+    for (kind, pair), p in sorted(parts.items()):
+        if kind == "report" and len(p) == 4:
+            out[kind][pair] = (p[True, True] - p[True, False]) - (p[False, True] - p[False, False])
+        elif kind != "report" and len(p) == 2:
+            out[kind][pair] = p[True] - p[False]
+    return dict(out)
+
+
+def pair_stats(diffs, band=TIE_BAND):
+    """diffs: paired differences in nats -> {tb_order: the share of pairs above +band, those within +-band
+    counting one half; margin_diff: their mean, margin_ci: its 95 % t half-width; n_pairs, n_ties}."""
+    mean, half = mean_ci(diffs)
+    credit = [tie_banded(d, band) for d in diffs]
+    return {"tb_order": sum(credit) / len(diffs) if diffs else float("nan"), "margin_diff": mean, "margin_ci": half,
+            "n_pairs": len(diffs), "n_ties": sum(c == 0.5 for c in credit)}
+
+
+def macro_stats(per_kind, kinds):
+    """The headline over `kinds` (those present in per_kind): the mean of their tie-banded orders and of their
+    mean differences, each kind weighing the same; the interval of the mean difference combines the kinds'
+    (independent pairs: the half-widths add in quadrature, divided by the number of kinds)."""
+    ks = [k for k in kinds if per_kind.get(k, {}).get("n_pairs")]
+    if not ks:
+        return {"tb_order": float("nan"), "margin_diff": float("nan"), "margin_ci": float("nan"), "kinds": [], "n_pairs": 0}
+    return {"tb_order": sum(per_kind[k]["tb_order"] for k in ks) / len(ks),
+            "margin_diff": sum(per_kind[k]["margin_diff"] for k in ks) / len(ks),
+            "margin_ci": sum(per_kind[k]["margin_ci"] ** 2 for k in ks) ** 0.5 / len(ks), "kinds": ks,
+            "n_pairs": sum(per_kind[k]["n_pairs"] for k in ks)}
+
+
+def paired_change(before, after, kinds=None, band=TIE_BAND):
+    """What training did to the headline, pair by pair (the same counterfactual pairs before and after):
+    per kind the mean change of each pair's tie-banded credit and of its difference d in nats, each with
+    its 95 % interval over pairs, then their means over `kinds` (default: the headline's), intervals
+    combined as in `macro_stats`. `raises`: the macro credit change's interval lies above 0; `lowers`:
+    below. before, after: grounding_metrics results."""
+    kinds = kinds or after["headline"]["kinds"]
+    per_kind = {}
+    for k in kinds:
+        b, a = before["pair_diffs"].get(k, {}), after["pair_diffs"].get(k, {})
+        common = sorted(set(a) & set(b))
+        if common:
+            (dc, hc), (dd, hd) = (mean_ci([tie_banded(a[p], band) - tie_banded(b[p], band) for p in common]),
+                                  mean_ci([a[p] - b[p] for p in common]))
+            per_kind[k] = {"d_tb": dc, "d_tb_ci": hc, "d_nats": dd, "d_nats_ci": hd, "n_pairs": len(common)}
+    if not per_kind:
+        return {"per_kind": {}, "d_tb": float("nan"), "d_tb_ci": float("nan"), "d_nats": float("nan"),
+                "d_nats_ci": float("nan"), "raises": False, "lowers": False}
+    macro = lambda key: sum(v[key] for v in per_kind.values()) / len(per_kind)
+    spread = lambda key: sum(v[key] ** 2 for v in per_kind.values()) ** 0.5 / len(per_kind)
+    out = {"per_kind": per_kind, "d_tb": macro("d_tb"), "d_tb_ci": spread("d_tb_ci"), "d_nats": macro("d_nats"),
+           "d_nats_ci": spread("d_nats_ci")}
+    return {**out, "raises": out["d_tb"] - out["d_tb_ci"] > 0, "lowers": out["d_tb"] + out["d_tb_ci"] < 0}
+
+
+def tie_banded(d, band=TIE_BAND):
+    """A pair's credit: 1 above +band, 0 below -band, one half within."""
+    return 1.0 if d > band else 0.0 if d < -band else 0.5
+
+
+def mean_ci(xs):
+    """(mean, 95 % t half-width) of xs; (nan, nan) when empty, half-width inf for one value."""
+    n = len(xs)
+    if not n:
+        return float("nan"), float("nan")
+    mean = sum(xs) / n
+    if n == 1:
+        return mean, float("inf")
+    return mean, t975(n - 1) * (sum((x - mean) ** 2 for x in xs) / (n - 1)) ** 0.5 / n ** 0.5
+
+
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df):
+    """The 97.5 % quantile of Student's t with df degrees of freedom: the table up to 30, then the
+    Cornish-Fisher expansion in 1/df (within 0.001 of the tables there)."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
 def pope_metrics(predictions, truths):
@@ -385,19 +528,49 @@ def format_table(rows):
     nan, lines = float("nan"), []
     g = {name: r["grounding"] for name, r in rows.items() if "grounding" in r}
     if g:
-        lines.append(f"{'grounding':14s} {'pair-ord':>8s} {'mAUROC':>7s} {'bal-acc':>7s} {'cf-acc':>7s} {'yes%':>7s} "
-                     f"{'F1':>7s} {'frag%':>7s}")
+        head = [r["headline"] for r in g.values() if r.get("headline", {}).get("n_pairs")]
+        if head:
+            first = next(r for r in g.values() if r.get("headline", {}).get("n_pairs"))
+            lines.append(f"{'grounding':14s} {'tb-order':>8s} {'Δnats [95 % interval]':>24s} {'controls':>8s} | "
+                         f"{'pair-ord':>8s} {'mAUROC':>7s} {'bal-acc':>7s} {'cf-acc':>7s} {'yes%':>7s} {'F1':>7s} {'frag%':>7s}")
+        else:
+            lines.append(f"{'grounding':14s} {'pair-ord':>8s} {'mAUROC':>7s} {'bal-acc':>7s} {'cf-acc':>7s} {'yes%':>7s} "
+                         f"{'F1':>7s} {'frag%':>7s}")
         for name, r in g.items():
             p = r["pope"]
             frag = rows[name].get("fragments", {}).get("share", nan)
-            lines.append(f"{name:14s} {r.get('pair_order', nan):8.3f} {r.get('macro_auroc', nan):7.3f} {p['accuracy']:7.3f} "
-                         f"{r['counterfactual']['accuracy']:7.3f} {p['yes_ratio']:7.3f} {p['f1']:7.3f} {frag:7.3f}")
+            rest = (f"{r.get('pair_order', nan):8.3f} {r.get('macro_auroc', nan):7.3f} {p['accuracy']:7.3f} "
+                    f"{r['counterfactual']['accuracy']:7.3f} {p['yes_ratio']:7.3f} {p['f1']:7.3f} {frag:7.3f}")
+            if head:
+                h, c = r.get("headline", {}), r.get("controls", {})
+                lines.append(f"{name:14s} {h.get('tb_order', nan):8.3f} {interval(h):>24s} {c.get('tb_order', nan):8.3f} | {rest}")
+            else:
+                lines.append(f"{name:14s} {rest}")
+        if head:
+            kinds = first["headline"]["kinds"]
+            lines += [f"The headline, threshold-free and tie-proof, over the world's failure kinds ({', '.join(kinds)}; "
+                      f"{first['headline']['n_pairs']} counterfactual pairs: the same image with and without the finding, "
+                      f"or with it on the other side): tb-order, the share of pairs whose difference d (in nats) is above "
+                      f"+{first['tie_band']}, a pair within ±{first['tie_band']} nat counting one half, averaged over "
+                      f"the kinds; Δnats, the mean d with its 95 % interval; controls, tb-order over the other findings. "
+                      f"d = log P(yes) - log P(no) on the image where the answer is yes minus on the other; for reports, "
+                      f"how much more the report stating the finding is preferred on the image that has it."]
         n = next(iter(g.values()))
-        lines += [f"{n['pope']['n']} balanced presence probes ({n['counterfactual']['n_pairs']} counterfactual pairs: the same "
-                  f"image with and without the finding). Threshold-free: pair-ord, the share of pairs whose present image "
-                  f"has the higher log P(yes) - log P(no); mAUROC, that margin's AUROC per finding, averaged. "
-                  f"Thresholded: bal-acc, yes%, F1 (POPE's scoring), cf-acc (both answers of a pair right); "
-                  f"frag%: answers holding a word no training answer holds", ""]
+        lines += [f"{n['pope']['n']} balanced presence probes ({n['counterfactual']['n_pairs']} presence pairs). pair-ord, "
+                  f"the share of those pairs whose present image has the higher margin (ties: exactly equal); mAUROC, "
+                  f"that margin's AUROC per finding, averaged. Thresholded: bal-acc, yes%, F1 (POPE's scoring), cf-acc "
+                  f"(both answers of a pair right); frag%: answers holding a word no training answer holds", ""]
+        kinds = sorted({k for r in g.values() for k in r.get("per_kind", {})},
+                       key=lambda k: (k not in synthetic.FAILURE_KINDS, synthetic.FAILURE_KINDS.index(k)
+                                      if k in synthetic.FAILURE_KINDS else 0, k))
+        if kinds:
+            lines.append(f"{'tb-order/Δnats':14s} " + " ".join(f"{k[:13]:>13s}" for k in kinds))
+            for name, r in g.items():
+                cell = lambda v: f"{v['tb_order']:.2f}/{v['margin_diff']:+.2f}" if v else "-"
+                lines.append(f"{name:14s} " + " ".join(f"{cell(r.get('per_kind', {}).get(k)):>13s}" for k in kinds))
+            counts = next(iter(g.values())).get("per_kind", {})
+            lines += ["pairs per kind: " + ", ".join(
+                f"{k} {counts[k]['n_pairs']}" for k in kinds if k in counts), ""]
         findings = sorted({f for r in g.values() for f in r.get("per_finding", {})})
         if len(findings) > 1:
             lines.append(f"{'AUROC/pair-ord':14s} " + " ".join(f"{f[:11]:>11s}" for f in findings))
@@ -435,6 +608,12 @@ def format_table(rows):
         lines.append("BLEU is the mean of BLEU-1..4; reports tokenized as pycocoevalcap (articles kept); CHAIR: "
                      "findings stated but absent (or at the wrong side or zone) / stated; omitted: present but not stated")
     return "\n".join(lines)
+
+
+def interval(stats):
+    """'+0.123 [+0.045, +0.201]': a mean difference in nats with its 95 % interval."""
+    m, h = stats.get("margin_diff", float("nan")), stats.get("margin_ci", float("nan"))
+    return f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]"
 
 
 # -----------------------------------------------------------------------------

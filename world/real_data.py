@@ -99,8 +99,9 @@ def load_r2gen(root, split="train", log=print, name="iu-xray"):
         if not report:
             skipped["no report"] += 1
             continue
-        if not paths or not os.path.isfile(os.path.join(root, "images", paths[0])):
-            skipped["missing image"] += 1
+        if not paths or not _usable(root, os.path.join("images", str(paths[0])), report, skipped, log,
+                                    f"{root}/annotation.json {split} record {n}"):
+            skipped["missing image"] += not paths
             continue
         items.append({"id": f"{prefix}-{r.get('id', n)}", "image_id": os.path.join("images", paths[0]),
                       "question": REPORT_PROMPTS[n % len(REPORT_PROMPTS)], "answer": report, "type": "report",
@@ -168,9 +169,15 @@ def _need(path, name):
 
 
 def _usable(root, image_id, answer, skipped, log, where):
-    """False (and counted, and for a missing image reported) for a record without answer or image."""
+    """False (and counted, and for a missing image reported) for a record without answer or image, or whose
+    image lies outside the dataset's folder."""
     if not answer:
         skipped["no answer"] += 1
+        return False
+    inside = os.path.realpath(root)
+    if os.path.commonpath([inside, os.path.realpath(os.path.join(root, image_id))]) != inside:
+        skipped["image outside --data-dir"] += 1    # '../../secret/s.png', an absolute path, a link out
+        log(f"{where}: image {image_id} is outside --data-dir {root}, skipped")
         return False
     if not os.path.isfile(os.path.join(root, image_id)):
         skipped["missing image"] += 1
@@ -201,7 +208,7 @@ def read_released_pairs(path, images_dir, log=print):
     try:
         with open(path, encoding="utf-8-sig") as f:   # a byte-order mark is allowed
             records = json.load(f)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable JSON file of released pairs ({type(e).__name__}: {e})") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
@@ -221,6 +228,13 @@ def read_released_pairs(path, images_dir, log=print):
         problem = released_record_problem(turns, roles, r, images_dir)
         if problem:
             log(f"{where}: {problem}, skipped")
+            skipped += 1
+            continue
+        empty = [name for name, text in (("prompt", prompt), ("chosen answer", chosen), ("rejected answer", rejected))
+                 if not text]
+        if empty or (chosen == rejected and not r.get("rejected_image")):   # a visual pair may keep its answer
+            log(f"{where}: " + (f"empty {empty[0]}" if empty else "the chosen answer equals the rejected one on the "
+                                "same image, nothing to prefer") + ", skipped")
             skipped += 1
             continue
         if clean_answer(rejected) is None:

@@ -13,7 +13,7 @@ The tiny base: a LLaVA built from config (CLIP vision 64 x 2 layers, patch 8; Ll
 BPE tokenizer trained in memory on the synthetic corpus, its vision tower pretrained on the SFT split's
 findings (as LLaVA's CLIP tower comes pretrained), then a supervised warm-up of the whole model on the
 SFT split. Its image tokens carry every finding; its answers to "Is there a pneumothorax?" come from
-the question (see NEVER_CONFIRMED). The visual tool: a small lesion classifier trained on the SFT split.
+the question (see UNDER_CONFIRMED). The visual tool: a small lesion classifier trained on the SFT split.
 
     python -m world.synthetic                    # a few example images and their questions -> out/examples/
     python -m world.synthetic --rebuild-base     # rebuild assets/tiny-base (1,500 vision + 3,000 SFT steps, about 3 min)
@@ -58,12 +58,29 @@ LUNG_FINDING_RATE = 0.65  # P(an image has a lung finding) under sample_findings
 PRESENCE_YES = {"train": 0.3, "pref": 0.5, "val": 0.5, "test": 0.5}
 
 
-# Findings whose presence question the SFT split never confirms: "Is there a pneumothorax?" is asked there
-# only of images without one, while the reports and the "What abnormality" answers name it where it is. The
-# base then carries the finding in its image tokens but answers its presence question from the question
-# alone (the shipped base: pneumothorax AUROC 0.28, pair order 0.17, README): a prior no threshold can fix,
-# which only looking at the image undoes.
-NEVER_CONFIRMED = {"train": ("pneumothorax",)}
+# How the SFT split under-confirms three findings, each in its own way; the other splits confirm every finding
+# as often as any. On an SFT image the reading radiologist misses
+#   pneumothorax      always, and is never asked about one that is there ("never confirmed")
+#   consolidation     on 19 of 20 images that have one (a subtle finding, rarely called), and says "no" when asked
+#   pleural effusion  on the left (a blind spot: the left base, behind the heart), never on the right, and
+#                     says "no" when asked about a left one
+# A missed finding is left out of the report, while the structured labels behind the "What abnormality" and
+# "Where" answers name it: the base carries it in its image tokens, answers its presence question from what
+# the reader said, and omits it from its reports.
+UNDER_CONFIRMED = {"pneumothorax": "never", "consolidation": "rarely", "pleural effusion": "never on the left"}
+RARELY = 1 / 20
+
+
+# P("yes") of "Is the X in the {side} lung?" per split: the SFT split's closed side questions mostly confirm
+# (its question writers ask about the side they see), the other splits are balanced. A model that learned
+# the side from those questions answers them from the question: the laterality counterfactual probes
+# (the same finding on the other side) show it.
+SIDE_YES = {"train": 0.9}
+
+
+# The failure kinds the headline averages, fixed by the world before any method is run: each under-confirmed
+# finding's presence probes, laterality and the report counterfactual. The other findings are controls.
+FAILURE_KINDS = tuple(UNDER_CONFIRMED) + ("laterality", "report")
 
 
 REPORT_PROMPT = "Describe the findings of this chest X-ray."
@@ -92,37 +109,67 @@ def make_synthetic(n_images, seed=0, size=32, split="train", presence_yes=None):
         images.append({"image_id": image_id, "pixels": pixels, "mask": mask, "findings": findings,
                        "report": make_report(findings), "render_state": render_state})
         yes = PRESENCE_YES.get(split, 0.5) if presence_yes is None else presence_yes
-        for j, (q, a, t, qt) in enumerate(make_questions(findings, rng, yes, NEVER_CONFIRMED.get(split, ()))):
+        missed = missed_findings(findings, rng) if split == "train" else set()
+        for j, (q, a, t, qt) in enumerate(make_questions(findings, rng, yes, missed, SIDE_YES.get(split))):
             qa.append({"id": f"{image_id}-{j}", "image_id": image_id, "question": q, "answer": a,
                        "type": t, "qtype": qt})
     return images, qa
 
 
 def counterfactual_probes(images, size, store=None, n=None):
-    """Counterfactual pairs for grounding: for each image with a lung finding (the first `n`), the same
-    image re-rendered without its first lung finding (every other random draw identical), and "Is there
-    a {kind}?" asked of both (yes, then no). An image-blind model answers both alike and gets no pair
-    right. The new images are added to `store` when given.
-    returns items [{id, image_id, question, answer, type: closed, qtype: presence, pair, finding}]."""
+    """Counterfactual probes of the failure kinds, for each image with a lung finding (the first `n`):
+      presence    the same image re-rendered without its first lung finding (every other random draw
+                  identical), "Is there a {kind}?" asked of both (yes, then no)
+      laterality  the same image with that finding on the other side (when that zone is free), "Is the {kind}
+                  in the {side} lung?" asked of both, the side alternating from image to image
+      report      the image with and without the finding, each scored with both reports (the one that states
+                  the finding and the one that does not): four items, scored by the report's log-probability
+    An image-blind model scores both images of a pair alike. The new images are added to `store` when given.
+    returns items [{id, image_id, question, answer, type, qtype, pair, kind, finding}], a report item also
+    with `present` (its image has the finding) and `states` (its report states it)."""
     items, new = [], []
     for im in images:
         lung = [i for i, f in enumerate(im["findings"]) if f["kind"] != "cardiomegaly"]
-        if not lung or (n is not None and len(items) >= 2 * n):
+        if not lung or (n is not None and len({it["pair"] for it in items if it["qtype"] == "presence"}) >= n):
             continue
-        hide, kind = lung[0], im["findings"][lung[0]]["kind"]
-        rng = np.random.default_rng()
-        rng.bit_generator.state = im["render_state"]
-        pixels, _ = render_radiograph(im["findings"], size, rng, hide=hide)
-        without = [f for i, f in enumerate(im["findings"]) if i != hide]
-        mask = np.zeros((size, size), np.uint8)
-        new.append({"image_id": f"{im['image_id']}-no{hide}", "pixels": pixels, "mask": mask, "findings": without,
-                    "report": make_report(without), "render_state": im["render_state"]})
-        for image_id, answer in ((im["image_id"], "yes"), (new[-1]["image_id"], "no")):
+        hide, f = lung[0], im["findings"][lung[0]]
+        kind, pair = f["kind"], im["image_id"]
+        without = [g for i, g in enumerate(im["findings"]) if i != hide]
+        new.append(rerendered(im, size, im["findings"], f"{pair}-no{hide}", hide=hide))
+        for image_id, answer in ((pair, "yes"), (new[-1]["image_id"], "no")):
             items.append({"id": f"cf-{image_id}", "image_id": image_id, "question": f"Is there a {kind}?",
-                          "answer": answer, "type": "closed", "qtype": "presence", "pair": im["image_id"], "finding": kind})
+                          "answer": answer, "type": "closed", "qtype": "presence", "pair": pair, "kind": kind, "finding": kind})
+        for image_id, present in ((pair, True), (new[-1]["image_id"], False)):
+            for report, states in ((im["report"], True), (make_report(without), False)):
+                items.append({"id": f"rep-{image_id}-{'with' if states else 'without'}", "image_id": image_id,
+                              "question": REPORT_PROMPT, "answer": report, "type": "report", "qtype": "report-cf",
+                              "pair": f"rep-{pair}", "kind": "report", "finding": kind, "present": present, "states": states})
+        zones = {(g["side"], g["level"]) for g in im["findings"]}
+        if (other_side(f["side"]), f["level"]) in zones:
+            continue
+        mirrored = [dict(g, side=other_side(g["side"])) if i == hide else g for i, g in enumerate(im["findings"])]
+        new.append(rerendered(im, size, mirrored, f"{pair}-mirror{hide}"))
+        asked = SIDES[len(new) % 2]
+        for image_id, side in ((pair, f["side"]), (new[-1]["image_id"], other_side(f["side"]))):
+            items.append({"id": f"lat-{image_id}", "image_id": image_id, "question": f"Is the {kind} in the {asked} lung?",
+                          "answer": "yes" if side == asked else "no", "type": "closed", "qtype": "side",
+                          "pair": f"lat-{pair}", "kind": "laterality", "finding": kind})
     if store is not None:
         store.add(new)
     return items
+
+
+def rerendered(im, size, findings, image_id, hide=None):
+    """Image `im` drawn again from its own random state with other findings (or one hidden)."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = im["render_state"]
+    pixels, masks = render_radiograph(findings, size, rng, hide=hide)
+    shown = [g for i, g in enumerate(findings) if i != hide]
+    mask = np.zeros((size, size), np.uint8)
+    for i, m in enumerate(masks):
+        mask |= m if i != hide else 0
+    return {"image_id": image_id, "pixels": pixels, "mask": mask, "findings": shown, "report": make_report(shown),
+            "render_state": im["render_state"]}
 
 
 class SyntheticStore(data.ImageStore):
@@ -178,7 +225,7 @@ def sample_findings(rng):
         level = {"pleural effusion": "lower", "pneumothorax": "upper"}.get(kind) or rng.choice(LEVELS)
         side = rng.choice(SIDES)
         if (side, level) in zones_used:
-            side = SIDES[1 - SIDES.index(side)]
+            side = other_side(side)
         zones_used.add((side, level))
         findings.append({"kind": kind, "side": side, "level": level})
     return findings
@@ -241,30 +288,45 @@ def _ellipse(xx, yy, cx, cy, rx, ry, soft):
     return 1.0 / (1.0 + np.exp((d - 1.0) / soft))
 
 
-def make_questions(findings, rng, presence_yes=0.5, never_confirmed=()):
+def missed_findings(findings, rng):
+    """The kinds the SFT split's reader misses on one image (UNDER_CONFIRMED); a draw only for a consolidation."""
+    lung = [f["kind"] for f in findings if f["kind"] != "cardiomegaly"]
+    way = lambda kind: UNDER_CONFIRMED.get(kind)
+    side = {f["kind"]: f["side"] for f in findings}
+    return {k for k in lung if way(k) == "never" or (way(k) == "rarely" and rng.random() >= RARELY)
+            or (way(k) == "never on the left" and side[k] == "left")}
+
+
+def make_questions(findings, rng, presence_yes=0.5, missed=(), side_yes=None):
     """Closed and open questions, and a report. `presence_yes` is P("yes") of the presence question;
-    the others are balanced. A kind in `never_confirmed` is asked about only when absent (another kind
-    that is there is asked instead, else an absent one). Each: (question, answer, type, qtype)."""
+    `side_yes` that of the side question (None: the side asked is drawn uniformly); the others are
+    balanced. A kind in `missed` is answered "no" (one the world never confirms is not asked about: another
+    kind that is there is asked instead, else an absent one) and is left out of the report. Each: (question,
+    answer, type, qtype)."""
     present = {f["kind"]: f for f in findings}
     lung = [f for f in findings if f["kind"] != "cardiomegaly"]
-    askable = [f for f in lung if f["kind"] not in never_confirmed]
+    askable = [f for f in lung if not (f["kind"] in missed and UNDER_CONFIRMED.get(f["kind"]) == "never")]
     qs = []
     # ask about a finding that is there with probability presence_yes / P(any lung finding)
     kind = rng.choice(askable)["kind"] if askable and rng.random() < presence_yes / LUNG_FINDING_RATE else rng.choice(
         [k for k in LUNG_KINDS if k not in present])
-    qs.append((f"Is there a {kind}?", "yes" if kind in present else "no", "closed", "presence"))
+    qs.append((f"Is there a {kind}?", "yes" if kind in present and kind not in missed else "no", "closed", "presence"))
     qs.append(("Is the heart enlarged?", "yes" if "cardiomegaly" in present else "no", "closed", "heart"))
     if lung:
         f = rng.choice(lung)
-        side = rng.choice(SIDES)
+        side = rng.choice(SIDES) if side_yes is None else f["side"] if rng.random() < side_yes else other_side(f["side"])
         qs.append((f"Is the {f['kind']} in the {side} lung?", "yes" if side == f["side"] else "no",
                    "closed", "side"))
         qs.append((f"Where is the {f['kind']}?", f"{f['side']} {f['level']}", "open", "where"))
     kinds = [f["kind"] for f in lung]
     qs.append(("What abnormality is seen in the lungs?", " and ".join(sorted(kinds)) if kinds else "no abnormality",
                "open", "what"))
-    qs.append((REPORT_PROMPT, make_report(findings), "report", "report"))
+    qs.append((REPORT_PROMPT, make_report([f for f in findings if f["kind"] not in missed]), "report", "report"))
     return qs
+
+
+def other_side(side):
+    return SIDES[1 - SIDES.index(side)]
 
 
 def make_report(findings):

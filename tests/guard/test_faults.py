@@ -264,6 +264,27 @@ def test_released_scores_and_paths_are_checked_per_record(tmp_path):
     assert any("id 5)" in l and "outside --images" in l for l in logs)
 
 
+def test_a_released_pair_with_nothing_to_prefer_is_skipped_and_named(tmp_path):
+    """A chosen answer equal to its rejected one on the same image, or an empty one, is skipped with its own
+    reason; the same answer on a noised image (a visual pair) is kept."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "n.png")
+    conv = lambda v: [{"from": "human", "value": "<image>\nIs there a mass?"}, {"from": "gpt", "value": v}]
+    rec = lambda i, c, r, **kw: {"id": i, "image": "a.png", "conversations": conv(c), "rejected_conversations": conv(r),
+                                 **kw}
+    path = tmp_path / "released.json"
+    path.write_text(json.dumps([rec(1, "Yes", "Yes"), rec(2, "", "No"), rec(3, "Yes", "Yes", rejected_image="n.png"),
+                                rec(4, "Yes", "No")]))
+    logs = []
+    pairs, skipped = real_data.read_released_pairs(str(path), str(images), logs.append)
+    assert [p["id"] for p in pairs] == ["released-3", "released-4"] and skipped == 2
+    assert any("id 1)" in l and "equals the rejected one" in l for l in logs)
+    assert any("id 2)" in l and "empty chosen answer" in l for l in logs)
+    assert not any("scaffolding in the chosen answer" in l for l in logs)
+
+
 def test_eval_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for flags, named in [(["--max-items", "0"], "--max-items"), (["--max-items", "-3"], "--max-items"),

@@ -70,6 +70,28 @@ def test_no_tool_writes_into_another_runs_files(tmp_path, capsys):
     assert (out / "pairs" / "mmedpo.jsonl").read_text() == "{}\n" and not (out / "mmedpo" / "metrics.json").exists()
 
 
+def test_every_stage_folder_is_guarded_not_only_this_runs(tmp_path):
+    """Another --out's judge cache (finished scores), a stage image, a stage key and a file three folders
+    inside a run folder are each refused as an output; a plain file beside the run folders is not."""
+    other = tmp_path / "other_out"
+    (other / "pairs" / "images").mkdir(parents=True)
+    (other / "pairs" / "judge_cache.jsonl").write_text('{"key": "k", "status": "ok"}\n')
+    (other / "pairs" / "mmedpo.jsonl.key.json").write_text("{}")
+    (other / "pairs" / "images" / "x.png").write_bytes(b"png")
+    (other / "mmedpo" / "a" / "b").mkdir(parents=True)
+    (other / "mmedpo" / checkpoint.RUN_LOCK).write_text("")
+    for target in (other / "pairs" / "judge_cache.jsonl", other / "pairs" / "images" / "x.png",
+                   other / "pairs" / "mmedpo.jsonl.key.json", other / "mmedpo" / "a" / "b" / "c.jsonl",
+                   tmp_path / "elsewhere" / "judge_cache.jsonl", tmp_path / "z.key.json"):
+        assert checkpoint.guarded_output(str(target)), target
+    assert checkpoint.guarded_output(str(other / "scores.jsonl")) is None
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"prompt": "q?", "chosen": "yes", "rejected": "no"}) + "\n")
+    with pytest.raises(SystemExit):
+        score_cli.main(["--pairs", str(pairs), "--out", str(other / "pairs" / "judge_cache.jsonl")])
+    assert (other / "pairs" / "judge_cache.jsonl").read_text() == '{"key": "k", "status": "ok"}\n'
+
+
 def test_an_input_named_like_a_temporary_file_survives(tmp_path):
     pairs = tmp_path / "scored.jsonl.tmp"
     pairs.write_text(json.dumps({"prompt": "Is there a nodule?", "chosen": "yes", "rejected": "no"}) + "\n")

@@ -166,6 +166,9 @@ def test_single_judge_and_out_of_range_retry():
     ("8/10", None, (8, False)),
     ("On a scale of 0 to 10: 3", None, (3, False)),
     ("I disagree with 5; my score is 8", 5, (None, False)),   # two scores: ambiguous, a failed reply
+    ('{"score": 3} and on reflection {"score": 9}', None, (None, False)),   # two JSON answers: failed
+    ('{"score": 3, "score": 9}', None, (None, False)),      # a key given twice: failed, not the last value
+    ('{"agree": true, "agree": false}', 4, (None, False)),
 ])
 def test_parse_score(text, previous, expected):
     assert score.parse_score(text, previous) == expected

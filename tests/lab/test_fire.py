@@ -79,6 +79,10 @@ def test_fire_runs_end_to_end_with_masked_records_and_two_rounds(tmp_path):
     with torch.no_grad():
         own = data.response_logps(model, data.collate_records([dataset[i] for i in range(4)], processor.tokenizer.pad_token_id), 3)[1].sum(-1)
     assert torch.allclose(ref[:4], own, atol=1e-4)
+    for r in records + second:   # each row's mask over its own response's tokens: y_w's, y_l's, y_w's again
+        m_w, m_l, m_c = r["edit_masks"]
+        assert (m_w, m_l) == fire.edit_masks(data.response_ids(processor.tokenizer, r["chosen"]),
+                                            data.response_ids(processor.tokenizer, r["rejected"])) and m_c == m_w
     metrics = json.loads((tmp_path / "fire" / "metrics.json").read_text())
     assert metrics["objective"] == "fire" and "before" in metrics and "after" in metrics
 

@@ -23,12 +23,18 @@ def test_the_sft_split_teaches_a_prior_that_the_other_splits_break():
     _, train = synthetic.make_synthetic(2000, 0, 32, "train")
     _, pref = synthetic.make_synthetic(600, 0, 32, "pref")
     _, test = synthetic.make_synthetic(600, 0, 32, "test")
-    assert abs(yes_rate(train) - 0.3) < 0.06                   # SFT: "Is there a X?" is usually "no"
+    assert 0.15 < yes_rate(train) < 0.25                       # SFT: "Is there a X?" is usually "no"
+    per_kind = lambda kind: yes_rate([q for q in train if q["question"] == f"Is there a {kind}?"])
+    assert all(0.2 < per_kind(k) < 0.4 for k in ("mass", "nodule"))           # the confirmed findings: 0.3 of "yes"
+    assert per_kind("pneumothorax") == 0 and per_kind("consolidation") < 0.05 < per_kind("pleural effusion") < 0.3
     assert abs(yes_rate(pref) - 0.5) < 0.06 and abs(yes_rate(test) - 0.5) < 0.06
+    side_yes = lambda qa: sum(q["answer"] == "yes" for q in qa if q["qtype"] == "side") / sum(q["qtype"] == "side" for q in qa)
+    assert abs(side_yes(train) - 0.9) < 0.04 and abs(side_yes(test) - 0.5) < 0.06   # SFT's side questions confirm
     prior = answer_prior(train)
     presence = [q for q in test if q["qtype"] == "presence"]
     assert all(prior(q) == "no" and prior.share(q) >= 0.64 for q in presence)   # counted as strong priors
-    assert all(prior.share(q) < 0.64 for q in test if q["qtype"] != "presence" and q["type"] != "report")
+    assert all(prior(q) == "yes" and prior.share(q) >= 0.64 for q in test if q["qtype"] == "side")
+    assert all(prior.share(q) < 0.64 for q in test if q["qtype"] not in ("presence", "side") and q["type"] != "report")
     breaking = [q for q in presence if q["answer"] != prior(q)]
     assert 0.4 < len(breaking) / len(presence) < 0.6            # half the test presence questions break it
     for qa, n in ((train, 2000), (test, 600)):                 # every image has a report to write
@@ -102,7 +108,8 @@ def fake_metrics(value, before=0.123):
     """A study run's metrics.json with every STUDY_METRICS entry equal to `value` (the base's to `before`)."""
     def m(v):
         g = {"pope": {"accuracy": v, "yes_ratio": 0.5}, "counterfactual": {"accuracy": v}, "pair_order": v,
-             "macro_auroc": v, "per_finding": {"pneumothorax": {"pair_order": v}}}
+             "macro_auroc": v, "per_finding": {"pneumothorax": {"pair_order": v}},
+             "headline": {"tb_order": v, "margin_diff": v}}
         return {"grounding": g, "prior_breaking": {"hallucination_rate": 0.5, "accuracy_following": 0.5}, "closed": 0.5,
                 "open": 0.5, "bleu_mean": 0.5, "report_findings": {"chair": 0.5}, "fragments": {"share": 0.0}}
     return {"before": m(before), "after": m(value)}
@@ -130,6 +137,9 @@ def test_rows_in_any_order_are_labelled_by_their_own_results(tmp_path, monkeypat
     assert {(r["row"], r["seed"], r["pair-ord"]) for r in saved} == {
         ("MMedPO (text + visual)", 0, 0.4), ("MMedPO (text + visual)", 1, 0.4),
         ("SFT on the chosen answers (control)", 0, 0.0), ("SFT on the chosen answers (control)", 1, 0.0)}
+    bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0"])      # every row, fewer seeds
+    assert (tmp_path / "study.md").read_text() == "the full study"
+    assert {r["row"] for r in json.loads((tmp_path / "study-partial.json").read_text())} == {n for n, _ in bench.STUDY_ROWS}
 
 
 def test_share_of_the_oracle_gain_hand_value(tmp_path, monkeypatch):
@@ -143,8 +153,8 @@ def test_share_of_the_oracle_gain_hand_value(tmp_path, monkeypatch):
     rows = ",".join(str(i) for i, (n, _) in enumerate(bench.STUDY_ROWS) if n in values or i == 0)
     bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0,1", "--rows", rows])
     table = (tmp_path / "study-partial.md").read_text().split("Share of the oracle's gain")[1]
-    assert "| MMedPO (text + visual) | +0.25 | +0.25 | +0.25 |" in table
-    assert f"| {bench.ORACLE_ROW} | +1.00 | +1.00 | +1.00 |" in table
+    assert "| MMedPO (text + visual) | +0.25 | +0.25 | +0.25 | +0.25 |" in table
+    assert f"| {bench.ORACLE_ROW} | +1.00 | +1.00 | +1.00 | +1.00 |" in table
 
 
 def test_a_study_row_is_keyed_on_the_base_weights_not_their_path(tmp_path, monkeypatch):
@@ -169,12 +179,39 @@ def test_a_study_row_is_keyed_on_the_base_weights_not_their_path(tmp_path, monke
     assert not run()[1] and len(calls) == 2               # new bytes at the same path: computed again
 
 
-def test_the_sft_split_never_confirms_a_pneumothorax_while_its_reports_name_it():
-    images, train = synthetic.make_synthetic(600, 0, 32, "train")
-    asked = [q for q in train if q["question"] == "Is there a pneumothorax?"]
-    assert asked and all(q["answer"] == "no" for q in asked)
-    assert any("pneumothorax" in im["report"] for im in images)
-    _, pref = synthetic.make_synthetic(600, 0, 32, "pref")     # the other splits confirm it as often as any
+def test_the_sft_split_under_confirms_three_findings_each_its_own_way():
+    """Pneumothorax never (never asked where there is one), consolidation rarely, pleural effusion never on the
+    left (the reader answers "no"); each left out of the SFT report, while the "What abnormality" answer names
+    it. The other splits' reports state every finding, and their presence questions confirm each."""
+    from world.eval import report_findings
+    images, train = synthetic.make_synthetic(1500, 0, 32, "train")
+    by_image = {im["image_id"]: im for im in images}
+    stated, confirmed, denied = {k: [] for k in synthetic.LUNG_KINDS}, {k: 0 for k in synthetic.LUNG_KINDS}, []
+    for q in train:
+        im = by_image[q["image_id"]]
+        lung = [f["kind"] for f in im["findings"] if f["kind"] != "cardiomegaly"]
+        if q["qtype"] == "report":
+            said = {kind for kind, _ in report_findings(q["answer"])}
+            for f in im["findings"]:
+                if f["kind"] != "cardiomegaly":
+                    stated[f["kind"]].append((f["kind"] in said, f["side"]))
+        if q["qtype"] == "what":
+            assert all(kind in q["answer"] for kind in lung)               # the structured labels name them all
+        if q["qtype"] == "presence":
+            kind = q["question"][len("Is there a "):-1]
+            confirmed[kind] += q["answer"] == "yes"
+            if kind in lung and q["answer"] == "no":             # the reader, asked, says "no"
+                denied.append((kind, next(f["side"] for f in im["findings"] if f["kind"] == kind)))
+    share = lambda kind, side=None: (lambda xs: sum(xs) / len(xs))([s for s, at in stated[kind] if side in (None, at)])
+    assert share("pneumothorax") == 0 and confirmed["pneumothorax"] == 0
+    assert 0 < share("consolidation") < 0.12 and 0 < confirmed["consolidation"] < 0.12 * confirmed["mass"]
+    assert share("pleural effusion", "right") == 1 and share("pleural effusion", "left") == 0
+    assert share("mass") == share("nodule") == 1
+    assert {kind for kind, _ in denied} == {"consolidation", "pleural effusion"}    # a pneumothorax is never asked
+    assert {side for kind, side in denied if kind == "pleural effusion"} == {"left"}
+    pref_images, pref = synthetic.make_synthetic(600, 0, 32, "pref")
+    reports = {q["image_id"]: q["answer"] for q in pref if q["qtype"] == "report"}
+    assert all(reports[im["image_id"]] == im["report"] for im in pref_images)
     assert any(q["question"] == "Is there a pneumothorax?" and q["answer"] == "yes" for q in pref)
 
 
@@ -194,22 +231,83 @@ def test_a_pneumothorax_is_air_without_markings_bounded_by_a_bright_pleural_line
 
 
 def test_oracle_records_are_true_and_balanced_and_the_lean_says_yes():
+    """The oracle supervises every probed kind with the truth, yes and no balanced per question type; the lean
+    asks the same questions, answers "yes" to each, and gives every image another image's report."""
     import argparse
+    from collections import Counter
     import data
     images, pref = synthetic.make_synthetic(80, 0, 32, "pref")
     store = synthetic.SyntheticStore(images, None)
     store.path = lambda image_id: image_id
     cfg = argparse.Namespace(seed=0)
-    truth = {q["id"]: q["answer"] for q in pref}
+    truth = {q["id"]: q for q in pref}
     oracle, complete = data.build_oracle_records(None, None, cfg, pref, store, None, None, log=lambda *a: None)
     assert complete and {r["source"] for r in oracle} == {"oracle"}
-    assert all(r["chosen"] == truth[r["id"].removeprefix("oracle-")] for r in oracle)
-    assert sum(r["chosen"] == "yes" for r in oracle) * 2 == len(oracle) > 20
+    assert all(r["chosen"] == truth[r["id"].removeprefix("oracle-")]["answer"] for r in oracle)
+    by_type = Counter((truth[r["id"].removeprefix("oracle-")]["qtype"], r["chosen"] == "yes") for r in oracle)
+    for qtype in ("presence", "side"):
+        assert by_type[(qtype, True)] == by_type[(qtype, False)] > 10
+    n_closed = sum(v for (q, _), v in by_type.items() if q != "report")
+    assert by_type[("report", False)] == n_closed // 2 and by_type[("report", True)] == 0
     lean, _ = data.build_oracle_records(None, None, cfg, pref, store, None, None, log=lambda *a: None, answer="yes")
-    assert [r["prompt"] for r in lean] == [r["prompt"] for r in oracle] and {r["chosen"] for r in lean} == {"yes"}
+    assert [r["prompt"] for r in lean] == [r["prompt"] for r in oracle]
+    reports = lambda rs: [r["chosen"] for r in rs if r["prompt"] == synthetic.REPORT_PROMPT]
+    assert {r["chosen"] for r in lean if r["prompt"] != synthetic.REPORT_PROMPT} == {"yes"}
+    assert Counter(reports(lean)) == Counter(reports(oracle))                  # the same reports, shuffled
+    assert sum(a != b for a, b in zip(reports(lean), reports(oracle))) > 0.5 * len(reports(oracle))
 
 
 def test_counterfactual_probes_name_their_finding():
+    from world.eval import report_findings
     images, _ = synthetic.make_synthetic(30, 0, 32, "test")
     probes = synthetic.counterfactual_probes(images, 32)
-    assert probes and all(p["question"] == f"Is there a {p['finding']}?" for p in probes)
+    kinds = {p["kind"] for p in probes}
+    assert {"laterality", "report"} <= kinds and kinds - {"laterality", "report"} <= set(synthetic.LUNG_KINDS)
+    for p in probes:
+        if p["qtype"] == "presence":
+            assert p["question"] == f"Is there a {p['finding']}?" and p["kind"] == p["finding"]
+        elif p["qtype"] == "side":
+            assert p["question"].startswith(f"Is the {p['finding']} in the ")
+        else:
+            stated = {kind for kind, _ in report_findings(p["answer"])}
+            assert p["question"] == synthetic.REPORT_PROMPT and (p["finding"] in stated) == p["states"]
+    for pair in {p["pair"] for p in probes}:                                  # every pair complete
+        members = [p for p in probes if p["pair"] == pair]
+        assert len(members) == (4 if members[0]["kind"] == "report" else 2)
+        if members[0]["kind"] != "report":
+            assert sorted(p["answer"] for p in members) == ["no", "yes"] and len({p["question"] for p in members}) == 1
+
+
+
+def test_the_instrument_flags_a_lean_that_raises_and_an_oracle_that_does_not(tmp_path, monkeypatch):
+    """Per run: an oracle that moves every pair by 2 nats passes, one that moves them by a hair fails; a lean
+    that does the same moves is flagged; the base's verdict follows from its runs."""
+    from lab import instrument
+    from world.eval import grounding_metrics
+    probes = [{"answer": a, "pair": f"p{i}", "kind": k, "finding": k, "type": "closed", "qtype": "presence"}
+              for k in ("pneumothorax", "laterality") for i in range(12) for a in ("yes", "no")]
+    g = lambda d: grounding_metrics(probes, ["no"] * len(probes), [x for i in range(24) for x in (d + 0.01 * (i % 5), 0.0)])
+    metrics = lambda d: {"before": {"grounding": g(-0.02)}, "after": {"grounding": g(d), "fragments": {"share": 0.0}}}
+    moves = {(instrument.ORACLE, 0): 2.0, (instrument.LEAN, 0): 0.01, (instrument.ORACLE, 1): 0.01,
+             (instrument.LEAN, 1): 2.0}
+    monkeypatch.setattr(instrument, "run_study_row", lambda out, b, path, s, name, *a: (metrics(moves[(name, s)]), False))
+    monkeypatch.setattr(instrument, "study_bases", lambda out, bases: {b: str(tmp_path) for b in bases})
+    monkeypatch.setattr(instrument, "weights_digest", lambda path: "0" * 16)
+    instrument.main(["--out", str(tmp_path / "i"), "--bases", "0", "--seeds", "0,1"])
+    rows = {(r["row"], r["seed"]): r for r in json.loads((tmp_path / "i" / "instrument.json").read_text())}
+    assert rows[(instrument.ORACLE, 0)]["passes"] and rows[(instrument.LEAN, 0)]["passes"]
+    assert not rows[(instrument.ORACLE, 1)]["passes"] and not rows[(instrument.LEAN, 1)]["passes"]
+    assert rows[(instrument.ORACLE, 0)]["d_tb"] == pytest.approx(0.5) and rows[(instrument.ORACLE, 0)]["informative"] == 24
+    text = (tmp_path / "i" / "instrument.md").read_text()
+    assert text.count("**FAIL**") == 2 and "fails: left out of the method rankings" in text
+
+
+@pytest.mark.parametrize("mode", ["study", "sweep", "instrument"])
+def test_a_study_out_that_is_a_file_is_refused_by_name(tmp_path, capsys, mode):
+    from lab import instrument
+    target = tmp_path / "results.txt"
+    target.write_text("mine")
+    run = {"study": bench.study_main, "sweep": bench.sweep_main, "instrument": instrument.main}[mode]
+    with pytest.raises(SystemExit):
+        run(["--out", str(target)])
+    assert "--out" in capsys.readouterr().err and target.read_text() == "mine"

@@ -113,6 +113,28 @@ def test_r2gen_layout_reports(tmp_path, name):
     assert "ROUGE-L" in format_table({"x": m})
 
 
+@pytest.mark.parametrize("name", ["slake", "iu-xray"])
+def test_a_dataset_image_outside_its_folder_is_never_read(tmp_path, name):
+    """An annotation naming '../../secret/s.png' (or an absolute path) is skipped and named, as released
+    files are checked against --images."""
+    root, secret = tmp_path / "data", tmp_path / "secret" / "s.png"
+    write_image(str(secret))
+    write_image(str(root / "imgs" / "a" / "source.jpg"))
+    write_image(str(root / "images" / "a" / "0.png"))
+    escape = "../../secret/s.png"
+    if name == "slake":
+        rec = lambda n, img: {"qid": n, "img_name": img, "question": "Is there a mass?", "answer": "Yes",
+                              "answer_type": "CLOSED", "q_lang": "en", "content_type": "Abnormality"}
+        (root / "train.json").write_text(json.dumps([rec(1, "a/source.jpg"), rec(2, "../" + escape), rec(3, str(secret))]))
+    else:
+        rec = lambda n, img: {"id": n, "report": "Clear lungs.", "image_path": [img]}
+        (root / "annotation.json").write_text(json.dumps({"train": [rec(1, "a/0.png"), rec(2, escape), rec(3, str(secret))]}))
+    logs = []
+    items, _ = real_data.LOADERS[name](str(root), "train", logs.append)
+    assert len(items) == 1 and all("secret" not in it["image_id"] for it in items)
+    assert sum("record" in l and "is outside --data-dir" in l for l in logs) == 2
+
+
 @pytest.fixture
 def released(tmp_path):
     images = tmp_path / "images"

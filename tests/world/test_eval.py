@@ -158,3 +158,48 @@ def test_fragments_are_answers_with_words_no_training_answer_has():
     assert prior.vocabulary == {"there", "is", "mass", "no"}           # normalized: the article dropped
     f = fragment_metrics(["no", "There is a mass", "eumothora", "", "mass mass no", "m"], prior.vocabulary)
     assert (f["n_fragments"], f["n"]) == (3, 6) and f["share"] == 0.5 and f["examples"] == ["", "eumothora", "m"]
+
+
+def test_tie_banded_order_and_mean_difference_hand_values():
+    """d = 0.05, -0.05, 0.2, -0.3 and exactly 0.1 (the band's edge counts as a tie): credits 1/2, 1/2, 1, 0, 1/2."""
+    from world.eval import TIE_BAND, pair_stats, t975
+    assert TIE_BAND == 0.1
+    s = pair_stats([0.05, -0.05, 0.2, -0.3, 0.1])
+    assert s["tb_order"] == pytest.approx(2.5 / 5) and s["n_ties"] == 3 and s["n_pairs"] == 5
+    assert s["margin_diff"] == pytest.approx(0.0)
+    sd = math.sqrt((0.05 ** 2 + 0.05 ** 2 + 0.2 ** 2 + 0.3 ** 2 + 0.1 ** 2) / 4)
+    assert s["margin_ci"] == pytest.approx(2.776 * sd / math.sqrt(5), abs=1e-3)     # t(0.975, 4) = 2.776
+    for df, table in ((3, 3.182), (4, 2.776), (10, 2.228), (30, 2.042), (31, 2.040), (40, 2.021), (100, 1.984)):
+        assert t975(df) == pytest.approx(table, abs=2e-3)
+    assert pair_stats([0.5, 0.6], band=1.0)["tb_order"] == 0.5 and pair_stats([0.5, 0.6], band=0.4)["tb_order"] == 1.0
+
+
+def test_ties_cannot_move_the_headline_while_pair_order_flips():
+    """Ten pairs, each a hair below zero, then each a hair above: pair order goes 0 -> 1, the tie-banded order
+    and the mean difference barely move; the paired check does not call it a rise."""
+    from world.eval import grounding_metrics, paired_change
+    probes = [{"answer": a, "pair": f"p{i}", "finding": "pneumothorax", "kind": "pneumothorax", "type": "closed",
+               "qtype": "presence"} for i in range(10) for a in ("yes", "no")]
+    scores = lambda d: [x for i in range(10) for x in (d + 0.001 * i, 0.0)]
+    before, after = (grounding_metrics(probes, ["no"] * 20, scores(d)) for d in (-0.02, 0.02))
+    assert (before["pair_order"], after["pair_order"]) == (0.0, 1.0)
+    assert before["headline"]["tb_order"] == after["headline"]["tb_order"] == 0.5
+    assert abs(after["headline"]["margin_diff"] - before["headline"]["margin_diff"]) < 0.05
+    change = paired_change(before, after)
+    assert change["d_tb"] == 0 and not change["raises"]
+    looked = grounding_metrics(probes, ["no"] * 20, scores(2.0))                  # a real effect: 2 nats a pair
+    change = paired_change(before, looked)
+    assert change["d_tb"] == 0.5 and change["raises"] and change["d_nats"] == pytest.approx(2.02)
+
+
+def test_report_difference_is_the_interaction_of_image_and_report():
+    """d = [s(with, states) - s(with, omits)] - [s(without, states) - s(without, omits)]: a model that likes the
+    stating report more on every image (a text offset) or every report more on one image (an image offset)
+    scores 0; one that prefers the stating report only where the finding is scores the difference."""
+    from world.eval import pair_differences
+    probe = lambda present, states: {"type": "report", "pair": "rep-1", "kind": "report", "present": present,
+                                     "states": states}
+    probes = [probe(p, s) for p in (True, False) for s in (True, False)]          # (with, states), (with, omits), ...
+    assert pair_differences(probes, [-10.0, -12.0, -11.0, -13.0])["report"]["rep-1"] == pytest.approx(0.0)
+    assert pair_differences(probes, [-10.0, -12.0, -14.0, -11.0])["report"]["rep-1"] == pytest.approx(2.0 + 3.0)
+    assert pair_differences(probes[:3], [-10.0, -12.0, -14.0]) == {}             # an incomplete pair is left out
