@@ -228,13 +228,17 @@ class HTTPJudge:
                     raise requests.RequestException(f"reply larger than {MAX_REPLY_BYTES} bytes")
                 if time.monotonic() > deadline:
                     raise requests.Timeout(f"reply not complete within {self.timeout}s")
-            return r.status_code, r.headers, b"".join(chunks).decode(r.encoding or "utf-8", errors="replace")
+            raw = decoded(b"".join(chunks), r.headers.get("Content-Encoding", ""))
+            try:
+                return r.status_code, r.headers, raw.decode(r.encoding or "utf-8", errors="replace")
+            except LookupError:                          # a charset Python does not know
+                return r.status_code, r.headers, raw.decode("utf-8", errors="replace")
 
     def __call__(self, messages):
         """The reply's text. A reply that is not a string, or that holds the API key (a server echoing
         the request), is unusable: asked again, then JudgeError. Errors never carry the key."""
         import requests
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}   # a server may still compress
         if self.key_env:
             if not self._key():
                 raise JudgeError(f"{self.name}: environment variable {self.key_env} is not set")
@@ -280,3 +284,25 @@ class HTTPJudge:
                 time.sleep(wait)
         error = JudgeError if connected else JudgeUnreachable
         raise error(f"{self.name}: gave up after {attempt + 1} attempts: {reason}")
+
+
+def decoded(body, encoding):
+    """A reply's bytes with its Content-Encoding (gzip, deflate, either raw or zlib-wrapped) undone, never
+    inflated beyond MAX_REPLY_BYTES (a compression bomb is an oversized reply)."""
+    import zlib
+    import requests
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise requests.RequestException(f"reply in an unknown Content-Encoding {encoding!r}")
+    for wbits in ((31,) if "gzip" in encoding else (15, -15)):     # deflate: zlib-wrapped, or raw as some send it
+        try:
+            d = zlib.decompressobj(wbits)
+            out = d.decompress(body, MAX_REPLY_BYTES + 1)
+        except zlib.error:
+            continue
+        if len(out) > MAX_REPLY_BYTES or d.unconsumed_tail:
+            raise requests.RequestException(f"reply larger than {MAX_REPLY_BYTES} bytes once decompressed")
+        return out
+    raise requests.RequestException(f"reply not valid {encoding} data")

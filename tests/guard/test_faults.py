@@ -344,3 +344,24 @@ def test_weights_are_keyed_by_their_bytes_not_their_size_and_time(tmp_path):
         os.utime(folder / "model.safetensors", ns=(10**18, 10**18))
     assert checkpoint.weights_stamp(str(a)) != checkpoint.weights_stamp(str(b))
     assert checkpoint.weights_stamp(str(a)) == checkpoint.weights_stamp(str(a))
+
+
+def test_json_nested_too_deep_is_a_message_never_a_traceback(tmp_path):
+    """100,000 levels deep: a released file is refused by name, a pairs or cache line is skipped with its
+    line, a stage key is unreadable (recomputed), a judge's reply is a failed reply."""
+    deep = "[" * 100000 + "]" * 100000
+    released = tmp_path / "released.json"
+    released.write_text(deep)
+    with pytest.raises(ValueError, match="released.json"):
+        real_data.read_released_pairs(str(released), str(tmp_path))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(deep + "\n" + json.dumps({"prompt": "q", "chosen": "yes", "rejected": "no"}) + "\n")
+    said = []
+    assert len(checkpoint.read_jsonl(str(pairs), said.append)) == 1 and any("pairs.jsonl:1" in s for s in said)
+    cache = tmp_path / "judge_cache.jsonl"
+    cache.write_text(deep + "\n" + json.dumps({"key": "k", "status": "ok", "score": 5}) + "\n")
+    assert list(judge_guard.load_cache(str(cache), lambda *a: None)) == ["k"]
+    key = tmp_path / "x.key.json"
+    key.write_text(deep)
+    assert checkpoint.read_json(str(key), lambda *a: None) is None
+    assert score.parse_score('{"score": ' + "[" * 100000 + "]" * 100000 + "}") == (None, False)

@@ -478,3 +478,43 @@ def test_a_reply_with_most_of_the_key_is_refused_and_scrubbed(server_factory, mo
         j([{"role": "user", "content": "q"}])
     assert "holds (part of) the API key" in str(e.value) and key[:16] not in str(e.value)
     assert key[5:21] not in j._scrub(f"error text {key[:-2]}")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate", "bomb"])
+def test_a_compressed_reply_is_decoded_within_the_size_bound(encoding):
+    """A server that compresses anyway (the judge asks for identity) is read: gzip, zlib-wrapped and raw
+    deflate; a small body that inflates past the reply bound is an oversized reply, never inflated."""
+    import zlib
+    content = '{"agree": false, "score": 6}' if encoding != "bomb" else "x" * (judge_guard.MAX_REPLY_BYTES + 10)
+    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    wbits = {"gzip": 31, "deflate": 15, "raw-deflate": -15, "bomb": 31}[encoding]
+    c = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    body = c.compress(payload) + c.flush()
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            seen.append(self.headers.get("Accept-Encoding"))
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip" if wbits == 31 else "deflate")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+    server = Loopback()
+    server.serve(Handler)
+    try:
+        j = judge(server, max_retries=0)
+        if encoding == "bomb":
+            assert len(body) < judge_guard.MAX_REPLY_BYTES // 100
+            with pytest.raises(judge_guard.JudgeError, match="larger than"):
+                j([{"role": "user", "content": "score"}])
+        else:
+            assert score.parse_score(j([{"role": "user", "content": "score"}])) == (6, False)
+        assert seen[0] == "identity"
+    finally:
+        server.close()
