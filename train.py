@@ -45,8 +45,8 @@ from guard import checkpoint
 from guard.checkpoint import file_digest, fingerprint, read_json, seed_everything, weights_stamp, write_json
 from lab import fire, hscr
 from mmedpo import get_lr, mmedpo_loss
-from world import flags, real_data, synthetic
-from world.eval import EvalSettings, TestSet, answer_prior, evaluate, format_table, save_pictures
+from world import flags, oracle, real_data, synthetic
+from world.eval import EvalSettings, TestSet, answer_prior, evaluate, format_table, save_pictures, visual_effect
 from world.flags import NONNEG_INT, POS, POS_INT
 
 
@@ -350,7 +350,7 @@ def stage_reference(run, model, processor, base_path, records, dataset, tag=""):
     if n_cut:
         run.log(f"      {int(n_cut)} rows had their prompt truncated to fit {dataset.max_length} tokens, "
                 f"{int(n_response)} of them their response too")
-    visual_effect(run, records, stored["logps"])
+    visual_effect(records, stored["logps"], run.log)
     return stored["logps"]
 
 
@@ -360,17 +360,6 @@ def reference_key(run, base_path, records, k, max_length):
     rows = [[(file_digest(path), text) for path, text in data.record_rows(r)] + [r["prompt"]] for r in records]
     return fingerprint({"weights": weights_stamp(base_path), "k": k, "rows": rows, "dtype": str(run.dtype),
                         "prompt_format": run.args.prompt_format, "pad": run.args.pad_to_square, "max_length": max_length})
-
-
-def visual_effect(run, records, ref):
-    """Does Strategy 2's noise act on the base? The drop of log P(y_w) from the clean to the noised image."""
-    idx = [i for i, r in enumerate(records) if r["source"] == "visual"]
-    if idx:
-        drop = (ref[idx, 0] - ref[idx, 1]).numpy()
-        changed = [records[i]["answer_changes"] for i in idx if "answer_changes" in records[i]]
-        run.log(f"      visual pairs: log P(y_w | x) - log P(y_w | x*) median {np.median(drop):.3f}, mean "
-                f"{drop.mean():.3f} nats, {np.mean(drop > 1):.0%} above 1 nat" +
-                (f"; greedy answer changed by the noise on {np.mean(changed):.0%}" if changed else ""))
 
 
 def inputs_of(run, base_path, records, max_length):
@@ -395,7 +384,7 @@ def stage_train(run, model, processor, records, dataset, ref, inputs, tag=""):
     if args.resume:
         start, history = resume(run, ckpt_path, model, opt, config, inputs, total)
     if run.master and tag in ("", "_round0"):  # the run is certain to train now: the old results go
-        clear_results(run)
+        checkpoint.clear_results(run.run_dir)
     if run.master:  # the log holds exactly the steps of `history` (a resumed run drops the lost steps' lines)
         checkpoint.write_jsonl(log_path, history)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
@@ -455,31 +444,18 @@ def total_steps(args, n_records, world):
 def resume(run, ckpt_path, model, opt, config, inputs, total):
     """(step, history) of the checkpoint after checking that it continues the same computation (flags
     and inputs); restores the adapter, the optimizer and this process's RNG. (0, []) without one."""
-    if not os.path.exists(ckpt_path):
+    try:
+        ck = checkpoint.checked_checkpoint(ckpt_path, config, inputs, flags.RESUME_FLAGS, run.log)
+    except ValueError as e:
+        sys.exit(f"--resume: {e}")
+    if ck is None:
         run.log(f"      --resume: no {ckpt_path}, starting fresh")
         return 0, []
-    ck = checkpoint.load_tensors(ckpt_path, run.log)
-    if ck is None:
-        sys.exit(f"--resume: {ckpt_path} cannot be read as a checkpoint of this project; start a new --run-name")
-    changed = checkpoint.check_checkpoint(ck, config, inputs, flags.RESUME_FLAGS)
-    if changed:
-        sys.exit(f"--resume: {ckpt_path} was written with other settings: {'; '.join(changed)}. "
-                 f"Resume with the same flags, or start a new --run-name.")
     lora.load_lora_state_dict(model, ck["lora"], ckpt_path)
     opt.load_state_dict(ck["optimizer"])
     checkpoint.set_rng_state(ck["rng"][run.rank])
     run.log(f"      resumed from {ckpt_path} at step {ck['step']}/{total}")
     return ck["step"], ck["history"]
-
-
-def clear_results(run):
-    """Once certain to train (flags, data, any --resume checked), a run removes the old results it will rewrite:
-    no metrics.json, predictions or pictures stand beside an adapter they do not describe; a refused run deletes nothing."""
-    import shutil
-    for name in ("metrics.json", "predictions.jsonl", "noise_grid.png", "curves.png", "attention.png", "examples.png"):
-        if os.path.exists(run.path(name)):
-            os.remove(run.path(name))
-    shutil.rmtree(run.path("adapter"), ignore_errors=True)
 
 
 def micro_batches(n_records, step, global_batch, batch_size, grad_accum, rank, world, seed):
@@ -605,8 +581,8 @@ class Objective:
 
 OBJECTIVES = {
     "sft": Objective(data.build_mmedpo_pairs, sft_control_loss, 2, lr=3e-3),   # the control: MMedPO's chosen answers
-    "oracle": Objective(data.build_oracle_records, sft_control_loss, 2, "none", released_pairs=False, lr=1e-3),
-    "lean": Objective(partial(data.build_oracle_records, answer="yes"), sft_control_loss, 2, "none",
+    "oracle": Objective(oracle.build_oracle_records, sft_control_loss, 2, "none", released_pairs=False, lr=1e-3),
+    "lean": Objective(partial(oracle.build_oracle_records, answer="yes"), sft_control_loss, 2, "none",
                       released_pairs=False, lr=1e-3),
     "dpo": Objective(data.build_mmedpo_pairs, preference_loss, 2, "none",
                      overrides=(("strategies", "text"), ("weighting", "none")), lr=3e-4),

@@ -98,19 +98,6 @@ def save_checkpoint(path, lora_state, optimizer, step, history, rng_states, conf
                   "step": step, "history": history, "rng": rng_states, "config": config, "inputs": inputs}, path)
 
 
-def check_checkpoint(ck, config, inputs, flags):
-    """The reasons a checkpoint cannot be resumed by this run: each flag in `flags` whose value differs,
-    and changed inputs. A resume continues only the same computation."""
-    changed = [f"--{k.replace('_', '-')} {ck['config'].get(k)} -> {config.get(k)}" for k in flags
-               if ck["config"].get(k) != config.get(k)]
-    if ck["config"].get("world") != config.get("world"):
-        changed.append(f"processes {ck['config'].get('world')} -> {config.get('world')}")
-    for name, value in inputs.items():
-        if ck.get("inputs", {}).get(name) != value:
-            changed.append(f"the {name} differ")
-    return changed
-
-
 def seed_everything(seed):
     """Each stage that draws random numbers starts from the run's seed, so that whether an earlier stage
     was computed or reused from disk changes nothing after it."""
@@ -308,3 +295,42 @@ def _project_folder(folder):
     if "judge_cache.jsonl" in names or any(f.endswith(".key.json") for f in names):
         return "a stage folder"
     return None
+
+
+def checked_checkpoint(path, config, inputs, resume_flags, log=print):
+    """The checkpoint at `path` if it continues the same computation (its flags and input fingerprints,
+    `check_checkpoint`), None if there is none; ValueError naming what differs, or that it is unreadable."""
+    if not os.path.exists(path):
+        return None
+    ck = load_tensors(path, log)
+    if ck is None:
+        raise ValueError(f"{path} cannot be read as a checkpoint of this project; start a new --run-name")
+    changed = check_checkpoint(ck, config, inputs, resume_flags)
+    if changed:
+        raise ValueError(f"{path} was written with other settings: {'; '.join(changed)}. "
+                         f"Resume with the same flags, or start a new --run-name.")
+    return ck
+
+
+def check_checkpoint(ck, config, inputs, flags):
+    """The reasons a checkpoint cannot be resumed by this run: each flag in `flags` whose value differs,
+    and changed inputs. A resume continues only the same computation."""
+    changed = [f"--{k.replace('_', '-')} {ck['config'].get(k)} -> {config.get(k)}" for k in flags
+               if ck["config"].get(k) != config.get(k)]
+    if ck["config"].get("world") != config.get("world"):
+        changed.append(f"processes {ck['config'].get('world')} -> {config.get('world')}")
+    for name, value in inputs.items():
+        if ck.get("inputs", {}).get(name) != value:
+            changed.append(f"the {name} differ")
+    return changed
+
+
+def clear_results(run_dir):
+    """Once a run is certain to train (flags, data, any --resume checked), it removes the old results it will
+    rewrite: no metrics.json, predictions or pictures stand beside an adapter they do not describe; a refused
+    run deletes nothing."""
+    import shutil
+    for name in ("metrics.json", "predictions.jsonl", "noise_grid.png", "curves.png", "attention.png", "examples.png"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
+    shutil.rmtree(os.path.join(run_dir, "adapter"), ignore_errors=True)

@@ -38,11 +38,12 @@ import sys
 from collections import Counter, defaultdict
 from typing import NamedTuple
 
+import numpy as np
+
 from guard import checkpoint
 import data
 import lora
 from world import real_data
-import score
 from world import synthetic
 from data import attention_tool, format_prompt, generate_answers, response_ids
 
@@ -230,6 +231,18 @@ def vqa_metrics(items, predictions, scoring="ours"):
                        "n_report": len(reports),
                        "report_findings": report_finding_metrics([p for p, _ in reports], [r for _, r in reports])})
     return result
+
+
+def visual_effect(records, ref, log=print):
+    """Does Strategy 2's noise act on the base? The drop of log P(y_w) from the clean to the noised image,
+    from the reference log-probs `ref` (N, 2) of the records, and the share of greedy answers it changed."""
+    idx = [i for i, r in enumerate(records) if r["source"] == "visual"]
+    if idx:
+        drop = (ref[idx, 0] - ref[idx, 1]).numpy()
+        changed = [records[i]["answer_changes"] for i in idx if "answer_changes" in records[i]]
+        log(f"      visual pairs: log P(y_w | x) - log P(y_w | x*) median {np.median(drop):.3f}, mean "
+            f"{drop.mean():.3f} nats, {np.mean(drop > 1):.0%} above 1 nat" +
+            (f"; greedy answer changed by the noise on {np.mean(changed):.0%}" if changed else ""))
 
 
 def hallucination_metrics(items, predictions, prior, min_share=0.64, scoring="ours"):

@@ -148,12 +148,17 @@ def test_save_load_round_trip_in_peft_format(tmp_path):
     assert [n for n, _ in make().named_modules() if re.fullmatch(cfg["target_modules"], n)] == wrapped
 
 
-def test_load_rejects_an_unknown_key_naming_it(tmp_path):
+def saved_adapter(tmp_path):
+    """(path, tensors) of a freshly saved r=4 adapter of `make()`."""
     model = make()
     lora.add_lora(model, r=4, alpha=8)
     lora.save_adapter(model, tmp_path)
     path = str(tmp_path / "adapter_model.safetensors")
-    tensors = load_file(path)
+    return path, load_file(path)
+
+
+def test_load_rejects_an_unknown_key_naming_it(tmp_path):
+    path, tensors = saved_adapter(tmp_path)
     bad = "base_model.model.model.language_model.layers.0.self_attn.qq_proj.lora_A.weight"
     tensors[bad] = tensors.pop("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight")
     save_file(tensors, path)
@@ -162,11 +167,7 @@ def test_load_rejects_an_unknown_key_naming_it(tmp_path):
 
 
 def test_load_rejects_missing_weights_and_wrong_shapes(tmp_path):
-    model = make()
-    lora.add_lora(model, r=4, alpha=8)
-    lora.save_adapter(model, tmp_path)
-    path = str(tmp_path / "adapter_model.safetensors")
-    tensors = load_file(path)
+    path, tensors = saved_adapter(tmp_path)
     key = "base_model.model.model.language_model.layers.0.mlp.up_proj.lora_B.weight"
     save_file({k: v for k, v in tensors.items() if k != key}, path)
     with pytest.raises(KeyError, match="no weights for 1"):

@@ -235,13 +235,13 @@ def test_oracle_records_are_true_and_balanced_and_the_lean_says_yes():
     asks the same questions, answers "yes" to each, and gives every image another image's report."""
     import argparse
     from collections import Counter
-    import data
+    from world import oracle as instrument_rows
     images, pref = synthetic.make_synthetic(80, 0, 32, "pref")
     store = synthetic.SyntheticStore(images, None)
     store.path = lambda image_id: image_id
     cfg = argparse.Namespace(seed=0)
     truth = {q["id"]: q for q in pref}
-    oracle, complete = data.build_oracle_records(None, None, cfg, pref, store, None, None, log=lambda *a: None)
+    oracle, complete = instrument_rows.build_oracle_records(None, None, cfg, pref, store, None, None, log=lambda *a: None)
     assert complete and {r["source"] for r in oracle} == {"oracle"}
     assert all(r["chosen"] == truth[r["id"].removeprefix("oracle-")]["answer"] for r in oracle)
     by_type = Counter((truth[r["id"].removeprefix("oracle-")]["qtype"], r["chosen"] == "yes") for r in oracle)
@@ -249,7 +249,7 @@ def test_oracle_records_are_true_and_balanced_and_the_lean_says_yes():
         assert by_type[(qtype, True)] == by_type[(qtype, False)] > 10
     n_closed = sum(v for (q, _), v in by_type.items() if q != "report")
     assert by_type[("report", False)] == n_closed // 2 and by_type[("report", True)] == 0
-    lean, _ = data.build_oracle_records(None, None, cfg, pref, store, None, None, log=lambda *a: None, answer="yes")
+    lean, _ = instrument_rows.build_oracle_records(None, None, cfg, pref, store, None, None, log=lambda *a: None, answer="yes")
     assert [r["prompt"] for r in lean] == [r["prompt"] for r in oracle]
     reports = lambda rs: [r["chosen"] for r in rs if r["prompt"] == synthetic.REPORT_PROMPT]
     assert {r["chosen"] for r in lean if r["prompt"] != synthetic.REPORT_PROMPT} == {"yes"}
