@@ -163,14 +163,35 @@ def build_mmedpo_pairs(model, processor, cfg, pool, store, pairs_dir, device, lo
         shows = [it for it in pool if not states_absence(it["answer"]) and (cfg.heatmap != "mask" or store.has_lesion(it["image_id"]))]
         log(f"Strategy 2: {len(pool) - len(shows)} of {len(pool)} questions answer with an absence, which no noise can "
             f"hide: left out")
-        items = rng.sample(shows, min(cfg.n_visual, len(shows)))
-        log(f"Strategy 2: {cfg.noise} noise at k={cfg.noise_step} on {len(items)} images, heatmap {cfg.heatmap}, "
-            f"score {cfg.visual_score}")
+        finding_of = getattr(store, "finding_of", None)   # the finding a question is about, where the store knows
+        items = [{**it, "finding": it.get("finding") or (finding_of(it) if finding_of else None)}
+                 for it in visual_items(shows, cfg.n_visual, cfg.visual_items, rng, finding_of)]
+        log(f"Strategy 2: {cfg.noise} noise at k={cfg.noise_step} on {len(items)} images ({cfg.visual_items} draw), "
+            f"heatmap {cfg.heatmap}, score {cfg.visual_score}")
         tool = heatmap_tool(cfg.heatmap, model, processor, cfg.prompt_format, store, device, cfg.seed, log)
-        visual = build_visual_pairs(items, store, pairs_dir, tool, cfg.noise, cfg.noise_step, cfg.seed, cfg.visual_score, log)
+        visual = build_visual_pairs(items, store, pairs_dir, tool, cfg.noise, cfg.noise_step, cfg.seed, cfg.visual_score, log,
+                                    cfg.visual_check)
         answer_change(model, processor, visual, cfg.prompt_format, store.pad, cfg.sample_max_new_tokens, log)
         pairs += visual
     return pairs, complete
+
+
+def visual_items(shows, n, rule, rng, finding_of=None):
+    """Which questions get a visual pair (--visual-items): `random`, n drawn from all that show something;
+    `balanced`, as evenly as the pool allows over the finding each question is about (`finding_of(item)`,
+    the store's; questions about none form one more group), so that a rarely asked finding gets its share."""
+    if rule == "random" or finding_of is None:
+        return rng.sample(shows, min(n, len(shows)))
+    groups = {}
+    for it in shows:
+        groups.setdefault(finding_of(it), []).append(it)
+    queues = [rng.sample(g, len(g)) for _, g in sorted(groups.items())]
+    out = []
+    while len(out) < min(n, len(shows)):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop())
+    return out
 
 
 def build_text_pairs(items, samples, judge, image_path, seed=0, log=print):
@@ -191,7 +212,8 @@ def build_text_pairs(items, samples, judge, image_path, seed=0, log=print):
             rejected, how = write_hallucination(judge, it["question"], it["answer"], seed + i)
         pairs.append({"id": f"text-{it['id']}", "source": "text", "image": image_path(it["image_id"]),
                       "rejected_image": None, "prompt": it["question"], "chosen": it["answer"],
-                      "rejected": rejected, "score": None, "weight": None, "provenance": how})
+                      "rejected": rejected, "score": None, "weight": None, "qtype": it.get("qtype") or it["type"],
+                      "provenance": how})
     log(f"text pairs: {len(pairs)} ({selected} with a sampled answer, {len(pairs) - selected} injected,"
         f" {leaked} leaked samples dropped)")
     return pairs
@@ -248,7 +270,7 @@ def attention_tool(model, processor, fmt, pixels_of, device, layers=2):
 
 
 def build_visual_pairs(items, store, out_dir, heatmap, noise="local", k=500, seed=0, visual_score="confidence",
-                       log=print):
+                       log=print, check="keep"):
     """Strategy 2 (visual dispreference D_v): the same answer given to an image whose lesion is noised.
     store: an ImageStore (pixels, mask, path); heatmap: a `heatmap_tool`; noise: local, or global
     (h = 1). The pair's clinical-relevance score (`visual_score`):
@@ -256,7 +278,9 @@ def build_visual_pairs(items, store, out_dir, heatmap, noise="local", k=500, see
                     heatmaps the lesion's contrast with its surroundings)
         coverage    an oracle: how much of the *true* lesion the noise covers, where the data has masks
     Items with an empty heatmap (nothing to noise), no mask, or a mask that does not fit their image
-    are skipped and counted. Noised images and heatmaps are PNGs under out_dir."""
+    are skipped and counted. A tool that can say so (`heatmap.check`) gives each pair the fall of its
+    finding's probability from the clean to the noised image (`tool_fall`); pairs where it does not fall
+    are counted and, with check="drop", left out. Noised images and heatmaps are PNGs under out_dir."""
     gen = torch.Generator().manual_seed(seed)
     pairs, skipped = [], Counter()
     for it in items:
@@ -272,12 +296,21 @@ def build_visual_pairs(items, store, out_dir, heatmap, noise="local", k=500, see
             continue
         pid = f"visual-{it['id']}"
         noised_path, heatmap_path = write_noised(x, h, k, gen, pid, out_dir)
+        fall = None
+        if getattr(heatmap, "check", None):
+            clean_p, noised_p = heatmap.check(it, read_image(noised_path))   # the noised PNG, as the model sees it
+            fall = clean_p - noised_p
+            if fall <= 0:
+                skipped["tool's probability did not fall" + (" (kept)" if check == "keep" else "")] += 1
+                if check == "drop":
+                    continue
         truth = lesion_mask(store, it["image_id"]) if visual_score == "coverage" else None
         relevance, how = ((lesion_coverage(h, truth), "the noise's coverage of the true lesion (an oracle)")
                           if truth is not None else (float(confidence), "the visual tool's confidence"))
         pairs.append({"id": pid, "source": "visual", "image": store.path(it["image_id"]),
                       "rejected_image": noised_path, "heatmap": heatmap_path, "prompt": it["question"], "chosen": it["answer"],
-                      "rejected": it["answer"], "score": relevance, "weight": None,
+                      "rejected": it["answer"], "score": relevance, "weight": None, "qtype": it.get("qtype") or it["type"],
+                      "finding": it.get("finding"), "tool_fall": fall,
                       "provenance": f"{noise} noise at k={k}, heatmap {heatmap.tool_name}, score: {how}"})
     log(f"visual pairs: {len(pairs)}" + (" (skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) + ")"
                                          if skipped else ""))
@@ -425,12 +458,12 @@ class RecordDataset(torch.utils.data.Dataset):
 def record_rows(record):
     """The (image path, response) rows of one record, in the objective's order: chosen, rejected
     (on the noised image for a visual pair), then for HSCR the second rejected answer, for FiRe-MPO
-    the chosen answer again on the lesion-corrupted image."""
+    the chosen and the rejected answer again on the lesion-corrupted image."""
     rows = [(record["image"], record["chosen"]), (record.get("rejected_image") or record["image"], record["rejected"])]
     if record.get("rejected2") is not None:
         rows.append((record["image"], record["rejected2"]))
     if record.get("corrupted_image") is not None:
-        rows.append((record["corrupted_image"], record["chosen"]))
+        rows += [(record["corrupted_image"], record["chosen"]), (record["corrupted_image"], record["rejected"])]
     return rows
 
 

@@ -215,12 +215,12 @@ def train_lesion_classifier(images, labels, steps=600, batch_size=64, lr=2e-3, s
 
 
 @torch.no_grad()
-def occlusion_heatmap(classifier, image, patch=None, stride=None, threshold=0.2):
-    """Where the classifier sees its findings, by occlusion: grey out a patch (the image's mean) at
-    every position and record how much the summed finding probability falls; each pixel gets the mean
-    fall over the patches that cover it. The positive part, divided by its peak, with values below
-    `threshold` set to 0 so the noise stays local (all 0 when no occlusion lowers it).
-    Confidence: the largest finding probability on the whole image.
+def occlusion_heatmap(classifier, image, patch=None, stride=None, threshold=0.2, findings=None):
+    """Where the classifier sees a finding, by occlusion: grey out a patch (the image's mean) at every
+    position and record how much the probability of `findings` (indices into its outputs; all of them,
+    summed, when None) falls; each pixel gets the mean fall over the patches that cover it. The positive
+    part, divided by its peak, with values below `threshold` set to 0 so the noise stays local (all 0
+    when no occlusion lowers it). Confidence: the largest probability among `findings` on the whole image.
 
     image: (H, W) grayscale float in [0, 1]; patch, stride: default 1/4 and 1/16 of the shorter side.
     returns (heatmap (H, W) float32 in [0, 1], confidence float)."""
@@ -229,20 +229,22 @@ def occlusion_heatmap(classifier, image, patch=None, stride=None, threshold=0.2)
     patch = patch or max(2, min(H, W) // 4)
     stride = stride or max(1, min(H, W) // 16)
     probs = classifier(x[None, None]).sigmoid()[0]                                       # (K,)
+    which = list(range(len(probs))) if findings is None else list(findings)
     tops = [(i, j) for i in range(0, H - patch + 1, stride) for j in range(0, W - patch + 1, stride)]
     occluded = x.repeat(len(tops), 1, 1)                                                # (P, H, W)
     for n, (i, j) in enumerate(tops):
         occluded[n, i:i + patch, j:j + patch] = x.mean()
-    falls = torch.cat([(probs.sum() - classifier(chunk[:, None]).sigmoid().sum(1)) for chunk in occluded.split(256)])
+    falls = torch.cat([(probs[which].sum() - classifier(chunk[:, None]).sigmoid()[:, which].sum(1))
+                       for chunk in occluded.split(256)])
     total, count = torch.zeros(H, W), torch.zeros(H, W)
     for fall, (i, j) in zip(falls.tolist(), tops):
         total[i:i + patch, j:j + patch] += fall
         count[i:i + patch, j:j + patch] += 1
     heat = (total / count.clamp(min=1)).clamp(min=0)
     if float(heat.max()) <= 1e-6:
-        return torch.zeros(H, W), float(probs.max())
+        return torch.zeros(H, W), float(probs[which].max())
     heat = heat / heat.max()
-    return torch.where(heat >= threshold, heat, torch.zeros_like(heat)), float(probs.max())
+    return torch.where(heat >= threshold, heat, torch.zeros_like(heat)), float(probs[which].max())
 
 
 class LesionClassifier(torch.nn.Module):

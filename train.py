@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import lora
@@ -45,8 +46,8 @@ from guard import checkpoint
 from guard.checkpoint import file_digest, fingerprint, read_json, seed_everything, weights_stamp, write_json
 from lab import fire, hscr
 from mmedpo import get_lr, mmedpo_loss
-from world import flags, oracle, real_data, synthetic
-from world.eval import EvalSettings, TestSet, answer_prior, evaluate, format_table, save_pictures, visual_effect
+from world import flags, mechanism, oracle, real_data, synthetic
+from world.eval import EvalSettings, TestSet, answer_prior, evaluate, format_table, save_pictures
 from world.flags import NONNEG_INT, POS, POS_INT
 
 
@@ -229,7 +230,8 @@ def stage_records(run, model, processor, base_path, pref_qa, store):
         path = os.path.join(run.pairs_dir, f"{args.objective}.jsonl")
         key = fingerprint({**{k: getattr(args, k) for k in flags.PAIR_FLAGS}, "weights": weights_stamp(base_path),
                            "items": fingerprint(items_key(pref_qa, store)),
-                           "records": "v2: a row carries its own edit mask"})
+                           "records": "v3: FiRe-MPO's four rows; a pair's question type, finding and tool fall",
+                           "where": run.pairs_dir})   # records hold absolute image paths: a moved --out builds anew
 
         def compute():
             run.log(f"[2/6] building {args.objective} preference data -> {path}")
@@ -350,7 +352,8 @@ def stage_reference(run, model, processor, base_path, records, dataset, tag=""):
     if n_cut:
         run.log(f"      {int(n_cut)} rows had their prompt truncated to fit {dataset.max_length} tokens, "
                 f"{int(n_response)} of them their response too")
-    visual_effect(records, stored["logps"], run.log)
+    if run.master and tag in ("", "_round0"):   # what the visual pairs do to the base (world/mechanism.py)
+        run.mechanism["visual"] = mechanism.visual_effect(records, stored["logps"], run.log)
     return stored["logps"]
 
 
@@ -381,6 +384,12 @@ def stage_train(run, model, processor, records, dataset, ref, inputs, tag=""):
     weights = torch.tensor([r["weight"] for r in records], dtype=torch.float32)
     ckpt_path, log_path, start, history = run.path(f"checkpoint{tag}.pt"), run.path(f"log{tag}.jsonl"), 0, []
     config = {**vars(args), "world": run.world}
+    load = lambda idx: (to_device(data.collate_records([dataset[i] for i in idx], processor.tokenizer.pad_token_id),
+                                  run.device, run.dtype), ref[idx].to(run.device), weights[idx].to(run.device))
+    if run.master and tag in ("", "_round0"):   # where the first step goes, at the adapter's initial state
+        with run.autocast():
+            run.mechanism["gradient"] = mechanism.gradient_shares(model, loss_fn, load, records, args, seed=args.seed,
+                                                                  log=run.log)
     if args.resume:
         start, history = resume(run, ckpt_path, model, opt, config, inputs, total)
     if run.master and tag in ("", "_round0"):  # the run is certain to train now: the old results go
@@ -429,6 +438,10 @@ def stage_train(run, model, processor, records, dataset, ref, inputs, tag=""):
             run.log(f"halting after step {step + 1} as asked (--halt-at-step); continue with --resume")
             return history, False
     model.eval()
+    if run.master:   # did the chosen answers gain or lose probability (likelihood displacement)?
+        with run.autocast():
+            run.mechanism["chosen"] = mechanism.chosen_moves(model, load, records, ref, OBJECTIVES[args.objective].responses,
+                                                             log=run.log)
     return history, True
 
 
@@ -513,6 +526,7 @@ def stage_report(run, model, processor, records, skipped, history, before, test,
     args, test_qa, probes = run.args, test.items, test.probes
     before, before_preds, before_probes = before
     lora.save_adapter(model, run.path("adapter"), base_model_name_or_path=os.path.abspath(base_path))
+    checkpoint.write_adapter_base(run.path("adapter"), base_path)     # which weights it belongs to
     run.log(f"[6/6] evaluating with the adapter; adapter saved to {run.path('adapter')}")
     after, preds, after_probes = evaluate(model, processor, test.items, test.store, test.prior, test.probes,
                                           eval_settings(args), log=run.log)
@@ -529,6 +543,7 @@ def stage_report(run, model, processor, records, skipped, history, before, test,
         "objective": args.objective, "before": before, "after": after, "prior": after["prior"], "seed": args.seed,
         "records": {s: sum(r["source"] == s for r in records) for s in sorted({r["source"] for r in records})},
         "skipped_records": skipped, "steps": len(history), "final_train": history[-1] if history else None,
+        "mechanism": run.mechanism,
         "seconds": time.time() - run.t_start, "config": vars(args)}, indent=1)
     run.log(f"\ndone in {time.time() - run.t_start:.0f}s; metrics in {run.path('metrics.json')}")
 
@@ -545,8 +560,10 @@ def eval_settings(args):
 
 
 def preference_loss(model, batch, ref, weights, args):
-    """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected), plus --nll-weight times the
-    chosen answer's mean token NLL when asked (an anchor against likelihood displacement; not the paper's)."""
+    """MMedPO's weighted DPO (dpo and mmedpo: k = 2, chosen then rejected). Two remedies for likelihood
+    displacement (the chosen answer's probability falling while the margin grows), neither the paper's:
+    --nll-weight times the chosen answer's mean token NLL (RPO), and --anchor-weight times
+    -log s(beta (log pi(y_w) - log ref(y_w))) (mDPO's anchor: the chosen reward kept above 0)."""
     _, tokens, response = data.response_logps(model, batch, 2)           # (B, 2, T-1): chosen, rejected
     policy = tokens.sum(-1)                                                # (B, 2)
     losses, chosen_r, rejected_r = mmedpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], weights, args.beta)
@@ -554,6 +571,9 @@ def preference_loss(model, batch, ref, weights, args):
     if args.nll_weight:
         nll = -policy[:, 0] / response[:, 0].sum(-1).clamp(min=1)
         losses, stats["nll"] = losses + args.nll_weight * nll, nll.detach()
+    if args.anchor_weight:
+        anchor = -F.logsigmoid(args.beta * (policy[:, 0] - ref[:, 0]))
+        losses, stats["anchor"] = losses + args.anchor_weight * anchor, anchor.detach()
     return losses, stats
 
 
@@ -576,19 +596,19 @@ class Objective:
     rounds: Callable = None    # trains in rounds, answering anew from the adapter each round (FiRe-MPO's `train_in_rounds`)
     released_pairs: bool = True  # can train on a released MMedPO file (--pairs)
     overrides: tuple = ()      # (flag, value) pairs it sets, whatever the command line says
-    lr: float = 1e-3           # the default --lr: chosen on the val split (assets/study/sweep.md)
+    lr: float = 1e-3           # the default --lr: the val sweep's choice for its plain row (assets/study/sweep.md)
 
 
 OBJECTIVES = {
-    "sft": Objective(data.build_mmedpo_pairs, sft_control_loss, 2, lr=3e-3),   # the control: MMedPO's chosen answers
-    "oracle": Objective(oracle.build_oracle_records, sft_control_loss, 2, "none", released_pairs=False, lr=1e-3),
+    "sft": Objective(data.build_mmedpo_pairs, sft_control_loss, 2, lr=1e-3),   # the control: MMedPO's chosen answers
+    "oracle": Objective(oracle.build_oracle_records, sft_control_loss, 2, "none", released_pairs=False, lr=3e-3),
     "lean": Objective(partial(oracle.build_oracle_records, answer="yes"), sft_control_loss, 2, "none",
-                      released_pairs=False, lr=1e-3),
+                      released_pairs=False, lr=3e-4),
     "dpo": Objective(data.build_mmedpo_pairs, preference_loss, 2, "none",
                      overrides=(("strategies", "text"), ("weighting", "none")), lr=3e-4),
     "mmedpo": Objective(data.build_mmedpo_pairs, preference_loss, 2, lr=3e-4),
     "hscr": Objective(hscr.build_hscr_pairs, hscr.hscr_objective_loss, 3, "none", released_pairs=False, lr=3e-4),
-    "fire": Objective(fire.build_fire_pairs, fire.fire_objective_loss, 3, "none", rounds=fire.train_in_rounds, released_pairs=False, lr=3e-3),
+    "fire": Objective(fire.build_fire_pairs, fire.fire_objective_loss, 4, "none", rounds=fire.train_in_rounds, released_pairs=False, lr=3e-4),
 }
 
 
@@ -606,6 +626,7 @@ class Run:
     run_dir: str
     pairs_dir: str
     t_start: float = field(default_factory=time.time)
+    mechanism: dict = field(default_factory=dict)   # what the method's mechanism did (world/mechanism.py)
 
     def log(self, *a, **k):
         if self.master:

@@ -68,6 +68,27 @@ def weights_stamp(folder):
     return [(f, file_digest(os.path.join(folder, f))) for f in files]
 
 
+ADAPTER_BASE = "base_weights.json"   # beside an adapter: the stamp of the base it was trained on
+
+
+def write_adapter_base(adapter_dir, base_path):
+    """Record in the adapter's folder which base (by its weights' digests) it was trained on."""
+    write_json(os.path.join(adapter_dir, ADAPTER_BASE), {"base": os.path.abspath(base_path),
+                                                         "weights": weights_stamp(base_path)}, indent=1)
+
+
+def adapter_base_mismatch(adapter_dir, base_path):
+    """Why an adapter may not go on this base (its record names other weights), or None (the same weights,
+    or an adapter from elsewhere that records none)."""
+    record = read_json(os.path.join(adapter_dir, ADAPTER_BASE), log=lambda *a: None)
+    if not isinstance(record, dict) or "weights" not in record:
+        return None
+    if [list(w) for w in record["weights"]] != [list(w) for w in weights_stamp(base_path)]:
+        return (f"it was trained on another base ({record.get('base')}, other weights than {base_path}'s); "
+                f"evaluate it on that base")
+    return None
+
+
 _DIGESTS = {}  # (path, size, mtime_ns) -> digest: each file is read once per process while it is unchanged
 
 
@@ -142,13 +163,58 @@ class RunLock:
 
 
 def load_model(path, dtype, device, trust_remote_code=False):
-    """(model in eval mode on `device`, processor) of a saved checkpoint folder."""
+    """(model in eval mode on `device`, processor) of a saved checkpoint folder. The folder is checked
+    first (`check_model_folder`), and a model whose config.json disagrees with its weights (a weight of
+    another shape, one missing, one left over) is refused, never run with random weights: ValueError."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")):
-        raise ValueError(f"{path}: no processor files (preprocessor_config.json); save the processor with the model")
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_model_folder(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                                  output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
+        raise ValueError(f"cannot load the model: {type(e).__name__}: {str(e)[:300]}") from None
+    wrong = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if wrong:
+        raise ValueError("config.json disagrees with the weights: " + "; ".join(
+            f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}{' ...' if len(v) > 3 else ''}" for k, v in wrong.items()))
     return model.to(device).eval(), processor
+
+
+MAX_HEADER_BYTES = 100 << 20   # a safetensors header (its JSON index) of a 7B model is under 100 kB
+
+
+def check_model_folder(path):
+    """A model folder is what load_model needs before transformers sees it: config.json readable, a processor,
+    a tokenizer file, and every *.safetensors whole (its header's length and every tensor's byte range
+    within the file: a truncated download or a header claiming a terabyte is named, not a traceback)."""
+    def need(names, what):
+        if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+            raise ValueError(f"no {' or '.join(names)} ({what})")
+    need(["config.json"], "the model's configuration")
+    need(["preprocessor_config.json", "processor_config.json"], "save the processor with the model")
+    need(["tokenizer.json", "tokenizer.model"], "the tokenizer; save it with the model")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            assert isinstance(json.load(f), dict)
+    except (ValueError, OSError, AssertionError, RecursionError):
+        raise ValueError("config.json is not a readable JSON object") from None
+    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        file = os.path.join(path, name)
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ValueError(f"{name}: not a whole safetensors file (header of {n} bytes in a file of {size}); "
+                                 f"download it again")
+            try:
+                header = json.loads(f.read(n))
+                ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+                raise ValueError(f"{name}: its header is not a safetensors index; download it again") from None
+        if ends and 8 + n + max(ends) > size:
+            raise ValueError(f"{name}: truncated ({size} bytes; its tensors need {8 + n + max(ends)}); download it again")
 
 
 # -----------------------------------------------------------------------------

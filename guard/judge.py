@@ -33,6 +33,9 @@ class JudgeUnreachable(JudgeError):
     """No connection could be made to the server on any attempt."""
 
 
+STOPPING = threading.Event()   # set by Ctrl-C in run_cached: requests in flight and their retries give up at once
+
+
 def run_cached(keys, work, cache_path=None, workers=4, log=print, what="scored"):
     """Run work(i) -> {status, ...} for every i whose key is not in the JSONL cache, `workers` at a time.
     Every finished result (status other than 'failed') is appended to the cache at once and never
@@ -42,7 +45,8 @@ def run_cached(keys, work, cache_path=None, workers=4, log=print, what="scored")
     the first `workers` items before one succeeded (JudgeUnreachable). Items not yet asked are then
     recorded as failed, every finished result stays in the cache, and the error is raised at the end.
     returns the results in order."""
-    cache = load_cache(cache_path, log) if cache_path else {}
+    STOPPING.clear()   # a new piece of work (an earlier Ctrl-C in this process was handled)
+    cache = load_cache(cache_path) if cache_path else {}   # a skipped line is a warning: standard error
     todo = [i for i, k in enumerate(keys) if k not in cache]
     results = {i: cache[k] for i, k in enumerate(keys) if k in cache}
     t0, done, failed, stop, tally, lock = time.time(), 0, 0, [], {"ok": 0, "unreachable": 0}, threading.Lock()
@@ -81,11 +85,12 @@ def run_cached(keys, work, cache_path=None, workers=4, log=print, what="scored")
                 rate = done / max(now - t0, 1e-9)
                 log(f"  {what} {done}/{len(todo)} | {rate:.1f}/s | ETA {(len(todo) - done) / rate:.0f}s | {failed} failed")
                 last = now
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # stop now: no wait for the requests in flight, nor for their retries
+        STOPPING.set()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=not STOPPING.is_set())
         if out:
             out.close()
     if stop:
@@ -209,11 +214,36 @@ class HTTPJudge:
         return text
 
     def _post(self, body, headers):
-        """(status, headers, text) of one POST, bounded in total time (`timeout` from the first byte sent to
-        the last read) and in size (MAX_REPLY_BYTES); a redirect is never followed (the prompt holds the
-        ground truth, and another host must not get it). Raises requests exceptions as requests does."""
+        """(status, headers, text) of one POST, bounded in total time: `timeout` from the first byte sent to
+        the last read, the headers' phase included (the exchange runs in a daemon thread that is given up
+        at the deadline, or at once when STOPPING is set), and in size (MAX_REPLY_BYTES); a redirect is
+        never followed (the prompt holds the ground truth, and another host must not get it). Raises
+        requests exceptions (a fault urllib3 raises while the body is read becomes one)."""
         import requests
-        deadline = time.monotonic() + self.timeout
+        import urllib3
+        box, done, deadline = {}, threading.Event(), time.monotonic() + self.timeout
+
+        def exchange():
+            try:
+                box["reply"] = self._exchange(body, headers, deadline)
+            except urllib3.exceptions.HTTPError as e:   # a bad chunk size, a stall inside the body
+                box["error"] = requests.RequestException(f"{type(e).__name__}: {e}")
+            except BaseException as e:
+                box["error"] = e
+            finally:
+                done.set()
+        threading.Thread(target=exchange, daemon=True).start()
+        while not done.wait(0.05):
+            if STOPPING.is_set():
+                raise requests.RequestException("interrupted")
+            if time.monotonic() > deadline:
+                raise requests.Timeout(f"no complete reply within {self.timeout}s")
+        if "error" in box:
+            raise box["error"]
+        return box["reply"]
+
+    def _exchange(self, body, headers, deadline):
+        import requests
         with requests.post(self.url, json=body, headers=headers, timeout=self.timeout, stream=True,
                            allow_redirects=False) as r:
             if r.is_redirect or 300 <= r.status_code < 400:
@@ -246,6 +276,8 @@ class HTTPJudge:
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
         reason, connected = "", False
         for attempt in range(self.max_retries + 1):
+            if STOPPING.is_set():
+                raise JudgeError(f"{self.name}: interrupted")
             wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random())  # jitter
             try:
                 status, reply_headers, raw = self._post(body, headers)
@@ -269,7 +301,7 @@ class HTTPJudge:
                     else:
                         return content
                     if attempt < self.max_retries:
-                        time.sleep(wait)
+                        STOPPING.wait(wait)
                     continue
                 reason = f"HTTP {status} from {self.url}: {text!r}"
                 if status in (401, 403):
@@ -281,7 +313,7 @@ class HTTPJudge:
                 elif status != 429 and status < 500:
                     break  # 4xx other than 429 will not get better by asking again
             if attempt < self.max_retries:
-                time.sleep(wait)
+                STOPPING.wait(wait)
         error = JudgeError if connected else JudgeUnreachable
         raise error(f"{self.name}: gave up after {attempt + 1} attempts: {reason}")
 

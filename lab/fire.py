@@ -1,17 +1,23 @@
 """FiRe-MPO (arXiv 2606.12590), whole: its records and its loss.
 
-The published abstract gives no equations; this is our reading, and beta, gamma, eta, lambda are ours.
-The policy answers a question; an editor that knows the truth corrects only the wrong spans (the rule
-editor offline, an LLM with --editor, held to the same checks); token masks from the diff mark the
-edited tokens. Three terms (`mmedpo.py`): L_tok, a DPO margin over the edited tokens only; L_vis, the
-edited answer preferred under the clean image over the lesion-corrupted one; L_KL, a bidirectional
-token-wise KL to the reference summed over the response (as the authors' earlier RRPO sums it).
-L = L_tok + gamma L_vis + eta L_KL. Rounds: the policy answers anew from the adapter being trained;
-the reference stays the base model in every round.
+The loss is the authors' public code's (its loss module and trainer, which follow the paper's Eq. 3-5
+and Appendix B); the records and the rounds are our reading. The policy answers a question; an editor
+that knows the truth corrects only the wrong spans (the rule editor offline, an LLM with --editor, held
+to the same checks); token masks from the diff mark the edited tokens, and every reward counts those
+only: r(v, y) = sum over y's edited tokens of log pi(y_t | v, .) - log ref(y_t | v, .). Four rows per
+record: (v, y_w), (v, y_l), (v*, y_w), (v*, y_l), v* the image with its lesion noised away.
+
+    L = -log s(beta [r(v, y_w) - r(v, y_l)])                    the token-level preference
+        + gamma * -log s(beta [r(v*, y_l) - r(v*, y_w)])        the visual pair (--fire-visual corrupted)
+        + alpha * sum_t [lambda KL(ref || pi) + (1 - lambda) KL(pi || ref)]   on y_w's edited positions
+
+Defaults as the authors': beta 0.1, gamma 0.1, alpha 0.01, lambda 0.5. Their ablations replace the
+visual pair: v1 (v, y_w) > (v*, y_w), v2 (v, y_w) > (v*, y_l) (--fire-visual v1|v2). Rounds: the policy
+answers anew from the adapter being trained; the reference stays the base model in every round.
 
     python train.py --objective fire
 
-Tests:  python -m pytest -q tests/test_fire.py
+Tests:  python -m pytest -q tests/lab/test_fire.py tests/lab/test_lab_losses.py
 """
 import difflib
 import os
@@ -26,7 +32,6 @@ import data
 import lora
 import score
 from guard.checkpoint import write_jsonl
-from mmedpo import check_same_shape
 from world.rule_judge import edit_kind, polarity
 
 
@@ -66,7 +71,7 @@ def build_fire_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=
         corrupted, heatmap_path = data.write_noised(x, h, cfg.noise_step, gen, f"{rid}-r{round_index}", pairs_dir)
         records.append({"id": rid, "source": "fire", "image": store.path(it["image_id"]), "rejected_image": None,
                         "corrupted_image": corrupted, "heatmap": heatmap_path, "prompt": it["question"],
-                        "chosen": y_w, "rejected": y_l, "edit_masks": [m_w, m_l, m_w], "edit": kind,
+                        "chosen": y_w, "rejected": y_l, "edit_masks": [m_w, m_l, m_w, m_l], "edit": kind,
                         "direction": direction, "score": None, "weight": None,
                         "provenance": f"round {round_index}, {e['how']}"})
     log(f"FiRe-MPO records: {len(records)} edited answers ({counts['minimal']} minimal edits, {counts['rewritten']} "
@@ -129,25 +134,32 @@ def edit_masks(tokens_w, tokens_l):
     return m_w, m_l
 
 
+VISUAL_PAIRS = {  # --fire-visual: (the preferred row, the dispreferred row) of the visual pair, rows as above
+    "corrupted": (3, 2),   # (v*, y_l) > (v*, y_w): on the corrupted image the corrected-away answer is preferred
+    "v1": (0, 2),          # (v, y_w) > (v*, y_w)
+    "v2": (0, 3),          # (v, y_w) > (v*, y_l)
+}
+
+
 def fire_objective_loss(model, batch, ref, weights, args):
-    """FiRe-MPO on a batch of 3B rows (y_w on x, y_l on x, y_w on the corrupted x*; response-major):
-    L_tok + gamma L_vis + eta L_KL. The token-level terms need the reference's per-token log-probs and
-    full distributions, so the reference runs here, on the clean-image rows, with the adapter disabled
-    and no grad; the cached sums `ref` (B, 3) serve L_vis exactly."""
+    """FiRe-MPO on a batch of 4B rows ((v, y_w), (v, y_l), (v*, y_w), (v*, y_l); response-major). Every
+    reward sums over the edited tokens only, so the reference runs here too, per token, with the adapter
+    disabled and no grad (the cached full sums `ref` are not what the loss needs)."""
     start = data.response_start(batch)                                               # the same window for both
-    logits, policy, response = data.response_logps(model, batch, 3, start=start)     # (B, 3, L, V), (B, 3, L-1)
+    logits, policy, response = data.response_logps(model, batch, 4, start=start)     # (B, 4, L, V), (B, 4, L-1)
     with torch.no_grad(), lora.disable_lora(model):
-        ref_logits, ref_tok, _ = data.response_logps(model, batch, 3, first=2, start=start)  # the clean-image rows
-    edit = data.per_response(batch["edit_mask"][:, start + 1:].float(), 3)             # aligned with the labels' shift
+        ref_logits, ref_tok, _ = data.response_logps(model, batch, 4, start=start)
+    edit = data.per_response(batch["edit_mask"][:, start + 1:].float(), 4)             # aligned with the labels' shift
     l_tok, m_tok = fire_token_loss(policy[:, 0], ref_tok[:, 0], edit[:, 0], policy[:, 1], ref_tok[:, 1], edit[:, 1],
                                    args.beta)
-    sums = policy.sum(-1)                                                               # (B, 3)
-    l_vis, m_vis = fire_visual_loss(sums[:, 0], ref[:, 0], sums[:, 2], ref[:, 2], args.beta)
-    l_kl = bidirectional_kl(logits[:, 0, :-1], ref_logits[:, 0, :-1], response[:, 0], args.fire_lambda)
-    losses = weights * (l_tok + args.fire_gamma * l_vis + args.fire_eta * l_kl)
-    return losses, {"reward_acc": (m_tok > 0).float(), "margin": m_tok, "margin_vis": m_vis,
-                    "l_tok": l_tok.detach(), "l_vis": l_vis.detach(), "l_kl": l_kl.detach(),
-                    "kl_share": (args.fire_eta * l_kl / (l_tok + args.fire_gamma * l_vis + args.fire_eta * l_kl)).detach()}
+    good, bad = VISUAL_PAIRS[args.fire_visual]
+    l_vis, m_vis = fire_token_loss(policy[:, good], ref_tok[:, good], edit[:, good], policy[:, bad], ref_tok[:, bad],
+                                   edit[:, bad], args.beta)
+    l_kl = bidirectional_kl(logits[:, 0, :-1], ref_logits[:, 0, :-1], edit[:, 0], args.fire_lambda)
+    total = l_tok + args.fire_gamma * l_vis + args.fire_alpha * l_kl
+    return weights * total, {"reward_acc": (m_tok > 0).float(), "margin": m_tok, "margin_vis": m_vis,
+                             "l_tok": l_tok.detach(), "l_vis": l_vis.detach(), "l_kl": l_kl.detach(),
+                             "kl_share": (args.fire_alpha * l_kl / total).detach()}
 
 
 # -----------------------------------------------------------------------------
@@ -155,13 +167,13 @@ def fire_objective_loss(model, batch, ref, weights, args):
 
 
 def fire_token_loss(policy_w, ref_w, mask_w, policy_l, ref_l, mask_l, beta=0.1):
-    """Token-level preference on minimal edits: only the edited tokens count.
+    """One ranking term of FiRe-MPO: row w preferred to row l by their masked token rewards.
 
         rho_t = log pi(y_t|.) - log ref(y_t|.)
-        L_tok = -log s( beta * [ sum_t m_w,t rho_w,t - sum_t m_l,t rho_l,t ] )
+        L = -log s( beta * [ sum_t m_w,t rho_w,t - sum_t m_l,t rho_l,t ] )
 
-    policy_*, ref_*: (B, T) per-token log-probs (0 off the response); mask_*: (B, T) 0/1, the tokens of
-    y_w replaced or inserted by the edit, and those of y_l replaced or deleted.
+    policy_*, ref_*: (B, T) per-token log-probs (0 off the response); mask_*: (B, T) 0/1, the edited tokens
+    of each row's answer (y_w's replaced or inserted ones, y_l's replaced or deleted ones).
     returns (losses (B,), margin (B,) detached)."""
     if not (policy_w.shape == ref_w.shape == mask_w.shape and policy_l.shape == ref_l.shape == mask_l.shape):
         raise ValueError(f"fire_token_loss: shapes differ: {[tuple(t.shape) for t in (policy_w, ref_w, mask_w)]} "
@@ -170,24 +182,14 @@ def fire_token_loss(policy_w, ref_w, mask_w, policy_l, ref_l, mask_l, beta=0.1):
     return -F.logsigmoid(margin), margin.detach()
 
 
-def fire_visual_loss(policy_clean, ref_clean, policy_corrupt, ref_corrupt, beta=0.1):
-    """The same preferred answer under the clean image x is preferred to it under the lesion-corrupted
-    image x*:  L_vis = -log s( beta * [D(y_w|x) - D(y_w|x*)] ),  D = log pi - log ref over the response.
-    all inputs (B,). returns (losses (B,), margin (B,) detached)."""
-    check_same_shape("fire_visual_loss", [policy_clean, ref_clean, policy_corrupt, ref_corrupt])
-    margin = beta * ((policy_clean - ref_clean) - (policy_corrupt - ref_corrupt))
-    return -F.logsigmoid(margin), margin.detach()
-
-
 def bidirectional_kl(policy_logits, ref_logits, mask, lam=0.5):
     """Token-wise KL anchor, both directions, on the full next-token distributions:
 
         L_KL = sum over the masked positions of [ lam * KL(ref || pi) + (1 - lam) * KL(pi || ref) ]
 
-    summed, not averaged, over the response, as the authors' earlier RRPO sums its token-wise KL (a
-    mean shrinks the term by the response length and left it inert).
-    policy_logits, ref_logits: (B, T, V); mask: (B, T) 0/1 (the response positions). The reference
-    carries no gradient. returns (B,) float32 (0 for a row with no masked position)."""
+    summed, not averaged, over the masked positions (the chosen answer's edited tokens), as the authors'
+    code does. policy_logits, ref_logits: (B, T, V); mask: (B, T) 0/1. The reference carries no gradient.
+    returns (B,) float32 (0 for a row with no masked position)."""
     if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape:
         raise ValueError(f"bidirectional_kl: expected (B, T, V) logits and a (B, T) mask, got "
                          f"{tuple(policy_logits.shape)}, {tuple(ref_logits.shape)}, {tuple(mask.shape)}")

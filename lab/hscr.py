@@ -60,6 +60,7 @@ def build_hscr_triplets(model, processor, items, store, cfg, batch_size=64, log=
     image_token_id = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
     gen = torch.Generator().manual_seed(seed)
     triplets, same, one_level, replaced, t0 = [], 0, 0, [0, 0], time.time()
+    last = t0
     was_training = model.training
     model.eval()
     for start in range(0, len(items), batch_size):
@@ -87,9 +88,10 @@ def build_hscr_triplets(model, processor, items, store, cfg, batch_size=64, log=
                              "rejected_image": None, "prompt": it["question"], "chosen": chosen, "rejected": y1,
                              "rejected2": y2, "score": None, "weight": None,
                              "provenance": f"HSCR decoding, greedy answer {y!r}, p={p}, share {share}, p2={p2}"})
-        if log and (start // batch_size) % 4 == 3:
-            done = start + len(chunk)
-            log(f"  HSCR {done}/{len(items)} | {done / (time.time() - t0):.0f} questions/s")
+        if log and time.time() - last >= 10 and start + len(chunk) < len(items):   # never silent for long
+            done, last = start + len(chunk), time.time()
+            rate = done / (last - t0)
+            log(f"  HSCR {done}/{len(items)} | {rate:.1f} questions/s | ETA {(len(items) - done) / rate:.0f}s")
     model.train(was_training)
     log(f"HSCR triplets: {len(triplets)} of {len(items)} questions ({same} dropped: y_w equals a dispreferred answer); "
         f"levels equal (y_l1 = y_l2) in {one_level} ({one_level / max(1, len(triplets)):.0%}); steps replaced: "

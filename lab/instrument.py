@@ -21,7 +21,7 @@ import os
 import time
 
 from guard import checkpoint
-from lab.bench import STUDY_ROWS, int_list, run_study_row, study_bases, weights_digest
+from lab.study import STUDY_ROWS, int_list, run_study_row, study_bases, weights_digest
 from world import synthetic
 from world.eval import TIE_BAND, paired_change
 

@@ -1,5 +1,7 @@
 """Synthetic radiographs, pair files, collation masks.  python -m pytest -q tests/test_data.py"""
 import json
+import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -183,6 +185,45 @@ def test_visual_pairs_noise_inside_the_mask_only(world, tmp_path):
         far = ~(torch.nn.functional.max_pool2d(torch.tensor(mask, dtype=torch.float32)[None, None], 7, 1, 3)[0, 0] > 0).numpy()
         assert np.array_equal(clean[far], noised[far])                  # untouched away from the lesion
         assert np.abs(clean[mask] - noised[mask]).mean() > 0.1          # noised on it
+
+
+def test_a_visual_pair_whose_tool_sees_no_fall_is_dropped_or_kept(world, tmp_path):
+    """The tool checks its own pairs: where its probability of the pair's finding does not fall on the noised
+    image, the pair is counted and, with check="drop", left out; each kept pair records the fall."""
+    images, qa = world
+    by_id = {im["image_id"]: im for im in images}
+    items = [q for q in qa if by_id[q["image_id"]]["findings"]][:4]
+    store = synthetic.SyntheticStore(images, str(tmp_path / "images"))
+    mask_tool = data.heatmap_tool("mask", store=store, log=lambda *a: None)
+    seen = []
+
+    def tool(item):
+        return mask_tool(item)
+
+    def check(item, noised):   # the first two "see" a fall, the others a rise
+        seen.append(float(np.abs(noised - store.pixels(item["image_id"])).mean()))
+        return (0.9, 0.5) if len(seen) <= 2 else (0.5, 0.6)
+    tool.tool_name, tool.check = "scripted", check
+    logs = []
+    kept = data.build_visual_pairs(items, store, str(tmp_path / "a"), tool, log=logs.append, check="keep")
+    assert [p["tool_fall"] for p in kept] == pytest.approx([0.4, 0.4, -0.1, -0.1]) and "2 tool's probability did not fall (kept)" in logs[-1]
+    assert min(seen) > 0.001                       # the check sees the noised image, not the clean one
+    seen.clear()
+    dropped = data.build_visual_pairs(items, store, str(tmp_path / "b"), tool, log=logs.append, check="drop")
+    assert [p["id"] for p in dropped] == [p["id"] for p in kept[:2]] and "2 tool's probability did not fall" in logs[-1]
+
+
+def test_balanced_visual_items_give_a_rare_finding_its_share():
+    rng = random.Random(0)
+    shows = [{"id": f"a{i}", "f": "common"} for i in range(90)] + [{"id": f"b{i}", "f": "rare"} for i in range(6)] + \
+            [{"id": f"c{i}", "f": ""} for i in range(30)]
+    picked = data.visual_items(shows, 24, "balanced", rng, lambda it: it["f"])
+    assert len(picked) == 24 and len({p["id"] for p in picked}) == 24
+    counts = Counter(p["f"] for p in picked)
+    assert counts == {"rare": 6, "common": 9, "": 9}          # the rare one all it has, the rest evenly
+    assert len(data.visual_items(shows, 200, "balanced", rng, lambda it: it["f"])) == len(shows)
+    randomly = data.visual_items(shows, 24, "random", random.Random(0))
+    assert randomly == random.Random(0).sample(shows, 24)
 
 
 def test_weights_are_normalized_per_source():

@@ -76,7 +76,7 @@ def logsig(x):
 
 def test_preference_loss_weighted_dpo_per_record(model):
     batch, ref = scripted_batch(2), torch.tensor([[-9.0, -11.0], [-12.5, -10.0]])
-    weights, args = torch.tensor([1.5, 0.5]), types.SimpleNamespace(beta=0.1, nll_weight=0.0)
+    weights, args = torch.tensor([1.5, 0.5]), types.SimpleNamespace(beta=0.1, nll_weight=0.0, anchor_weight=0.0)
     losses, stats = train.preference_loss(model, batch, ref, weights, args)
     for i in range(B):
         chosen = sum(row_token_logps(model, batch, i).values())
@@ -109,36 +109,59 @@ def test_hscr_adapter_prefers_w_over_l1_over_l2(model):
         assert stats["margin"][i].item() == pytest.approx(0.2 * (d[0] - d[1]), rel=1e-5)
 
 
-def test_fire_adapter_tokens_visual_and_kl(model):
-    batch, ref = scripted_batch(3, seed=3), torch.tensor([[-9.0, -11.0, -13.0], [-12.5, -10.0, -8.0]])
-    args = types.SimpleNamespace(beta=0.1, fire_gamma=0.3, fire_eta=0.2, fire_lambda=0.25)
+@pytest.mark.parametrize("variant, good, bad", [("corrupted", 3, 2), ("v1", 0, 2), ("v2", 0, 3)])
+def test_fire_adapter_is_the_authors_loss(model, variant, good, bad):
+    """Rows (v, y_w), (v, y_l), (v*, y_w), (v*, y_l): every reward sums over the edited tokens only; the visual
+    pair prefers (v*, y_l) to (v*, y_w) (the authors' default) or, in their ablations, (v, y_w) to (v*, y_w)
+    (v1) or to (v*, y_l) (v2); the KL is summed over y_w's edited positions."""
+    batch, ref = scripted_batch(4, seed=3), torch.zeros(B, 4)
+    args = types.SimpleNamespace(beta=0.1, fire_visual=variant, fire_gamma=0.3, fire_alpha=0.2, fire_lambda=0.25)
     losses, stats = fire_objective_loss(model, batch, ref, torch.tensor([1.0, 2.0]), args)
+    edited = lambda row, t: batch["edit_mask"][row, t].item()   # the mask sits on the label positions
     for i in range(B):
-        w, l, c = i, B + i, 2 * B + i
-        pol_w, ref_w = row_token_logps(model, batch, w), row_token_logps(model, batch, w, disabled=True)
-        pol_l, ref_l = row_token_logps(model, batch, l), row_token_logps(model, batch, l, disabled=True)
-        edited = lambda row, t: batch["edit_mask"][row, t].item()   # the mask sits on the label positions
-        tok = 0.1 * (sum(edited(w, t) * (pol_w[t] - ref_w[t]) for t in pol_w) -
-                     sum(edited(l, t) * (pol_l[t] - ref_l[t]) for t in pol_l))
-        vis = 0.1 * ((sum(pol_w.values()) - ref[i, 0].item()) - (sum(row_token_logps(model, batch, c).values()) - ref[i, 2].item()))
+        rows = [j * B + i for j in range(4)]
+        reward = []
+        for row in rows:
+            pol, base = row_token_logps(model, batch, row), row_token_logps(model, batch, row, disabled=True)
+            reward.append(sum(edited(row, t) * (pol[t] - base[t]) for t in pol))
+        tok, vis = 0.1 * (reward[0] - reward[1]), 0.1 * (reward[good] - reward[bad])
+        w = rows[0]
         with torch.no_grad():
             p = model(batch["input_ids"][w:w + 1], None, batch["pixel_values"][w:w + 1]).logits[0].double().log_softmax(-1)
             with lora.disable_lora(model):
                 q = model(batch["input_ids"][w:w + 1], None, batch["pixel_values"][w:w + 1]).logits[0].double().log_softmax(-1)
-        kl = sum(0.25 * float((q[t - 1].exp() * (q[t - 1] - p[t - 1])).sum()) +
-                 0.75 * float((p[t - 1].exp() * (p[t - 1] - q[t - 1])).sum()) for t in pol_w)   # summed over the response
+        kl = sum(edited(w, t) * (0.25 * float((q[t - 1].exp() * (q[t - 1] - p[t - 1])).sum()) +
+                                 0.75 * float((p[t - 1].exp() * (p[t - 1] - q[t - 1])).sum()))
+                 for t in row_token_logps(model, batch, w))          # summed over y_w's edited positions
         expected = (1.0, 2.0)[i] * (-logsig(tok) + 0.3 * -logsig(vis) + 0.2 * kl)
         assert losses[i].item() == pytest.approx(expected, rel=1e-4)
-        assert stats["l_kl"][i].item() == pytest.approx(kl, rel=1e-4) and kl > 1e-3
+        assert stats["l_kl"][i].item() == pytest.approx(kl, rel=1e-3) and kl > 1e-4
         assert stats["margin"][i].item() == pytest.approx(tok, rel=1e-4, abs=1e-7)
+        assert stats["margin_vis"][i].item() == pytest.approx(vis, rel=1e-4, abs=1e-7) and abs(vis) > 1e-4
+
+
+def test_anchored_preference_losses(model):
+    """RPO's NLL and mDPO's anchor, -log s(beta (log pi(y_w) - log ref(y_w))), each added to the weighted DPO."""
+    batch, ref = scripted_batch(2), torch.tensor([[-9.0, -11.0], [-12.5, -10.0]])
+    weights = torch.tensor([1.5, 0.5])
+    plain, _ = train.preference_loss(model, batch, ref, weights, types.SimpleNamespace(beta=0.1, nll_weight=0.0,
+                                                                                      anchor_weight=0.0))
+    anchored, stats = train.preference_loss(model, batch, ref, weights, types.SimpleNamespace(beta=0.1, nll_weight=0.0,
+                                                                                             anchor_weight=3.0))
+    for i in range(B):
+        chosen = sum(row_token_logps(model, batch, i).values())
+        anchor = -logsig(0.1 * (chosen - ref[i, 0].item()))
+        assert (anchored - plain)[i].item() == pytest.approx(3.0 * anchor, rel=1e-5)
+        assert stats["anchor"][i].item() == pytest.approx(anchor, rel=1e-5)
 
 
 @pytest.mark.parametrize("adapter, k, home", [(train.preference_loss, 2, "train.py"),
-                                              (hscr_objective_loss, 3, "lab/hscr.py"), (fire_objective_loss, 3, "lab/fire.py")])
+                                              (hscr_objective_loss, 3, "lab/hscr.py"), (fire_objective_loss, 4, "lab/fire.py")])
 def test_a_loss_adapter_reads_downward_into_data_and_mmedpo(model, adapter, k, home):
     """From the objective's adapter a reader goes into data.py (the forward, per response), mmedpo.py (the
     math) and the LoRA layers only, and never climbs back up inside a file."""
-    args = types.SimpleNamespace(beta=0.1, nll_weight=0.0, hscr_lambda=0.5, fire_gamma=0.3, fire_eta=0.2, fire_lambda=0.25)
+    args = types.SimpleNamespace(beta=0.1, nll_weight=0.0, anchor_weight=1.0, hscr_lambda=0.5, fire_visual="corrupted",
+                                 fire_gamma=0.3, fire_alpha=0.2, fire_lambda=0.25)
     _, calls = reading.project_calls(adapter, model, scripted_batch(k), torch.zeros(B, k), torch.ones(B), args)
     reached = reading.functions(calls)
     assert {f for f, _, _ in reached} <= {home, "data.py", "mmedpo.py", "lora.py"}

@@ -38,8 +38,6 @@ import sys
 from collections import Counter, defaultdict
 from typing import NamedTuple
 
-import numpy as np
-
 from guard import checkpoint
 import data
 import lora
@@ -100,10 +98,19 @@ def main(argv=None):
         ap.error(f"--data {args.data} needs --data-dir: {real_data.DOWNLOAD_HINTS[args.data]}")
     check_eval_args(ap, args)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, processor = checkpoint.load_model(args.model, dtype, torch.device(args.device))
+    try:
+        model, processor = checkpoint.load_model(args.model, dtype, torch.device(args.device))
+    except ValueError as e:
+        sys.exit(f"--model {args.model}: {e}")
     data.check_prompt_format(args.prompt_format, processor)
     if args.adapter:
-        lora.load_adapter(model, args.adapter)
+        why = checkpoint.adapter_base_mismatch(args.adapter, args.model)
+        if why:
+            sys.exit(f"--adapter {args.adapter}: {why}")
+        try:
+            lora.load_adapter(model, args.adapter)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            sys.exit(f"--adapter {args.adapter}: {e}")
     if args.data == "synthetic":
         _, train_items = synthetic.make_synthetic(args.n_train, args.seed, args.image_size, "train")
         images, items = synthetic.make_synthetic(args.n_test, args.seed, args.image_size, args.split)
@@ -231,18 +238,6 @@ def vqa_metrics(items, predictions, scoring="ours"):
                        "n_report": len(reports),
                        "report_findings": report_finding_metrics([p for p, _ in reports], [r for _, r in reports])})
     return result
-
-
-def visual_effect(records, ref, log=print):
-    """Does Strategy 2's noise act on the base? The drop of log P(y_w) from the clean to the noised image,
-    from the reference log-probs `ref` (N, 2) of the records, and the share of greedy answers it changed."""
-    idx = [i for i, r in enumerate(records) if r["source"] == "visual"]
-    if idx:
-        drop = (ref[idx, 0] - ref[idx, 1]).numpy()
-        changed = [records[i]["answer_changes"] for i in idx if "answer_changes" in records[i]]
-        log(f"      visual pairs: log P(y_w | x) - log P(y_w | x*) median {np.median(drop):.3f}, mean "
-            f"{drop.mean():.3f} nats, {np.mean(drop > 1):.0%} above 1 nat" +
-            (f"; greedy answer changed by the noise on {np.mean(changed):.0%}" if changed else ""))
 
 
 def hallucination_metrics(items, predictions, prior, min_share=0.64, scoring="ours"):

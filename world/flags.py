@@ -127,15 +127,25 @@ def preference_flags(a):
     a("--noise", default="local", choices=["local", "global"], help="lesion-localized or whole-image noise")
     a("--noise-step", type=number(int, 0, 1000, hi_open=True), default=500,
       help="diffusion step k of the noise, in [0, 1000); the README's sweep chose it on the val split")
+    a("--visual-items", default="balanced", choices=["balanced", "random"],
+      help="which questions get visual pairs: as evenly as possible over the finding each is about, or drawn at "
+           "random (chosen on the val split: docs/study.md)")
+    a("--visual-check", default="drop", choices=["drop", "keep"],
+      help="a visual pair whose noise does not lower the visual tool's probability of its finding: left out, or "
+           "kept (chosen on the val split: docs/study.md)")
     a("--visual-score", default="confidence", choices=["confidence", "coverage"],
       help="a visual pair's score: the visual tool's confidence (the paper), or coverage, an ORACLE: how much of "
            "the true lesion the noise covers")
-    # FiRe-MPO and HSCR (our readings; these values are ours, not the papers')
+    # FiRe-MPO (its authors' code's defaults) and HSCR (our reading; these values are ours)
     a("--policy-rounds", type=POS_INT, default=2, help="FiRe-MPO: rounds; the answers are sampled anew from the adapter "
-      "at the start of each (a fresh optimizer each round; the reference stays the base)")
-    a("--fire-gamma", type=NONNEG, default=0.1, help="weight of the visual-contrastive term L_vis")
-    a("--fire-eta", type=NONNEG, default=0.1, help="weight of the token-wise KL term L_KL (summed over the response)")
-    a("--fire-lambda", type=FRACTION, default=0.5, help="L_KL = lambda KL(ref||pi) + (1 - lambda) KL(pi||ref)")
+      "at the start of each (a fresh optimizer each round; the reference stays the base; rounds are ours)")
+    a("--fire-visual", default="corrupted", choices=["corrupted", "v1", "v2"],
+      help="FiRe-MPO's visual pair: (v*, y_l) > (v*, y_w), the authors' default; or their ablations v1 "
+           "(v, y_w) > (v*, y_w) and v2 (v, y_w) > (v*, y_l)")
+    a("--fire-gamma", type=NONNEG, default=0.1, help="FiRe-MPO: gamma, the visual pair's weight")
+    a("--fire-alpha", type=NONNEG, default=0.01, help="FiRe-MPO: alpha, the weight of the token-wise KL (summed over "
+      "the chosen answer's edited tokens)")
+    a("--fire-lambda", type=FRACTION, default=0.5, help="FiRe-MPO: L_KL = lambda KL(ref||pi) + (1 - lambda) KL(pi||ref)")
     a("--hscr-p", type=FRACTION, default=0.7, help="y_l1: fraction of image tokens hidden by visual-token dropout")
     a("--hscr-share", type=number(float, 0, 1, lo_open=True), default=0.34,
       help="y_l1: the share of the greedy answer's steps it may replace (the most image-coupled ones)")
@@ -146,7 +156,9 @@ def preference_flags(a):
 def optimisation_flags(a):
     """The optimisation, LoRA, checkpoints."""
     a("--nll-weight", type=NONNEG, default=0.0, help="dpo/mmedpo: add this times the chosen answer's mean token NLL "
-      "(an anchor against likelihood displacement, as in RPO; not part of MMedPO)")
+      "(RPO's remedy for likelihood displacement; not part of MMedPO)")
+    a("--anchor-weight", type=NONNEG, default=0.0, help="dpo/mmedpo: add this times -log s(beta (log pi(y_w) - log "
+      "ref(y_w))), mDPO's anchor that keeps the chosen reward above 0 (not part of MMedPO)")
     a("--grad-accum", type=POS_INT, default=1, help="micro-batches per optimizer step")
     a("--warmup", type=OPEN_FRACTION, default=0.03, help="warmup, as a fraction of the steps")
     a("--clip", type=POS, default=1.0, help="gradient-norm clipping")
@@ -230,11 +242,11 @@ def inside(path, folder):
 
 
 PAIR_FLAGS = ["objective", "model", "data", "data_dir", "strategies", "n_text", "n_visual", "samples", "temperature",
-              "judge", "n_pref", "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "visual_score", "seed",
+              "judge", "n_pref", "selector", "rounds", "weighting", "noise", "noise_step", "heatmap", "visual_score", "visual_items", "visual_check", "seed",
               "n_train", "image_size", "prompt_format", "pad_to_square", "sample_max_new_tokens", "hscr_p", "hscr_p2", "hscr_share",
               "pairs", "images", "editor"]
 
 
 RESUME_FLAGS = PAIR_FLAGS + ["lr", "beta", "epochs", "batch_size", "grad_accum", "warmup", "clip", "lora_r", "lora_alpha",
-                             "lora_dropout", "lora_targets", "hscr_lambda", "policy_rounds", "fire_gamma", "fire_eta",
-                             "fire_lambda", "nll_weight", "dtype", "max_length"]
+                             "lora_dropout", "lora_targets", "hscr_lambda", "policy_rounds", "fire_visual", "fire_gamma",
+                             "fire_alpha", "fire_lambda", "nll_weight", "anchor_weight", "dtype", "max_length"]

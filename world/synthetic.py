@@ -183,15 +183,31 @@ class SyntheticStore(data.ImageStore):
 
     def visual_tool(self, seed=0, log=print):
         """The trained lesion classifier (`train_visual_tool` on the SFT split, once per seed) as a
-        heatmap tool: item -> (occlusion heatmap, confidence)."""
+        heatmap tool: item -> (occlusion heatmap, confidence), the map of the finding the question names
+        (else those its answer names, else all findings summed: `named_findings`). Its `check(item,
+        noised)` gives that finding's probability on the clean and on the noised image."""
         if not self.sft_images:
             return super().visual_tool(seed, log)
         if seed not in self.tools:
             self.tools[seed] = train_visual_tool(self.sft_images, seed, log)
         classifier = self.tools[seed]
-        tool = lambda item: noise.occlusion_heatmap(classifier, self.pixels(item["image_id"]))
-        tool.tool_name, tool.classifier = "classifier", classifier
+
+        def tool(item):
+            return noise.occlusion_heatmap(classifier, self.pixels(item["image_id"]), findings=named_findings(item))
+
+        def check(item, noised):
+            which = named_findings(item) or list(range(len(KINDS)))
+            with torch.no_grad():
+                p = classifier(torch.stack([torch.as_tensor(self.pixels(item["image_id"])).float(),
+                                            torch.as_tensor(noised).float()])[:, None]).sigmoid()[:, which]
+            return float(p[0].max()), float(p[1].max())
+        tool.tool_name, tool.classifier, tool.check = "classifier", classifier, check
         return tool
+
+    def finding_of(self, item):
+        """The finding a question is about (the first `named_findings` names), "" for none."""
+        named = named_findings(item)
+        return KINDS[named[0]] if named else ""
 
     def add(self, images):
         self.by_id.update({im["image_id"]: im for im in images})
@@ -353,6 +369,16 @@ def train_visual_tool(sft_images, seed=0, log=print):
     log(f"  training the visual tool (lesion classifier) on {len(sft_images)} SFT images, {steps} steps")
     return noise.train_lesion_classifier(np.stack([im["pixels"] for im in sft_images]), finding_labels(sft_images),
                                          steps=steps, seed=seed, log=log)
+
+
+def named_findings(item):
+    """The findings (indices into KINDS) an item's question names, else those its answer names; None when
+    neither names one (then the visual tool maps all findings together)."""
+    for text in (item["question"], str(item["answer"])):
+        named = [i for i, k in enumerate(KINDS) if k in text.lower() or k == "cardiomegaly" and "heart" in text.lower()]
+        if named:
+            return named
+    return None
 
 
 def finding_labels(images):

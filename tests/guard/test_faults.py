@@ -88,7 +88,7 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_records(tmp_path, monke
     (["--max-length", "5"], "--max-length"), (["--hscr-p", "1.5"], "--hscr-p"), (["--workers", "0"], "--workers"),
     (["--max-new-tokens", "0"], "--max-new-tokens"), (["--seed", "-1"], "--seed"), (["--lora-alpha", "0"], "--lora-alpha"),
     (["--max-test", "0"], "--max-test"), (["--n-train", "0"], "--n-train"), (["--steps", "0"], "--steps"),
-    (["--hscr-p2", "0.5"], "--hscr-p2"), (["--hscr-share", "0"], "--hscr-share"), (["--fire-eta", "nan"], "--fire-eta"),
+    (["--hscr-p2", "0.5"], "--hscr-p2"), (["--hscr-share", "0"], "--hscr-share"), (["--fire-alpha", "nan"], "--fire-alpha"),
     (["--run-name", "../elsewhere"], "--run-name"), (["--judge", "bogus"], "--judge"),
     (["--selector", "x=ftp://h/v1,model=m"], "--selector"), (["--editor", "x=http://h:/v1,model=m"], "--editor"),
     (["--judge", "x=http://h/v1,model=m,timeout=-1"], "timeout"), (["--judge", "x=http://h/v1,model=m,timeout=inf"], "timeout"),
@@ -302,7 +302,7 @@ def test_help_shows_the_flags_most_runs_need_first(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     common = capsys.readouterr().out.split("the flags most runs need (train.py's top):")[1].split("run, model and the tiny base:")[0]
-    assert "--lr" in common and "--objective" in common and "--hscr-p" not in common and "--fire-eta" not in common
+    assert "--lr" in common and "--objective" in common and "--hscr-p" not in common and "--fire-alpha" not in common
 
 
 def test_each_objective_record_sets_its_flags(tmp_path, capsys):

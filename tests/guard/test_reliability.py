@@ -340,3 +340,72 @@ def test_a_key_in_a_judge_spec_is_refused_and_never_printed(spec, tmp_path, caps
         train.parse_args(["--out", str(tmp_path), "--judge", spec])
     said = capsys.readouterr()
     assert "SECRETKEY123" not in said.out + said.err and "--judge" in said.err
+
+
+# -----------------------------------------------------------------------------
+# a model or adapter folder that is not what it claims is named, never a traceback nor random weights
+
+def copied_base(tmp_path):
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(TINY_BASE, base)
+    return base
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncated", "truncated"), ("huge header", "not a whole safetensors"), ("no tokenizer", "tokenizer.json"),
+    ("config disagrees", "disagrees with the weights"), ("config not json", "config.json")])
+def test_a_broken_model_folder_is_named(tmp_path, fault, message):
+    base = copied_base(tmp_path)
+    weights = base / "model.safetensors"
+    if fault == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif fault == "huge header":
+        weights.write_bytes((1 << 40).to_bytes(8, "little") + weights.read_bytes()[8:])
+    elif fault == "no tokenizer":
+        (base / "tokenizer.json").unlink()
+    elif fault == "config disagrees":
+        config = json.loads((base / "config.json").read_text())
+        config["text_config"]["num_hidden_layers"] += 1          # a layer the weights do not hold
+        (base / "config.json").write_text(json.dumps(config))
+    else:
+        (base / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_model(str(base), torch.float32, torch.device("cpu"))
+
+
+def test_eval_refuses_an_adapter_of_another_base_or_a_broken_one(tmp_path):
+    """An adapter records its base's weights digest; `python -m world.eval --adapter` on another base, or an
+    adapter whose adapter_config.json disagrees with its weights, stops with a message."""
+    import lora
+    from world import eval as evaluation
+    model, _ = checkpoint.load_model(TINY_BASE, torch.float32, torch.device("cpu"))
+    lora.add_lora(model, r=4, alpha=8)
+    lora.save_adapter(model, str(tmp_path / "adapter"), base_model_name_or_path=TINY_BASE)
+    checkpoint.write_adapter_base(str(tmp_path / "adapter"), TINY_BASE)
+    other = tmp_path / "other"
+    import shutil
+    shutil.copytree(os.path.join(ROOT, "assets", "tiny-base-1"), other)
+    for model_path, fix in ((str(other), None), (TINY_BASE, "r")):
+        if fix:
+            config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+            config["r"] = 8                                                  # the weights have r = 4
+            (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(SystemExit) as stop:
+            evaluation.main(["--model", model_path, "--adapter", str(tmp_path / "adapter"), "--n-test", "4"])
+        said = str(stop.value.code)
+        assert "--adapter" in said and ("another base" in said if not fix else "shape" in said), said
+
+
+def test_a_moved_out_builds_its_pairs_anew_never_pointing_at_the_old_place(tmp_path, capsys):
+    """Preference records hold absolute image paths; after `mv OUT OUT2` the pairs in OUT2 must not name
+    files under OUT (which may be gone, or hold something else)."""
+    import shutil
+    train.main(["--out", str(tmp_path / "a"), *SMALL])
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    capsys.readouterr()
+    train.main(["--out", str(tmp_path / "b"), *SMALL])
+    assert "building mmedpo preference data" in capsys.readouterr().out
+    records, _ = data.read_pairs(str(tmp_path / "b" / "pairs" / "mmedpo.jsonl"))
+    paths = [p for r in records for p in (r["image"], r.get("rejected_image")) if p]
+    assert paths and all(p.startswith(str(tmp_path / "b")) for p in paths)

@@ -449,6 +449,51 @@ def test_a_trickling_reply_is_cut_at_the_timeout_in_total():
     assert time.time() - t0 < 4 and server.hits == 2
 
 
+def test_headers_trickled_a_byte_at_a_time_are_cut_at_the_timeout_too():
+    """The deadline covers the headers' phase: a server that sends its status line one byte every 0.1 s holds a
+    call no longer than the timeout (requests' own timeout restarts at every byte)."""
+    def trickle_head(h):
+        for b in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 4:
+            h.wfile.write(bytes([b]))
+            h.wfile.flush()
+            time.sleep(0.1)
+    server = RawServer(trickle_head)
+    t0 = time.time()
+    with pytest.raises(score.JudgeError, match="within"):
+        judge_guard.HTTPJudge("med", server.url, "m", timeout=0.5, retry=judge_guard.Retry(0))([{"role": "user", "content": "q"}])
+    server.close()
+    assert time.time() - t0 < 2
+
+
+def test_a_broken_chunked_reply_is_a_judge_error_not_a_crash():
+    """A chunk size that is not hex (urllib3's own exception while the body is read) is a failed reply."""
+    def bad_chunks(h):
+        head(h, extra=[("Transfer-Encoding", "chunked")])
+        h.wfile.write(b"zz\r\nhello\r\n0\r\n\r\n")
+    server = RawServer(bad_chunks)
+    with pytest.raises(score.JudgeError, match="gave up"):
+        judge_guard.HTTPJudge("med", server.url, "m", timeout=2, retry=judge_guard.Retry(1, 0.01))([{"role": "user", "content": "q"}])
+    server.close()
+
+
+def test_stopping_gives_up_the_request_in_flight_and_its_retries_at_once():
+    """Ctrl-C sets STOPPING: a call waiting on a slow server returns within a fraction of a second, and asks
+    no more (the process exits without waiting for the retries)."""
+    def slow(h):
+        time.sleep(3)
+    server = RawServer(slow)
+    j = judge_guard.HTTPJudge("med", server.url, "m", timeout=10, retry=judge_guard.Retry(5, 1.0))
+    threading.Timer(0.3, judge_guard.STOPPING.set).start()
+    t0 = time.time()
+    try:
+        with pytest.raises(score.JudgeError, match="interrupted"):
+            j([{"role": "user", "content": "q"}])
+    finally:
+        judge_guard.STOPPING.clear()
+    assert time.time() - t0 < 1.5 and server.hits == 1
+    server.close()
+
+
 def test_a_flood_is_refused_unread():
     def flood(h):
         head(h)

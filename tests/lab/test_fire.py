@@ -77,12 +77,13 @@ def test_fire_runs_end_to_end_with_masked_records_and_two_rounds(tmp_path):
     ref = torch.load(tmp_path / "fire" / "ref_logps_round1.pt", weights_only=True)["logps"]
     dataset = data.RecordDataset(second[:4], processor, data.model_image_reader(False))
     with torch.no_grad():
-        own = data.response_logps(model, data.collate_records([dataset[i] for i in range(4)], processor.tokenizer.pad_token_id), 3)[1].sum(-1)
+        own = data.response_logps(model, data.collate_records([dataset[i] for i in range(4)], processor.tokenizer.pad_token_id), 4)[1].sum(-1)
     assert torch.allclose(ref[:4], own, atol=1e-4)
-    for r in records + second:   # each row's mask over its own response's tokens: y_w's, y_l's, y_w's again
-        m_w, m_l, m_c = r["edit_masks"]
+    for r in records + second:   # each row's mask over its own response's tokens: y_w's, y_l's, then both again
+        m_w, m_l, m_cw, m_cl = r["edit_masks"]
         assert (m_w, m_l) == fire.edit_masks(data.response_ids(processor.tokenizer, r["chosen"]),
-                                            data.response_ids(processor.tokenizer, r["rejected"])) and m_c == m_w
+                                            data.response_ids(processor.tokenizer, r["rejected"]))
+        assert (m_cw, m_cl) == (m_w, m_l)
     metrics = json.loads((tmp_path / "fire" / "metrics.json").read_text())
     assert metrics["objective"] == "fire" and "before" in metrics and "after" in metrics
 
@@ -96,10 +97,10 @@ def test_edit_mask_lands_on_the_edited_label_positions(tmp_path):
     y_w, y_l = "right upper", "left upper"
     m_w, m_l = fire.edit_masks(data.response_ids(processor.tokenizer, y_w), data.response_ids(processor.tokenizer, y_l))
     rec = {"image": str(tmp_path / "a.png"), "corrupted_image": str(tmp_path / "a.png"), "prompt": "Where is the mass?",
-           "chosen": y_w, "rejected": y_l, "edit_masks": [m_w, m_l, m_w]}
+           "chosen": y_w, "rejected": y_l, "edit_masks": [m_w, m_l, m_w, m_l]}
     rows = data.RecordDataset([rec], processor, data.model_image_reader(False))[0]
-    assert len(rows) == 3
-    for row, mask in zip(rows, (m_w, m_l, m_w)):
+    assert len(rows) == 4
+    for row, mask in zip(rows, (m_w, m_l, m_w, m_l)):
         response = row["labels"] != data.IGNORE_INDEX
         assert row["edit_mask"][~response].sum() == 0                         # never on the prompt or padding
         assert row["edit_mask"][response].tolist()[:len(mask)] == mask        # on the response, in order

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lab.fire import bidirectional_kl, fire_token_loss, fire_visual_loss
+from lab.fire import bidirectional_kl, fire_token_loss
 from lab.hscr import hscr_loss, hscr_step_scores
 
 
@@ -64,11 +64,6 @@ def test_fire_token_loss_hand_values_and_slow_loop():
         assert fast[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.3 * s.item()))), abs=1e-5)
 
 
-def test_fire_visual_loss_hand_value():
-    losses, margin = fire_visual_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([-1.5]), torch.tensor([0.0]))
-    assert margin.item() == pytest.approx(0.25) and losses.item() == pytest.approx(0.575939, abs=1e-6)
-
-
 def test_bidirectional_kl_hand_values_and_gradient_through_the_policy_only():
     ref = torch.log(torch.tensor([[[0.5, 0.5]]]))
     pol = torch.log(torch.tensor([[[0.9, 0.1]]])).requires_grad_()
@@ -81,7 +76,7 @@ def test_bidirectional_kl_hand_values_and_gradient_through_the_policy_only():
     ref_leaf = ref.clone().requires_grad_()
     bidirectional_kl(pol, ref_leaf, mask).sum().backward()
     assert pol.grad is not None and pol.grad.abs().sum() > 0 and ref_leaf.grad is None
-    # masked positions do not count; the KL is summed over the masked ones (RRPO), not averaged
+    # masked positions do not count; the KL is summed over the masked ones (the authors' code), not averaged
     two = torch.cat([pol.detach(), ref], 1)                                # position 2 equals the reference
     assert bidirectional_kl(two, torch.cat([ref, ref], 1), torch.tensor([[1.0, 1.0]])).item() == pytest.approx(0.439445, abs=1e-6)
     assert bidirectional_kl(two, torch.cat([ref, ref], 1), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-7)

@@ -185,6 +185,20 @@ def test_occlusion_heatmap_against_a_slow_loop():
     assert heat[2:6, 2:6].mean() > 0.5 and heat[10:, :].sum() == 0      # the map sits on the lesion
 
 
+def test_occlusion_heatmap_of_one_finding_sits_on_that_finding():
+    """With `findings`, the map follows that finding's probability alone: two bright lesions, each where one
+    finding looks; finding 1's map lies on its own lesion and not on the other, the summed map on both."""
+    from noise import occlusion_heatmap
+    clf = RegionScorer([(2, 6, 2, 6), (10, 14, 8, 12)])
+    x = torch.full((16, 16), 0.2)
+    x[2:6, 2:6], x[10:14, 8:12] = 0.9, 0.6                          # finding 0's lesion is the brighter
+    both, _ = occlusion_heatmap(clf, x, patch=4, stride=2)
+    one, confidence = occlusion_heatmap(clf, x, patch=4, stride=2, findings=[1])
+    assert both[2:6, 2:6].mean() > 0.5 and one[2:6, 2:6].sum() == 0 and one[10:14, 8:12].mean() > 0.5
+    assert confidence == pytest.approx(float(clf(x[None, None]).sigmoid()[0, 1]))
+    assert torch.equal(occlusion_heatmap(clf, x, patch=4, stride=2, findings=[0, 1])[0], both)   # all = the sum
+
+
 def test_the_lesion_classifier_learns_where_a_finding_is():
     """Trained on 16x16 images with a bright square at a random place in half of them, it separates held-out
     images, and its occlusion map lies on the square."""

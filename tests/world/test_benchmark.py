@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from lab import bench
+from lab import study as bench
+import train
 from world import rule_judge
 import score
 from world import synthetic
@@ -109,7 +110,8 @@ def fake_metrics(value, before=0.123):
     def m(v):
         g = {"pope": {"accuracy": v, "yes_ratio": 0.5}, "counterfactual": {"accuracy": v}, "pair_order": v,
              "macro_auroc": v, "per_finding": {"pneumothorax": {"pair_order": v}},
-             "headline": {"tb_order": v, "margin_diff": v}}
+             "headline": {"tb_order": v, "margin_diff": v},
+             "per_kind": {k: {"tb_order": v, "margin_diff": v} for k in synthetic.FAILURE_KINDS}}
         return {"grounding": g, "prior_breaking": {"hallucination_rate": 0.5, "accuracy_following": 0.5}, "closed": 0.5,
                 "open": 0.5, "bleu_mean": 0.5, "report_findings": {"chair": 0.5}, "fragments": {"share": 0.0}}
     return {"before": m(before), "after": m(value)}
@@ -118,24 +120,25 @@ def fake_metrics(value, before=0.123):
 def test_rows_in_any_order_are_labelled_by_their_own_results(tmp_path, monkeypatch):
     """--rows 4,0 must put each row's own metrics under its own name: a run's folder is named for its row.
     A study of some rows goes to study-partial.*, and never replaces a full study.md."""
-    def fake_run(out, base, base_path, seed, name, flags, steps, log_path):
-        assert bench.slug(name) in log_path
-        return fake_metrics([n for n, _ in bench.STUDY_ROWS].index(name) / 10), False
+    def fake_run(out, base, base_path, seed, name, flags, steps, log_path, lr):
+        assert bench.slug(name) in log_path and f"lr{lr}" in log_path
+        return fake_metrics([n for n, _ in bench.STUDY_ROWS].index(name) / 100), False
     monkeypatch.setattr(bench, "run_study_row", fake_run)
     monkeypatch.setattr(bench, "study_bases", lambda out, bases, log=print: {b: str(tmp_path) for b in bases})
     monkeypatch.setattr(bench, "study_chart", lambda *a: None)
     monkeypatch.setattr(bench, "visual_tool_line", lambda seeds: "visual tool: not measured here")
     (tmp_path / "study.md").write_text("the full study")
-    bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0,1", "--rows", "4,0"])
+    mmedpo = [n for n, _ in bench.STUDY_ROWS].index("MMedPO (text + visual)")
+    bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0,1", "--rows", f"{mmedpo},0"])
     assert (tmp_path / "study.md").read_text() == "the full study"
     table = (tmp_path / "study-partial.md").read_text()
     row = lambda name: next(l for l in table.splitlines() if l.startswith(f"| {name} |"))
-    assert row("MMedPO (text + visual)").split("|")[2].strip() == "0.400 ± 0.000"
+    assert row("MMedPO (text + visual)").split("|")[2].strip() == f"{mmedpo / 100:.3f} ± 0.000"
     assert row("SFT on the chosen answers (control)").split("|")[2].strip() == "0.000 ± 0.000"
     assert row("base (before training)").split("|")[2].strip() == "0.123 ± 0.000"
     saved = json.loads((tmp_path / "study-partial.json").read_text())
     assert {(r["row"], r["seed"], r["pair-ord"]) for r in saved} == {
-        ("MMedPO (text + visual)", 0, 0.4), ("MMedPO (text + visual)", 1, 0.4),
+        ("MMedPO (text + visual)", 0, mmedpo / 100), ("MMedPO (text + visual)", 1, mmedpo / 100),
         ("SFT on the chosen answers (control)", 0, 0.0), ("SFT on the chosen answers (control)", 1, 0.0)}
     bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0"])      # every row, fewer seeds
     assert (tmp_path / "study.md").read_text() == "the full study"
@@ -153,8 +156,31 @@ def test_share_of_the_oracle_gain_hand_value(tmp_path, monkeypatch):
     rows = ",".join(str(i) for i, (n, _) in enumerate(bench.STUDY_ROWS) if n in values or i == 0)
     bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0,1", "--rows", rows])
     table = (tmp_path / "study-partial.md").read_text().split("Share of the oracle's gain")[1]
-    assert "| MMedPO (text + visual) | +0.25 | +0.25 | +0.25 | +0.25 |" in table
-    assert f"| {bench.ORACLE_ROW} | +1.00 | +1.00 | +1.00 | +1.00 |" in table
+    assert "| MMedPO (text + visual) | +0.25 | +0.25 | +0.25 | +0.25 | +0.25 | +0.25 |" in table
+    assert f"| {bench.ORACLE_ROW} | +1.00 | +1.00 | +1.00 | +1.00 | +1.00 | +1.00 |" in table
+    gains = table.split("The gains behind those shares")[1]     # the paired gains: 0.1 and 0.4 on every run, no spread
+    assert "| MMedPO (text + visual) | **+0.100 [+0.100, +0.100]**" in gains
+
+
+def test_every_row_runs_at_its_val_chosen_rate_or_at_one_common_rate(tmp_path, monkeypatch):
+    """--lr-rule best reads each row's rate from the sweep's lrs.json (a row it lacks: its objective's default);
+    a number runs every row at that rate and writes study-common*, never the best-rate study."""
+    (tmp_path / "lrs.json").write_text(json.dumps({"MMedPO (text + visual)": "3e-3"}))
+    lrs = bench.row_lrs("best", str(tmp_path / "lrs.json"))
+    assert lrs["MMedPO (text + visual)"] == "3e-3" and lrs["DPO (text pairs, weights 1)"] == str(train.OBJECTIVES["dpo"].lr)
+    assert set(bench.row_lrs("1e-3", "unused").values()) == {"1e-3"}
+    with pytest.raises(ValueError, match="--lr-rule"):
+        bench.row_lrs("fast", "unused")
+    seen = []
+    monkeypatch.setattr(bench, "run_study_row", lambda out, b, path, s, name, flags, steps, log, lr:
+                        (seen.append((name, lr)) or fake_metrics(0.5), False))
+    monkeypatch.setattr(bench, "study_bases", lambda out, bases, log=print: {b: str(tmp_path) for b in bases})
+    monkeypatch.setattr(bench, "study_chart", lambda *a: None)
+    monkeypatch.setattr(bench, "visual_tool_line", lambda seeds: "visual tool: not measured here")
+    monkeypatch.setattr(bench, "weights_digest", lambda path: "0" * 16)
+    bench.study_main(["--out", str(tmp_path), "--bases", "0", "--seeds", "0", "--lr-rule", "1e-3", "--rows", "6"])
+    assert {lr for _, lr in seen} == {"1e-3"} and (tmp_path / "study-common-partial.md").exists()
+    assert not (tmp_path / "study-partial.md").exists()
 
 
 def test_a_study_row_is_keyed_on_the_base_weights_not_their_path(tmp_path, monkeypatch):
