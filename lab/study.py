@@ -208,33 +208,6 @@ def row_lrs(rule, path):
     return {name: str(chosen.get(name, train.OBJECTIVES[objective(flags)].lr)) for name, flags in STUDY_ROWS}
 
 
-def in_workers(groups, jobs, out, argv, command=()):
-    """Run groups of the study (or sweep) in `jobs` processes of one thread each: this file with argv less
-    the flags each group sets, plus the group's own flags and --runs-only, at most `jobs` at a time; each
-    writes OUT/jobs/LABEL.log. groups: [(label, flags)]. A failed group ends the command after the others
-    finish, naming its log."""
-    os.makedirs(os.path.join(out, "jobs"), exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    strip = {"--bases", "--seeds", "--rows", "--jobs"}
-    rest = [a for i, a in enumerate(argv) if a not in strip and (i == 0 or argv[i - 1] not in strip)]
-    todo, running, failed, t0 = list(groups), {}, [], time.time()
-    while todo or running:
-        while todo and len(running) < jobs:
-            label, flags = todo.pop(0)
-            log = os.path.join(out, "jobs", f"{label}.log")
-            cmd = [sys.executable, "-m", "lab.study", *command, *rest, *flags, "--runs-only"]
-            running[label] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log)
-        time.sleep(2.0)
-        for label, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                del running[label]
-                failed += [log] if proc.returncode else []
-                print(f"  {label}: {'FAILED, see ' + log if proc.returncode else 'done'} "
-                      f"({len(groups) - len(todo) - len(running)}/{len(groups)}, {time.time() - t0:.0f}s)", flush=True)
-    if failed:
-        sys.exit(f"lab.study: {len(failed)} group(s) failed: {', '.join(failed)}")
-
-
 def int_list(text):
     try:
         values = [int(x) for x in text.split(",")]
@@ -283,29 +256,6 @@ def run_study_row(out, base, base_path, seed, name, flags, steps, log_path, lr=N
     argv = ["--out", seed_dir, "--run-name", f"{slug(name)}-lr{lr}", "--seed", str(seed), "--base", base_path,
             "--steps", str(steps), "--lr", lr] + flags
     return run_cached(os.path.join(seed_dir, f"{slug(name)}-lr{lr}"), argv, base_path, log_path, name)
-
-
-def run_cached(run_dir, argv, base_path, log_path, name):
-    """train.main(argv) with its output to log_path, unless run_dir holds the metrics of the same argv
-    on the same base weights (by their bytes). returns (metrics, reused)."""
-    metrics_path, computed = os.path.join(run_dir, "metrics.json"), []
-    key = checkpoint.fingerprint({"argv": argv, "base": weights_digest(base_path)})  # the base's bytes, not its path
-
-    def compute():
-        computed.append(argv)
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log):
-            train.main(argv)
-        return checkpoint.read_json(metrics_path), True
-
-    def load():
-        return checkpoint.read_json(metrics_path) if os.path.exists(metrics_path) else None
-    metrics = checkpoint.cached(os.path.join(run_dir, "study_key.json"), key, compute,
-                                lambda m: None, load, lambda *a: None, name)
-    return metrics, not computed
-
-
-def slug(name):
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:48]
 
 
 def study_tables(names, results, runs):
@@ -585,6 +535,56 @@ def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector",
             f"any finding; " + ", ".join(f"{k} {v:.3f}" for k, v in seen.items() if k != "any"), "",
             "| heatmap | k | pairs | median log P(y_w ; x) - log P(y_w ; x*) | share > 1 nat | greedy answer changed |",
             "|---|---|---|---|---|---|"] + [f"| {h} | {k} | {n} | {m:.3f} | {s:.0%} | {c:.0%} |" for h, k, n, m, s, c in rows]
+
+
+def in_workers(groups, jobs, out, argv, command=()):
+    """Run groups of the study (or sweep) in `jobs` processes of one thread each: this file with argv less
+    the flags each group sets, plus the group's own flags and --runs-only, at most `jobs` at a time; each
+    writes OUT/jobs/LABEL.log. groups: [(label, flags)]. A failed group ends the command after the others
+    finish, naming its log."""
+    os.makedirs(os.path.join(out, "jobs"), exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    strip = {"--bases", "--seeds", "--rows", "--jobs"}
+    rest = [a for i, a in enumerate(argv) if a not in strip and (i == 0 or argv[i - 1] not in strip)]
+    todo, running, failed, t0 = list(groups), {}, [], time.time()
+    while todo or running:
+        while todo and len(running) < jobs:
+            label, flags = todo.pop(0)
+            log = os.path.join(out, "jobs", f"{label}.log")
+            cmd = [sys.executable, "-m", "lab.study", *command, *rest, *flags, "--runs-only"]
+            running[label] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log)
+        time.sleep(2.0)
+        for label, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                del running[label]
+                failed += [log] if proc.returncode else []
+                print(f"  {label}: {'FAILED, see ' + log if proc.returncode else 'done'} "
+                      f"({len(groups) - len(todo) - len(running)}/{len(groups)}, {time.time() - t0:.0f}s)", flush=True)
+    if failed:
+        sys.exit(f"lab.study: {len(failed)} group(s) failed: {', '.join(failed)}")
+
+
+def run_cached(run_dir, argv, base_path, log_path, name):
+    """train.main(argv) with its output to log_path, unless run_dir holds the metrics of the same argv
+    on the same base weights (by their bytes). returns (metrics, reused)."""
+    metrics_path, computed = os.path.join(run_dir, "metrics.json"), []
+    key = checkpoint.fingerprint({"argv": argv, "base": weights_digest(base_path)})  # the base's bytes, not its path
+
+    def compute():
+        computed.append(argv)
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log):
+            train.main(argv)
+        return checkpoint.read_json(metrics_path), True
+
+    def load():
+        return checkpoint.read_json(metrics_path) if os.path.exists(metrics_path) else None
+    metrics = checkpoint.cached(os.path.join(run_dir, "study_key.json"), key, compute,
+                                lambda m: None, load, lambda *a: None, name)
+    return metrics, not computed
+
+
+def slug(name):
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:48]
 
 
 def weights_digest(folder):

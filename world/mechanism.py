@@ -43,11 +43,6 @@ def visual_effect(records, ref, log=print):
     return out
 
 
-def group_of(record):
-    """A record's group for the readings below: its source and its question type (text/presence, ...)."""
-    return f"{record['source']}/{record.get('qtype') or '?'}"
-
-
 def gradient_shares(model, loss_fn, load, records, args, per_group=16, batch_size=8, seed=0, log=print):
     """Where the objective's first step goes. For each group t (`group_of`), g_t is the gradient of the mean
     loss over up to `per_group` of its records (drawn with `seed`), scaled by the group's share of all
@@ -101,3 +96,8 @@ def chosen_moves(model, load, records, ref, responses, batch_size=16, log=print)
     log("      log P(chosen) after training minus before, by group (mean nats; share that fell): " +
         ", ".join(f"{k} {v['mean']:+.2f} ({v['fell']:.0%})" for k, v in out.items()))
     return out
+
+
+def group_of(record):
+    """A record's group for the readings below: its source and its question type (text/presence, ...)."""
+    return f"{record['source']}/{record.get('qtype') or '?'}"

@@ -227,7 +227,7 @@ def test_bad_paths_and_checkpoints_get_clear_messages(tmp_path, capsys):
     for name in os.listdir(bare):
         if name.startswith(("processor", "preprocessor", "tokenizer")):
             os.remove(bare / name)
-    with pytest.raises(SystemExit, match="no processor files"):
+    with pytest.raises(SystemExit, match="no preprocessor_config.json or processor_config.json"):
         train.main(["--model", str(bare), "--out", str(tmp_path / "o")])
 
 
