@@ -360,6 +360,16 @@ def mechanism_lines(names, results, runs):
         moves = [[by_type(k, "chosen", t) for k in have if results[k]["mechanism"].get("chosen")] for t in ("presence", "report")]
         cells += [avg([m[i] for m in ms]) for ms in moves for i in (0, 1)]
         lines.append(f"| {name} | " + " | ".join(f"{c:+.2f}" for c in cells) + " |")
+    fire = [(name, [results[(name, r)]["final_train"] for r in runs if "kl_share" in (results[(name, r)].get("final_train") or {})])
+            for name in names]
+    fire = [(name, v) for name, v in fire if v]
+    if fire:  # does FiRe-MPO's KL act? its share of the loss and its terms at the last step (mean ± sd over runs)
+        lines += ["", "FiRe-MPO's terms at its last step (mean ± sd over the runs): the KL term's share of the loss, "
+                  "the token-level and visual ranking losses and the KL:", "",
+                  "| run | KL share | L_tok | L_vis | L_KL |", "|---|---|---|---|---|"]
+        for name, v in fire:
+            lines.append(f"| {name} | " + " | ".join("{:.4f} ± {:.4f}".format(*mean_sd([x[k] for x in v]))
+                                                    for k in ("kl_share", "l_tok", "l_vis", "l_kl")) + " |")
     visual = [(name, [results[(name, r)]["mechanism"]["visual"] for r in runs
                       if results[(name, r)].get("mechanism", {}).get("visual")]) for name in names]
     visual = [(name, v) for name, v in visual if v]
@@ -547,6 +557,7 @@ def in_workers(groups, jobs, out, argv, command=()):
     strip = {"--bases", "--seeds", "--rows", "--jobs"}
     rest = [a for i, a in enumerate(argv) if a not in strip and (i == 0 or argv[i - 1] not in strip)]
     todo, running, failed, t0 = list(groups), {}, [], time.time()
+    beat = t0
     while todo or running:
         while todo and len(running) < jobs:
             label, flags = todo.pop(0)
@@ -560,6 +571,12 @@ def in_workers(groups, jobs, out, argv, command=()):
                 failed += [log] if proc.returncode else []
                 print(f"  {label}: {'FAILED, see ' + log if proc.returncode else 'done'} "
                       f"({len(groups) - len(todo) - len(running)}/{len(groups)}, {time.time() - t0:.0f}s)", flush=True)
+        if time.time() - beat >= 30:   # never silent for long: the runs the workers have finished so far
+            beat = time.time()
+            done = sum(line.startswith(("run ", "| ")) for name in os.listdir(os.path.join(out, "jobs"))
+                       for line in open(os.path.join(out, "jobs", name), errors="replace"))
+            print(f"  {done} runs finished in the workers, {len(running)} groups running, {len(todo)} waiting "
+                  f"({time.time() - t0:.0f}s)", flush=True)
     if failed:
         sys.exit(f"lab.study: {len(failed)} group(s) failed: {', '.join(failed)}")
 
