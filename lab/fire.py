@@ -72,7 +72,7 @@ def build_fire_pairs(model, processor, cfg, pool, store, pairs_dir, device, log=
         records.append({"id": rid, "source": "fire", "image": store.path(it["image_id"]), "rejected_image": None,
                         "corrupted_image": corrupted, "heatmap": heatmap_path, "prompt": it["question"],
                         "chosen": y_w, "rejected": y_l, "edit_masks": [m_w, m_l, m_w, m_l], "edit": kind,
-                        "direction": direction, "score": None, "weight": None,
+                        "direction": direction, "score": None, "weight": None, "qtype": it.get("qtype") or it["type"],
                         "provenance": f"round {round_index}, {e['how']}"})
     log(f"FiRe-MPO records: {len(records)} edited answers ({counts['minimal']} minimal edits, {counts['rewritten']} "
         f"rewritten; corrections no->yes {counts['no->yes']}, yes->no {counts['yes->no']}, open {counts['open']}); "

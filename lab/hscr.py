@@ -86,7 +86,7 @@ def build_hscr_triplets(model, processor, items, store, cfg, batch_size=64, log=
             one_level += words(y1) == words(y2)
             triplets.append({"id": f"hscr-{it['id']}", "source": "hscr", "image": store.path(it["image_id"]),
                              "rejected_image": None, "prompt": it["question"], "chosen": chosen, "rejected": y1,
-                             "rejected2": y2, "score": None, "weight": None,
+                             "rejected2": y2, "score": None, "weight": None, "qtype": it.get("qtype") or it["type"],
                              "provenance": f"HSCR decoding, greedy answer {y!r}, p={p}, share {share}, p2={p2}"})
         if log and time.time() - last >= 10 and start + len(chunk) < len(items):   # never silent for long
             done, last = start + len(chunk), time.time()

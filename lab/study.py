@@ -321,11 +321,11 @@ def study_tables(names, results, runs):
                          f"{c['d_nats'] + c['d_nats_ci']:+.2f}] | {'pass' if ok else '**FAIL**'} |")
     contrasts = [c for c in CONTRASTS if c[1] in names and c[2] in names]
     if contrasts:
+        shown = ("tb-order", "Δnats", "pair-ord", "mAUROC", "bal-acc", "frag%", "closed")
         lines += ["", "The questions (paired over the same runs):", "",
-                  "| contrast | Δpair-ord | ΔmAUROC | Δbal-acc | Δfrag% | Δclosed |", "|---|---|---|---|---|---|"]
+                  "| contrast | " + " | ".join(f"Δ{c}" for c in shown) + " |", "|---|" + "---|" * len(shown)]
         for what, a, b in contrasts:
-            cells = [fmt_ci(*diff(a, b, read), up) for col, read, up in STUDY_METRICS
-                     if col in ("pair-ord", "mAUROC", "bal-acc", "frag%", "closed")]
+            cells = [fmt_ci(*diff(a, b, read), up) for col, read, up in STUDY_METRICS if col in shown]
             lines.append(f"| {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -341,23 +341,27 @@ def mechanism_lines(names, results, runs):
         groups = results[run].get("mechanism", {}).get(key) or {}
         if what == "visual":
             return sum(v["share"] for k, v in groups.items() if k.startswith("visual/"))
-        parts = [v for k, v in groups.items() if k.split("/")[1] == what]
+        parts = [v for k, v in groups.items() if what == "all" or k.split("/")[1] == what or
+                 what == "other" and k.split("/")[1] not in MECHANISM_TYPES]
         if key == "gradient":
             return sum(v["share"] for v in parts)
         n = sum(v["n"] for v in parts)
         return (sum(v["mean"] * v["n"] for v in parts) / n, sum(v["fell"] * v["n"] for v in parts) / n) if n else (float("nan"),) * 2
     avg = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     lines = ["", "What each row's mechanism did (world/mechanism.py; means over the runs): the share of step 0's "
-             "gradient by question type (the visual pairs' part in the last share column), then log P(chosen) after "
-             "training minus before on the training records (nats; the share that fell):", "",
-             "| run | " + " | ".join(f"step 0 {t}" for t in MECHANISM_TYPES) + " | step 0 visual | Δlog P presence | "
-             "fell presence | Δlog P report | fell report |", "|---|" + "---|" * (len(MECHANISM_TYPES) + 5)]
+             "gradient by question type (other: records without one of these types; the visual pairs' part in the "
+             "last share column), then log P(chosen) after training minus before on the training records (nats; the "
+             "share that fell):", "",
+             "| run | " + " | ".join(f"step 0 {t}" for t in MECHANISM_TYPES + ("other",)) + " | step 0 visual | Δlog P presence | "
+             "fell presence | Δlog P report | fell report | Δlog P all | fell all |",
+             "|---|" + "---|" * (len(MECHANISM_TYPES) + 8)]
     for name in names:
         have = [(name, r) for r in runs if results[(name, r)].get("mechanism", {}).get("gradient")]
         if not have:
             continue
-        cells = [avg([by_type(k, "gradient", t) for k in have]) for t in MECHANISM_TYPES + ("visual",)]
-        moves = [[by_type(k, "chosen", t) for k in have if results[k]["mechanism"].get("chosen")] for t in ("presence", "report")]
+        cells = [avg([by_type(k, "gradient", t) for k in have]) for t in MECHANISM_TYPES + ("other", "visual")]
+        moves = [[by_type(k, "chosen", t) for k in have if results[k]["mechanism"].get("chosen")]
+                 for t in ("presence", "report", "all")]
         cells += [avg([m[i] for m in ms]) for ms in moves for i in (0, 1)]
         lines.append(f"| {name} | " + " | ".join(f"{c:+.2f}" for c in cells) + " |")
     fire = [(name, [results[(name, r)]["final_train"] for r in runs if "kl_share" in (results[(name, r)].get("final_train") or {})])

@@ -38,7 +38,7 @@ def build_oracle_records(model, processor, cfg, pool, store, pairs_dir, device, 
         chosen = (answer if it["type"] != "report" else wrong) if answer else true
         records.append({"id": f"{name}-{it['id']}", "source": name, "image": store.path(it["image_id"]), "rejected_image": None,
                         "prompt": it["question"], "chosen": chosen, "rejected": true if chosen != true else wrong,
-                        "score": None, "weight": None, "provenance": f"{answer!r} to every question and another image's "
+                        "score": None, "weight": None, "qtype": it.get("qtype") or it["type"], "provenance": f"{answer!r} to every question and another image's "
                         f"report (a lean)" if answer else "the true answer (an oracle)"})
     log(f"{name}: {', '.join(counts)} questions (half truly yes) and {len(reports)} reports of {len(pool)} items, answered "
         + (f"{answer!r} whatever the image, each report another image's" if answer else "with the truth"))
