@@ -171,7 +171,6 @@ def build_mmedpo_pairs(model, processor, cfg, pool, store, pairs_dir, device, lo
         tool = heatmap_tool(cfg.heatmap, model, processor, cfg.prompt_format, store, device, cfg.seed, log)
         visual = build_visual_pairs(items, store, pairs_dir, tool, cfg.noise, cfg.noise_step, cfg.seed, cfg.visual_score, log,
                                     cfg.visual_check)
-        answer_change(model, processor, visual, cfg.prompt_format, store.pad, cfg.sample_max_new_tokens, log)
         pairs += visual
     return pairs, complete
 
@@ -350,23 +349,6 @@ def lesion_mask(store, image_id):
         return store.mask(image_id) if store.has_masks else None
     except ValueError:
         return None
-
-
-def answer_change(model, processor, pairs, prompt_format, pad, max_new_tokens, log=print):
-    """Does the noise act on the model? Greedy answers on the clean and on the noised image of every
-    visual pair: each pair records `answer_changes`, and the share is printed."""
-    if not pairs:
-        return
-    reader = model_image_reader(pad)
-    clean = generate_answers(model, processor, [(reader(p["image"]), p["prompt"]) for p in pairs], prompt_format,
-                             batch_size=128, max_new_tokens=max_new_tokens)
-    noised = generate_answers(model, processor, [(reader(p["rejected_image"]), p["prompt"]) for p in pairs],
-                              prompt_format, batch_size=128, max_new_tokens=max_new_tokens)
-    for p, a, b in zip(pairs, clean, noised):
-        p["answer_changes"] = words(a) != words(b)
-    changed = sum(p["answer_changes"] for p in pairs)
-    log(f"      the noise changes the target model's greedy answer on {changed} of {len(pairs)} visual pairs "
-        f"({changed / len(pairs):.0%})")
 
 
 Sampling = namedtuple("Sampling", "n temperature seed")   # n answers per row at a temperature, from a seed

@@ -115,7 +115,7 @@ def parse_args(argv=None):
 def start_run(args):
     """The run context (device, dtype, processes) with its folder locked against a second run; on the way
     out every process meets, the lock is released and torchrun's process group is closed."""
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = checkpoint.setup_distributed(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     args.loader_workers = args.loader_workers if args.loader_workers is not None else 4 * (device.type == "cuda")
@@ -135,20 +135,6 @@ def start_run(args):
         lock and lock.release()
     if world > 1:
         torch.distributed.destroy_process_group()
-
-
-def setup_distributed(device_arg):
-    """(rank, world, device). Multi-process only when launched by torchrun (RANK in the environment)."""
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device_arg.startswith("cuda"):
-        torch.cuda.set_device(local)
-    device = torch.device("cuda", local) if device_arg.startswith("cuda") else torch.device("cpu")
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 # -----------------------------------------------------------------------------
@@ -238,6 +224,8 @@ def stage_records(run, model, processor, base_path, pref_qa, store):
             seed_everything(args.seed)
             records, complete = OBJECTIVES[args.objective].build(model, processor, args, pref_qa, store, run.pairs_dir,
                                                                  run.device, run.log)
+            mechanism.answer_change(model, processor, [r for r in records if r["source"] == "visual"], args.prompt_format,
+                                    store.pad, args.sample_max_new_tokens, run.log)
             return records, complete and bool(records)
         try:
             run.stage(f"[2/6] {args.objective} preference data", path, key, compute, "jsonl")

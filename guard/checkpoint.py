@@ -162,6 +162,20 @@ class RunLock:
             self.file = None
 
 
+def setup_distributed(device_arg):
+    """(rank, world, device). Multi-process only when launched by torchrun (RANK in the environment)."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_arg.startswith("cuda"):
+        torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if device_arg.startswith("cuda") else torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
 def load_model(path, dtype, device, trust_remote_code=False):
     """(model in eval mode on `device`, processor) of a saved checkpoint folder. The folder is checked
     first (`check_model_folder`), and a model whose config.json disagrees with its weights (a weight of

@@ -26,7 +26,7 @@ import torch
 import data
 import train
 from guard import checkpoint
-from world import synthetic
+from world import mechanism, synthetic
 from world.eval import auroc, paired_change, t975
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: assets/, train.py
@@ -534,7 +534,7 @@ def noise_sweep(base_path, steps=(500, 999), heatmaps=("classifier", "detector",
         tool = data.heatmap_tool(heatmap, store=store, log=quiet)
         for k in steps:
             pairs = data.build_visual_pairs(items, store, tempfile.mkdtemp(), tool, "local", k, 0, log=quiet)
-            data.answer_change(model, processor, pairs, "plain", False, 48, log=quiet)
+            mechanism.answer_change(model, processor, pairs, "plain", False, 48, log=quiet)
             dataset = data.RecordDataset(pairs, processor, data.model_image_reader(False))
             batches = [list(range(i, min(i + 64, len(pairs)))) for i in range(0, len(pairs), 64)]
             with torch.no_grad():

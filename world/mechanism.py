@@ -1,6 +1,7 @@
 """Does a method's own mechanism act on the data? Three readings printed by every run and kept in its
 metrics.json (`mechanism`), so that a method is judged only where its mechanism did something:
 
+    answer_change     whether the noise changes the target model's greedy answer on each visual pair
     visual_effect     what Strategy 2's noise does to the base: the drop of log P(y_w) from the clean to
                       the noised image, the greedy answers it changes, which findings the pairs are about
                       and whether the visual tool itself sees its finding fall
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 import data
+from world.rule_judge import words
 
 
 def visual_effect(records, ref, log=print):
@@ -96,6 +98,23 @@ def chosen_moves(model, load, records, ref, responses, batch_size=16, log=print)
     log("      log P(chosen) after training minus before, by group (mean nats; share that fell): " +
         ", ".join(f"{k} {v['mean']:+.2f} ({v['fell']:.0%})" for k, v in out.items()))
     return out
+
+
+def answer_change(model, processor, pairs, prompt_format, pad, max_new_tokens, log=print):
+    """Does the noise act on the model? Greedy answers on the clean and on the noised image of every
+    visual pair: each pair records `answer_changes`, and the share is printed."""
+    if not pairs:
+        return
+    reader = data.model_image_reader(pad)
+    clean = data.generate_answers(model, processor, [(reader(p["image"]), p["prompt"]) for p in pairs], prompt_format,
+                             batch_size=128, max_new_tokens=max_new_tokens)
+    noised = data.generate_answers(model, processor, [(reader(p["rejected_image"]), p["prompt"]) for p in pairs],
+                              prompt_format, batch_size=128, max_new_tokens=max_new_tokens)
+    for p, a, b in zip(pairs, clean, noised):
+        p["answer_changes"] = words(a) != words(b)
+    changed = sum(p["answer_changes"] for p in pairs)
+    log(f"      the noise changes the target model's greedy answer on {changed} of {len(pairs)} visual pairs "
+        f"({changed / len(pairs):.0%})")
 
 
 def group_of(record):
