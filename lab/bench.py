@@ -16,7 +16,10 @@ is printed. Peak memory: CUDA's max_memory_allocated on a GPU, the process's max
     python -m lab.bench study              # = python -m lab.study: the study (lab/study.py)
     python -m lab.bench sweep              # = python -m lab.study sweep: the val sweep behind its settings
     python -m lab.bench shapes             # one DPO step at LLaVA-Med's vocabulary and lengths: full logits
-                                           # against logits at the response positions only
+                                           # against logits at the response positions only, each peak beside
+                                           # lab/memory.py's figure (--sizes 512x2,768x3; --grad-ckpt)
+
+lab/bench_trl.py puts this step beside TRL's DPOTrainer (in an environment where TRL is installed).
 """
 import argparse
 import json
@@ -31,12 +34,17 @@ import torch
 
 import data
 import lora
+from lab import memory
 from mmedpo import mmedpo_loss
 from train import to_device
 from world import synthetic
 from world.flags import NONNEG_INT, POS_INT, number
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: assets/, train.py
+# A variant's environment on a CPU: every allocation of 64 KiB or more is its own mapping, given back when
+# freed, so that the max RSS follows the live tensors (glibc otherwise raises its mmap threshold as blocks
+# are freed, and freed blocks below it stay resident: +20-35 % on the peaks measured here)
+LIVE_RSS = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def main():
@@ -51,6 +59,7 @@ def main():
     ap.add_argument("--image-size", type=number(int, 8), default=32)
     ap.add_argument("--steps", type=POS_INT, default=30)
     ap.add_argument("--warmup", type=NONNEG_INT, default=3)
+    ap.add_argument("--text-pairs", action="store_true", help="text pairs only (no rejected image), as TRL takes them")
     ap.add_argument("--variant", choices=["ours", "naive"], default=None, help="run one variant (used internally)")
     args = ap.parse_args()
     if args.variant:
@@ -72,12 +81,13 @@ def main():
 
 def run_variant(args):
     summed = lambda batch, k: data.response_logps(model, batch, k)[1].sum(-1)   # (B, k)
-    model, processor, pairs, load = setup(args)
+    model, processor, pairs, load = setup(args, text_only=args.text_pairs)
     device, B = torch.device(args.device), args.batch_size
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     dataset = data.RecordDataset(pairs, processor, load)          # every pair tokenised once, then kept
     sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
+    loaded = peak_mb(args.device)   # the model and the pairs: the level the step's own peak is measured above
     ref = None
     if args.variant == "ours":  # the one-time reference pass, outside the timed steps (as in train.py)
         with torch.no_grad(), lora.disable_lora(model):
@@ -119,23 +129,33 @@ def run_variant(args):
             for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 parts[name].append(dt)
     ms = statistics.median(times) * 1000
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_mb(args.device)
     print(json.dumps({"variant": args.variant, "ms_per_step": ms, "pairs_per_s": B / ms * 1000, "peak_mb": peak,
-                      **{f"{k}_ms": statistics.median(v) * 1000 for k, v in parts.items()}}))
+                      "step_peak_mb": peak - loaded, **{f"{k}_ms": statistics.median(v) * 1000 for k, v in parts.items()}}))
 
 
-def setup(args):
+def peak_mb(device):
+    """The process's peak memory so far in MiB: CUDA's max allocated on a GPU, the max RSS on a CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup(args, adapter=True, text_only=False):
+    """The tiny model (with LoRA r 8 on lora.DEFAULT_TARGETS unless adapter=False), its processor and 64 pairs
+    on synthetic images, every other one a visual pair (another image for the rejected row) unless text_only."""
     images, qa = synthetic.make_synthetic(64, 0, args.image_size)
     corpus = [f"{q['question']}\nAnswer: {q['answer']}" for q in qa] + [im["report"] for im in images]
     torch.manual_seed(0)
     model, processor = synthetic.build_tiny(corpus, args.image_size)
     model.to(args.device)
-    lora.add_lora(model, r=8, alpha=16)
+    if adapter:
+        lora.add_lora(model, r=8, alpha=16)
     pil = {im["image_id"]: data.to_pil(im["pixels"]) for im in images}
     noised = {im["image_id"]: data.to_pil(im["pixels"][::-1].copy()) for im in images}  # any other image
-    pairs = [{"image": q["image_id"], "rejected_image": None if i % 2 else "n" + q["image_id"], "prompt": q["question"],
-              "chosen": q["answer"], "rejected": "no" if q["answer"] == "yes" else "yes"} for i, q in enumerate(qa)]
+    pairs = [{"image": q["image_id"], "rejected_image": None if i % 2 or text_only else "n" + q["image_id"],
+              "prompt": q["question"], "chosen": q["answer"], "rejected": "no" if q["answer"] == "yes" else "yes"}
+             for i, q in enumerate(qa)]
     load = lambda key: noised[key[1:]] if key.startswith("n") else pil[key]
     return model, processor, pairs, load
 
@@ -150,8 +170,9 @@ def shapes_main(argv):
     and the median time of a step. full: logits at every position; window: only where a response token
     is scored (data.response_logps)."""
     ap = argparse.ArgumentParser(prog="python -m lab.bench shapes", description=shapes_main.__doc__.split(".")[0])
-    ap.add_argument("--hidden", type=POS_INT, default=512)
-    ap.add_argument("--layers", type=POS_INT, default=2)
+    ap.add_argument("--sizes", default="512x2", help="text towers as HIDDENxLAYERS, comma-separated (e.g. 512x2,1024x2)")
+    ap.add_argument("--lora-dropout", type=number(float, 0.0), default=0.05, help="LoRA on all seven linear layers, r 8")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on the text tower's layers")
     ap.add_argument("--answers", default="5,60,256", help="answer lengths in tokens (comma-separated)")
     ap.add_argument("--prompt-text", type=POS_INT, default=80, help="text tokens of the prompt besides the 576 image tokens")
     ap.add_argument("--pairs", type=POS_INT, default=4)
@@ -160,35 +181,51 @@ def shapes_main(argv):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variant", choices=["full", "window"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--answer", type=POS_INT, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
         answers = [int(a) for a in args.answers.split(",")]
         assert answers and min(answers) >= 1
     except (ValueError, AssertionError):
         ap.error(f"--answers {args.answers!r}: comma-separated whole numbers >= 1")
+    try:
+        sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes.split(",")]
+        assert all(len(s) == 2 and s[0] >= 64 and s[0] % 64 == 0 and s[1] >= 1 for s in sizes)
+    except (ValueError, AssertionError):
+        ap.error(f"--sizes {args.sizes!r}: comma-separated HIDDENxLAYERS, hidden a multiple of 64 (e.g. 512x2,1024x2)")
     if args.variant:
+        args.hidden, args.layers = (int(x) for x in args.size.split("x"))
         return print(json.dumps(shapes_variant(args)))
     print(f"one weighted-DPO step, {args.pairs} pairs, LLaVA shapes: vocabulary 32,000, 576 image tokens, "
-          f"{args.prompt_text} prompt text tokens; Llama {args.hidden} x {args.layers} layers, LoRA r 8 on q, v; "
-          f"{args.device}, float32", flush=True)
-    print(f"{'answer':>6s} {'variant':>7s} {'ms/step':>9s} {'peak MB':>9s} {'logits MB':>10s}", flush=True)
+          f"{args.prompt_text} prompt text tokens; Llama text towers {args.sizes} (hidden x layers), LoRA r 8 on all "
+          f"seven linear layers, dropout {args.lora_dropout}, gradient checkpointing {'on' if args.grad_ckpt else 'off'}; "
+          f"{args.device}, float32. peak MB: above the loaded model; model MB: lab/memory.py's figure", flush=True)
+    print(f"{'size':>8s} {'answer':>6s} {'variant':>7s} {'ms/step':>9s} {'peak MB':>9s} {'model MB':>9s} {'model/peak':>10s} "
+          f"{'logits MB':>10s}", flush=True)
     results = {}
     for _ in range(args.repeats):
-        for answer in answers:
-            for variant in ("full", "window"):
-                cmd = [sys.executable, "-m", "lab.bench", "shapes", "--variant", variant, "--answer", str(answer)] + argv
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if done.returncode != 0:
-                    sys.exit(f"lab.bench shapes: the {variant} variant failed:\n{done.stderr[-2000:]}")
-                r = json.loads(done.stdout.strip().splitlines()[-1])
-                results.setdefault((answer, variant), []).append(r)
-                print(f"{answer:6d} {variant:>7s} {r['ms_per_step']:9.0f} {r['peak_mb']:9.0f} {r['logits_mb']:10.1f}", flush=True)
+        for size in sizes:
+            for answer in answers:
+                for variant in ("full", "window"):
+                    cmd = [sys.executable, "-m", "lab.bench", "shapes", "--variant", variant, "--answer", str(answer),
+                           "--size", "x".join(map(str, size))] + argv
+                    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=LIVE_RSS)
+                    if done.returncode != 0:
+                        sys.exit(f"lab.bench shapes: the {variant} variant failed:\n{done.stderr[-2000:]}")
+                    r = json.loads(done.stdout.strip().splitlines()[-1])
+                    results.setdefault((size, answer, variant), []).append(r)
+                    print(f"{'x'.join(map(str, size)):>8s} {answer:6d} {variant:>7s} {r['ms_per_step']:9.0f} {r['peak_mb']:9.0f} "
+                          f"{r['model_mb']:9.0f} {r['model_mb'] / r['peak_mb']:10.2f} {r['logits_mb']:10.1f}", flush=True)
     print("\nratios (full / window), medians over repeats:")
-    med = lambda a, v, k: statistics.median(r[k] for r in results[(a, v)])
-    for answer in answers:
-        print(f"  answer {answer:3d} tokens: time {med(answer, 'full', 'ms_per_step') / med(answer, 'window', 'ms_per_step'):.2f}x, "
-              f"peak memory {med(answer, 'full', 'peak_mb') / max(1.0, med(answer, 'window', 'peak_mb')):.2f}x "
-              f"({med(answer, 'full', 'peak_mb'):.0f} MB against {med(answer, 'window', 'peak_mb'):.0f} MB)")
+    med = lambda s, a, v, k: statistics.median(r[k] for r in results[(s, a, v)])
+    for size in sizes:
+        for answer in answers:
+            full, window = (lambda k: med(size, answer, "full", k)), (lambda k: med(size, answer, "window", k))
+            print(f"  {'x'.join(map(str, size))}, answer {answer:3d} tokens: time {full('ms_per_step') / window('ms_per_step'):.2f}x, "
+                  f"peak memory {full('peak_mb') / max(1.0, window('peak_mb')):.2f}x ({full('peak_mb'):.0f} MB against "
+                  f"{window('peak_mb'):.0f} MB)")
+    worst = max(abs(r["model_mb"] / r["peak_mb"] - 1) for rs in results.values() for r in rs)
+    print(f"lab/memory.py against every measured peak: worst error {100 * worst:.0f} %")
 
 
 def shapes_variant(args):
@@ -196,24 +233,30 @@ def shapes_variant(args):
     `args.steps` timed steps after one warm-up; returns its figures."""
     device = torch.device(args.device)
     model = real_shapes_model(args.hidden, args.layers).to(device)
-    lora.add_lora(model, r=8, alpha=16, targets=r".*language_model.*\.(q_proj|v_proj)")
+    lora.add_lora(model, r=8, alpha=16, dropout=args.lora_dropout)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = {k: v.to(device) for k, v in real_shapes_batch(model.config, args.pairs, args.prompt_text, args.answer).items()}
     start = data.response_start(batch) if args.variant == "window" else 0
+    # the level the peak is measured above: the loaded model and batch, taken before the reference pass (the
+    # process's max RSS is a high-water mark: taken after that pass, it would hide the pass's own peak)
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = torch.cuda.memory_allocated() / 2 ** 20 if device.type == "cuda" else rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with torch.no_grad(), lora.disable_lora(model):
         ref = data.response_logps(model, batch, 2, start=start)[1].sum(-1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    before = torch.cuda.memory_allocated() / 2 ** 20 if device.type == "cuda" else rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(1 + args.steps):
         sync()
         t0 = time.perf_counter()
         logits, tokens, _ = data.response_logps(model, batch, 2, start=start)
+        logits_mb = logits.numel() * logits.element_size() / 2 ** 20
+        del logits   # as in train.py: only the token log-probs outlive the forward
         policy = tokens.sum(-1)
         losses, _, _ = mmedpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], torch.ones(args.pairs, device=device))
         opt.zero_grad(set_to_none=True)
@@ -222,11 +265,13 @@ def shapes_variant(args):
         sync()
         if step:
             times.append(time.perf_counter() - t0)
-        logits_mb = logits.numel() * logits.element_size() / 2 ** 20
-        del logits, tokens, policy, losses
+        del tokens, policy, losses
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else rss()
+    T = batch["input_ids"].shape[1]
+    model_mb = memory.step_memory(model.config.to_dict(), batch["input_ids"].shape[0], T, T - start, lora_r=8,
+                                  act_bytes=4, grad_ckpt=args.grad_ckpt, dropout=args.lora_dropout > 0)["step"] / 2 ** 20
     return {"variant": args.variant, "answer": args.answer, "ms_per_step": statistics.median(times) * 1000,
-            "peak_mb": peak - before, "logits_mb": logits_mb, "positions": int(batch["input_ids"].shape[1] - start)}
+            "peak_mb": peak - before, "model_mb": model_mb, "logits_mb": logits_mb, "positions": int(T - start)}
 
 
 def real_shapes_model(hidden=512, layers=2, vocab=32000, image_size=336, patch=14, generator_seed=0):

@@ -360,3 +360,16 @@ def test_logits_window_at_a_real_vocabulary():
     assert model.config.text_config.vocab_size == 32000 and start > 0
     assert torch.equal(mask, full_mask[:, :, start:])
     torch.testing.assert_close(tokens.sum(-1), full_tokens.sum(-1), atol=1e-4, rtol=1e-5)
+
+
+def test_real_shapes_processor_expands_the_image_at_the_real_vocabulary():
+    """lab/bench_trl.py's processor for the real-shapes model: 576 image tokens, words within the vocabulary."""
+    from PIL import Image
+    from lab.bench import real_shapes_model
+    from lab.bench_trl import real_shapes_processor
+    config = real_shapes_model(hidden=64, layers=1).config
+    processor = real_shapes_processor(config)
+    enc = processor(images=[Image.new("RGB", (336, 336))], text=["<image> w5 w31998"], return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    assert ids.count(config.image_token_id) == 576 and ids[-2:] == [5, 31998]
+    assert enc["pixel_values"].shape == (1, 3, 336, 336)

@@ -16,7 +16,7 @@ CARD = {"mmedpo", "data", "noise", "score", "lora", "train"}
 RANK = {"guard.checkpoint": 0, "guard.judge": 0, "mmedpo": 1, "lora": 1, "noise": 1, "world.rule_judge": 1,
         "score": 2, "data": 3, "world.synthetic": 4, "world.real_data": 4, "world.oracle": 4, "world.eval": 5, "world.mechanism": 5, "world.flags": 5,
         "lab.hscr": 6, "lab.fire": 6, "train": 7, "lab.study": 8, "lab.score_cli": 8, "lab.bench": 9,
-        "lab.instrument": 9}
+        "lab.instrument": 9, "lab.memory": 1, "lab.bench_trl": 10}
 
 
 def modules():
