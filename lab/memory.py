@@ -34,22 +34,34 @@ LAYER_BACKWARD = 0.5   # or the step peaks while a layer runs backward: the grad
 # 512 x 2 layers; the other widths, depths and checkpointing check them (docs/real.md)
 
 
-def params(config):
-    """Parameter counts of a LLaVA config (dict, transformers' layout): {text, vision, projector, lora_per_r}.
-    lora_per_r: the LoRA parameters per unit of rank on all seven linear layers of every text layer."""
-    t, v = config["text_config"], config["vision_config"]
-    H, I, L, V = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], t["vocab_size"]
-    hd = t.get("head_dim") or H // t["num_attention_heads"]
-    q, kv = t["num_attention_heads"] * hd, t.get("num_key_value_heads", t["num_attention_heads"]) * hd
-    layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H
-    text = V * H + L * layer + H + (0 if t.get("tie_word_embeddings") else V * H)
-    Hv, Iv, Lv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
-    patches = (v["image_size"] // v["patch_size"]) ** 2
-    vision = (3 * v["patch_size"] ** 2 * Hv + Hv + (patches + 1) * Hv + 4 * Hv
-              + Lv * (4 * Hv * Hv + 4 * Hv + 2 * Hv * Iv + Iv + Hv + 4 * Hv))
-    projector = Hv * H + H + H * H + H
-    lora_per_r = L * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))
-    return {"text": text, "vision": vision, "projector": projector, "lora_per_r": lora_per_r}
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m lab.memory", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=LLAVA_MED_CONFIG, help="a LLaVA config.json (transformers' layout)")
+    ap.add_argument("--rows", type=int, default=8, help="sequences a step: chosen and rejected of --batch-size 4")
+    ap.add_argument("--prompt", type=int, default=656, help="prompt positions: BOS, 576 image tokens and the question")
+    ap.add_argument("--answers", default="5,60,256", help="answer lengths in tokens (comma-separated)")
+    ap.add_argument("--lora-r", type=int, default=128)
+    args = ap.parse_args(argv)
+    try:
+        answers = [int(a) for a in args.answers.split(",")]
+        assert min(answers) >= 1 and min(args.rows, args.prompt, args.lora_r) >= 1
+    except (ValueError, AssertionError):
+        ap.error("--answers: comma-separated whole numbers >= 1; --rows, --prompt and --lora-r >= 1")
+    config = read_config(args.config)
+    n = params(config)
+    print(f"{args.config}: text {n['text'] / 1e9:.2f} B, vision {n['vision'] / 1e6:.0f} M, projector "
+          f"{n['projector'] / 1e6:.1f} M parameters; LoRA r {args.lora_r} on all seven linear layers: "
+          f"{n['lora_per_r'] * args.lora_r / 1e6:.0f} M. bf16 weights and activations, {args.rows} rows, "
+          f"prompt {args.prompt} positions; GiB:")
+    print(f"{'answer':>6s} {'ckpt':>4s} {'logits':>8s} | {'weights':>7s} {'LoRA+Adam':>9s} {'activ.':>7s} {'logits':>7s} "
+          f"{'layer bw':>8s} | {'total':>6s}   (total: the larger of logits and layer bw counts)")
+    for answer in answers:
+        length = args.prompt + answer + 1
+        for ckpt in (True, False):
+            for where, scored in (("full", length), ("response", answer + 1)):
+                p = step_memory(config, args.rows, length, scored, args.lora_r, grad_ckpt=ckpt)
+                print(f"{answer:6d} {'on' if ckpt else 'off':>4s} {where:>8s} | {p['weights'] / GIB:7.1f} {p['lora'] / GIB:9.1f} "
+                      f"{p['activations'] / GIB:7.1f} {p['logits'] / GIB:7.1f} {p['layer_backward'] / GIB:8.1f} | {p['total'] / GIB:6.1f}")
 
 
 def step_memory(config, rows, length, scored, lora_r=128, weight_bytes=2, act_bytes=2, grad_ckpt=True, dropout=True):
@@ -79,6 +91,24 @@ def step_memory(config, rows, length, scored, lora_r=128, weight_bytes=2, act_by
     return parts
 
 
+def params(config):
+    """Parameter counts of a LLaVA config (dict, transformers' layout): {text, vision, projector, lora_per_r}.
+    lora_per_r: the LoRA parameters per unit of rank on all seven linear layers of every text layer."""
+    t, v = config["text_config"], config["vision_config"]
+    H, I, L, V = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], t["vocab_size"]
+    hd = t.get("head_dim") or H // t["num_attention_heads"]
+    q, kv = t["num_attention_heads"] * hd, t.get("num_key_value_heads", t["num_attention_heads"]) * hd
+    layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H
+    text = V * H + L * layer + H + (0 if t.get("tie_word_embeddings") else V * H)
+    Hv, Iv, Lv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    vision = (3 * v["patch_size"] ** 2 * Hv + Hv + (patches + 1) * Hv + 4 * Hv
+              + Lv * (4 * Hv * Hv + 4 * Hv + 2 * Hv * Iv + Iv + Hv + 4 * Hv))
+    projector = Hv * H + H + H * H + H
+    lora_per_r = L * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))
+    return {"text": text, "vision": vision, "projector": projector, "lora_per_r": lora_per_r}
+
+
 def read_config(path):
     try:
         with open(path) as f:
@@ -92,31 +122,6 @@ def read_config(path):
     except (KeyError, TypeError) as e:
         raise SystemExit(f"--config {path}: not a LLaVA config with text_config and vision_config ({e!r} missing)")
     return config
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m lab.memory", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=LLAVA_MED_CONFIG, help="a LLaVA config.json (transformers' layout)")
-    ap.add_argument("--rows", type=int, default=8, help="sequences a step: chosen and rejected of --batch-size 4")
-    ap.add_argument("--prompt", type=int, default=656, help="prompt positions: BOS, 576 image tokens and the question")
-    ap.add_argument("--answers", default="5,60,256", help="answer lengths in tokens (comma-separated)")
-    ap.add_argument("--lora-r", type=int, default=128)
-    args = ap.parse_args(argv)
-    config = read_config(args.config)
-    n = params(config)
-    print(f"{args.config}: text {n['text'] / 1e9:.2f} B, vision {n['vision'] / 1e6:.0f} M, projector "
-          f"{n['projector'] / 1e6:.1f} M parameters; LoRA r {args.lora_r} on all seven linear layers: "
-          f"{n['lora_per_r'] * args.lora_r / 1e6:.0f} M. bf16 weights and activations, {args.rows} rows, "
-          f"prompt {args.prompt} positions; GiB:")
-    print(f"{'answer':>6s} {'ckpt':>4s} {'logits':>8s} | {'weights':>7s} {'LoRA+Adam':>9s} {'activ.':>7s} {'logits':>7s} "
-          f"{'layer bw':>8s} | {'total':>6s}   (total: the larger of logits and layer bw counts)")
-    for answer in (int(a) for a in args.answers.split(",")):
-        length = args.prompt + answer + 1
-        for ckpt in (True, False):
-            for where, scored in (("full", length), ("response", answer + 1)):
-                p = step_memory(config, args.rows, length, scored, args.lora_r, grad_ckpt=ckpt)
-                print(f"{answer:6d} {'on' if ckpt else 'off':>4s} {where:>8s} | {p['weights'] / GIB:7.1f} {p['lora'] / GIB:9.1f} "
-                      f"{p['activations'] / GIB:7.1f} {p['logits'] / GIB:7.1f} {p['layer_backward'] / GIB:8.1f} | {p['total'] / GIB:6.1f}")
 
 
 if __name__ == "__main__":
