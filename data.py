@@ -16,17 +16,15 @@ import hashlib
 import math
 import os
 import random
-import stat
 import time
 from collections import Counter, namedtuple
-from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image, ImageStat, UnidentifiedImageError
+from PIL import Image, ImageStat
 
 import score
-from guard.checkpoint import atomic_write
+from guard.checkpoint import atomic_write, read_image, readable_image  # noqa: F401 (read_image: data.read_image)
 from mmedpo import IGNORE_INDEX, normalize_scores, token_logps
 from noise import (attention_heatmap, detect_lesions, heatmap_from_mask, lesion_coverage, localized_noise,
                    mask_confidence, smooth_heatmap)
@@ -611,45 +609,6 @@ class ImageStore:
         """The trained lesion classifier, item -> (heatmap, confidence): only labelled training images train one."""
         raise ValueError("--heatmap classifier needs labelled training images (the synthetic default has them); "
                          "use --heatmap detector, mask or attention")
-
-
-def readable_image(path):
-    """True if `path` is a regular image file PIL can read."""
-    try:
-        read_image(path)
-        return True
-    except ValueError:
-        return False
-
-
-def read_image(path):
-    """A grayscale image, (H, W) float32 in [0, 1], shared by a cache keyed on size and mtime (never modify it).
-    16-bit and float images keep their range. Only a regular file is opened (a FIFO would block); a
-    missing, special, corrupt or oversized file raises ValueError naming it."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"cannot read image {path}: not a regular file")
-    return _read_image(path, st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=1024)
-def _read_image(path, size, mtime_ns):
-    try:
-        with Image.open(path) as im:
-            if im.mode.startswith("I;16") or im.mode == "I":   # 16-bit grayscale (common in medical PNGs)
-                x = np.clip(np.asarray(im, np.float32) / 65535.0, 0, 1)
-            elif im.mode == "F":  # float (TIFF): kept if in [0, 1], else stretched to it (never clipped black)
-                x = np.nan_to_num(np.asarray(im, np.float32))
-                lo, hi = float(x.min()), float(x.max())
-                x = x if lo >= 0 and hi <= 1 else (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-            else:
-                x = np.asarray(im.convert("L"), np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    return x  # shared by every caller of the cache: read it, never write to it
 
 
 def to_pil(pixels):

@@ -222,8 +222,8 @@ def test_released_images_outside_the_folder_or_special_are_never_opened(tmp_path
     path = tmp_path / "released.json"
     path.write_text(json.dumps([record(1, "/etc/passwd"), record(2, "link.png"), record(3, "pipe.png")]))
     opened = []
-    real = data._read_image
-    monkeypatch.setattr(data, "_read_image", lambda p, *a: (opened.append(p), real(p, *a))[1])
+    real = checkpoint._read_image
+    monkeypatch.setattr(checkpoint, "_read_image", lambda p, *a: (opened.append(p), real(p, *a))[1])
     said = []
     pairs, skipped = real_data.read_released_pairs(str(path), str(images), said.append)
     assert pairs == [] and skipped == 3 and opened == []
@@ -296,7 +296,7 @@ def test_a_decompression_bomb_is_named_not_a_traceback(tmp_path, monkeypatch):
     path = tmp_path / "huge.png"
     Image.new("L", (64, 64)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)      # 64 x 64 is then more than twice the limit
-    data._read_image.cache_clear()
+    checkpoint._read_image.cache_clear()
     with pytest.raises(ValueError, match="cannot read image .*huge.png"):
         data.read_image(str(path))
 
